@@ -1,0 +1,202 @@
+"""The ``ticketd`` command: argument parsing, terminal output, exit statuses.
+
+Exit status: 0 success; 1 the operation found or hit failures; 2 bad usage or bad
+configuration. This is the only module that prints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from daemon import config as configuration
+from daemon import tickets
+from daemon.backlog import FOLDERS, Backlog
+from daemon.errors import ConfigError, InvalidTicket, TicketdError
+from daemon.files import atomic_write
+
+app = typer.Typer(
+    help="ticketd: watch backlog/todo/ for Backlog.md tickets, run a coding agent on each in "
+    "its own git worktree, push the branch. See README.md for the config and file formats.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="config.yaml to use (default: $TICKETD_CONFIG, then ./config.yaml)."),
+]
+
+
+def _load(path: Path | None) -> configuration.Config:
+    try:
+        return configuration.load(path)
+    except ConfigError as e:
+        err.print(f"ticketd: bad configuration: {e.message}", markup=False)
+        raise typer.Exit(2) from None
+
+
+def _backlog(cfg: configuration.Config) -> Backlog:
+    from daemon.supervisor import statuses
+
+    return Backlog(cfg.backlog.dir, statuses(cfg))
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    once: Annotated[bool, typer.Option("--once", help="Process what is ready in todo/, then exit (cron, CI).")] = False,
+) -> None:
+    """Run the daemon: watch todo/, claim tickets, run the agent, push branches.
+
+    Stops gracefully on SIGTERM/SIGINT (running tickets get shutdown.grace_s to finish, then
+    go back to todo/); a second signal stops at once. SIGHUP reloads config.yaml. With --once,
+    exits 1 if any ticket failed.
+    """
+    from daemon.supervisor import Supervisor, preflight
+
+    cfg = _load(config)
+    try:
+        preflight(cfg)
+    except ConfigError as e:
+        err.print(f"ticketd: bad configuration: {e.message}", markup=False)
+        raise typer.Exit(2) from None
+    code = Supervisor(cfg, once=once).run()
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show waiting tickets and why, running ones with stage and elapsed time, recent outcomes."""
+    from daemon.status import collect
+    from daemon.store import Store
+
+    cfg = _load(config)
+    backlog = _backlog(cfg)
+    store = Store(cfg.state_dir / "history.sqlite3")
+    try:
+        report = collect(backlog, store, datetime.now(UTC))
+    finally:
+        store.close()
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    counts = "  ".join(f"{f}: {n}" for f, n in report["counts"].items())
+    out.print(f"[bold]{cfg.backlog.dir}[/bold]  {counts}")
+    _table("Waiting in todo/", ["ticket", "file", "why"],
+           [[w["taskId"] or "-", w["file"], w["reason"]] for w in report["waiting"]])  # fmt: skip
+    _table("Running", ["ticket", "stage", "elapsed", "owner"],
+           [[r["taskId"], r["stage"] or "-", _secs(r["elapsedS"]),
+             (r["owner"] or "-") + ("" if r["ownerAlive"] is not False else " (dead)")]
+            for r in report["running"]])  # fmt: skip
+    _table("Recent outcomes", ["ticket", "outcome", "took", "detail"],
+           [[r["task_id"], r["outcome"], _secs(r["duration_s"]),
+             r["branch"] or (f"{r['error_code']}: {r['error']}" if r["error_code"] else "")]
+            for r in report["recent"]])  # fmt: skip
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}s" if value < 120 else f"{value / 60:.1f}m"
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    if not rows:
+        out.print(f"{title}: none")
+        return
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    out.print(table)
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path] | None, typer.Argument(help="Ticket files; default: every ticket in the backlog.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Check that ticket files parse; report per file; exit 1 if any is invalid."""
+    if not files:
+        backlog = _backlog(_load(config))
+        files = [p for f in FOLDERS for p in backlog.files(f)]
+    bad = 0
+    for path in files:
+        try:
+            t = tickets.parse_file(path)
+        except InvalidTicket as e:
+            bad += 1
+            out.print(f"INVALID {path}: {e.message}", markup=False)
+        except OSError as e:
+            bad += 1
+            out.print(f"INVALID {path}: {e.strerror}", markup=False)
+        else:
+            out.print(f"ok      {path}: {t.id} {t.title!r}", markup=False)
+    out.print(f"{len(files) - bad} valid, {bad} invalid")
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def new(
+    title: Annotated[str, typer.Argument(help="The ticket's title.")],
+    description: Annotated[str, typer.Option("--description", "-d", help="What to do and why.")] = "",
+    priority: Annotated[str | None, typer.Option("--priority", "-p", help="high, medium or low.")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="A label (repeatable).")] = None,
+    ac: Annotated[list[str] | None, typer.Option("--ac", help="An acceptance criterion (repeatable).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write a new Backlog.md ticket into todo/ with the next free id, and print its path."""
+    if priority is not None and priority not in ("high", "medium", "low"):
+        err.print(f"ticketd: --priority must be high, medium or low, not {priority!r}", markup=False)
+        raise typer.Exit(2)
+    if not title.strip():
+        err.print("ticketd: the title must not be empty", markup=False)
+        raise typer.Exit(2)
+    cfg = _load(config)
+    backlog = _backlog(cfg)
+    backlog.ensure()
+    ids = []
+    for folder in FOLDERS:
+        for path in backlog.files(folder):
+            try:
+                ids.append(backlog.read(path).id)
+            except (InvalidTicket, OSError):
+                ids.append(path.name.split(" - ")[0])
+    ticket_id = tickets.next_id(ids, cfg.backlog.id_prefix)
+    text = tickets.render_new(
+        ticket_id, title.strip(), description=description, priority=priority, labels=label or [],
+        acceptance_criteria=ac or [], status=cfg.backlog.statuses.todo, created=datetime.now(),
+    )  # fmt: skip
+    path = backlog.folder("todo") / tickets.filename_for(ticket_id, title.strip())
+    try:
+        tmp = backlog.root / f".{path.name}.new"
+        atomic_write(tmp, text)
+        from daemon.files import rename_noreplace
+
+        rename_noreplace(tmp, path)
+    except FileExistsError:
+        tmp.unlink()
+        err.print(f"ticketd: {path} already exists", markup=False)
+        raise typer.Exit(1) from None
+    out.print(str(path), markup=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except TicketdError as e:  # anything a command did not map itself
+        err.print(f"ticketd: {e.message}", markup=False)
+        sys.exit(1)

@@ -1,0 +1,264 @@
+"""Load and validate ``config.yaml`` into frozen objects.
+
+The file is found by ``--config``, then ``$TICKETD_CONFIG``, then ``./config.yaml``. Relative
+paths resolve against the config file's folder. ``OLLAMA_HOST`` overrides ``ollama.host``.
+Unknown keys and bad values raise ``ConfigError`` naming the file, the key, its line and the
+problem. This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from daemon.errors import ConfigError
+
+PLACEHOLDERS = ("prompt_file", "worktree", "ticket_file", "ticket_id", "model")
+SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RepoConfig(_Section):
+    path: Path = Path(".")
+    base_branch: str = "main"
+    remote: str = "origin"
+    branch_prefix: str = "ticketd/"
+    push_retries: int = Field(3, ge=0, le=20)
+    git_timeout_s: float = Field(120, gt=0)
+
+
+class Statuses(_Section):
+    todo: str = "To Do"
+    in_progress: str = Field("In Progress", alias="in-progress")
+    review: str = "Review"
+    done: str = "Done"
+    failed: str = "Failed"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class BacklogConfig(_Section):
+    dir: Path = Path("backlog")
+    id_prefix: str = "task"
+    statuses: Statuses = Statuses()
+
+
+class LoggingConfig(_Section):
+    dir: Path = Path("logs")
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(False, alias="json")
+    rotation: str = "10 MB"
+    retention: str = "14 days"
+    compression: Literal["gz", "bz2", "xz", "zip", "none"] = "gz"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class AgentConfig(_Section):
+    kind: Literal["command"] = "command"
+    command: tuple[str, ...] = (
+        "aider", "--yes-always", "--no-auto-commits", "--no-gitignore", "--no-check-update",
+        "--no-show-model-warnings", "--model", "ollama_chat/{model}",
+        "--message-file", "{prompt_file}",
+    )  # fmt: skip
+    timeout_s: float = Field(1800, gt=0)
+    kill_grace_s: float = Field(10, ge=0)
+    env: dict[str, str] = {}
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, argv: tuple[str, ...]) -> tuple[str, ...]:
+        if not argv or not argv[0].strip():
+            raise ValueError("must be a non-empty list: the program, then its arguments")
+        for arg in argv:
+            try:
+                arg.format(**{name: "" for name in PLACEHOLDERS})
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(
+                    f"bad placeholder in {arg!r} ({e}); "
+                    f"known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
+                ) from None
+        return argv
+
+
+class OllamaConfig(_Section):
+    host: str = "http://127.0.0.1:11434"
+    models: tuple[str, ...] = ("qwen2.5-coder:7b",)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        if not models:
+            raise ValueError("list at least one model")
+        return models
+
+
+class ConcurrencyConfig(_Section):
+    max_tickets: int = Field(1, ge=1, le=64)
+
+
+class IntakeConfig(_Section):
+    reconcile_interval_s: float = Field(30, gt=0)
+    settle_s: float = Field(1.0, ge=0)
+
+
+class ShutdownConfig(_Section):
+    grace_s: float = Field(60, ge=0)
+
+
+class GithubConfig(_Section):
+    enabled: bool = False
+    token_env: str = "GITHUB_TOKEN"
+
+
+class ServerConfig(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+
+
+class Config(_Section):
+    """The whole validated configuration; ``path`` is the file it came from."""
+
+    path: Path = Path("config.yaml")
+    repo: RepoConfig = RepoConfig()
+    backlog: BacklogConfig = BacklogConfig()
+    state_dir: Path = Path(".ticketd")
+    logging: LoggingConfig = LoggingConfig()
+    agent: AgentConfig = AgentConfig()
+    ollama: OllamaConfig = OllamaConfig()
+    concurrency: ConcurrencyConfig = ConcurrencyConfig()
+    intake: IntakeConfig = IntakeConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    github: GithubConfig = GithubConfig()
+    server: ServerConfig = ServerConfig()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked, for the run history."""
+        return _mask(self.model_dump(mode="json", by_alias=True))
+
+    def secret_values(self) -> list[str]:
+        """Values that must never reach a log, a commit or an ``.error.json``."""
+        token = os.environ.get(self.github.token_env, "")
+        return [token] if len(token) >= 4 else []
+
+    def agent_env(self) -> dict[str, str]:
+        """The environment for agent processes: the daemon's, less the forge token, plus agent.env."""
+        env = {k: v for k, v in os.environ.items() if k != self.github.token_env}
+        env.setdefault("OLLAMA_HOST", self.ollama.host)
+        env.setdefault("OLLAMA_API_BASE", self.ollama.host)
+        env.update(self.agent.env)
+        return env
+
+
+def find_config(explicit: Path | None) -> Path:
+    """--config, then $TICKETD_CONFIG, then ./config.yaml."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("TICKETD_CONFIG")
+    return Path(env) if env else Path("config.yaml")
+
+
+def load(explicit: Path | None = None) -> Config:
+    path = find_config(explicit).absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (see --config, $TICKETD_CONFIG)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from e
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    host = os.environ.get("OLLAMA_HOST")
+    if host:
+        data.setdefault("ollama", {})
+        if isinstance(data["ollama"], dict):
+            data["ollama"]["host"] = host
+    try:
+        config = Config.model_validate({**data, "path": path})
+    except ValidationError as e:
+        raise ConfigError(_describe(e, path, lines)) from None
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(p: Path) -> Path:
+        return (base / p.expanduser()).resolve()
+
+    return config.model_copy(
+        update={
+            "repo": config.repo.model_copy(update={"path": resolve(config.repo.path)}),
+            "backlog": config.backlog.model_copy(update={"dir": resolve(config.backlog.dir)}),
+            "state_dir": resolve(config.state_dir),
+            "logging": config.logging.model_copy(update={"dir": resolve(config.logging.dir)}),
+        }
+    )
+
+
+def _describe(error: ValidationError, path: Path, lines: Mapping[tuple[str, ...], int]) -> str:
+    problems = []
+    for item in error.errors():
+        loc = tuple(str(part) for part in item["loc"])
+        key = ".".join(loc) or "(top level)"
+        line = _nearest_line(loc, lines)
+        where = f"{path}:{line}" if line else str(path)
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(f"{where}: {key}: {msg}")
+    return "\n".join(problems)
+
+
+def _nearest_line(loc: tuple[str, ...], lines: Mapping[tuple[str, ...], int]) -> int | None:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each key path (("agent", "timeout_s"), ("agent", "command", "0")) to its 1-based line."""
+    found: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, str(key.value))
+            found[path] = key.start_mark.line + 1
+            found.update(_key_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            found[(*prefix, str(i))] = value.start_mark.line + 1
+            found.update(_key_lines(value, (*prefix, str(i))))
+    return found
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _mask(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    lowered = key.lower()
+    if value and any(w in lowered for w in SECRET_WORDS) and not lowered.endswith("_env"):
+        return "***"
+    return value

@@ -1,0 +1,59 @@
+"""Logging sinks, configured once at startup (loguru).
+
+A readable stderr, a rotating file (text or JSON) under ``logging.dir``, and for each
+ticket run its own file ``logging.dir/tasks/<ID>.log``. ``diagnose`` is off so variable
+values never reach a traceback, and every message passes through the redactor.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from daemon.redact import Redactor
+
+if TYPE_CHECKING:
+    from loguru import Record
+
+STDERR_FORMAT = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss}</green> <level>{level: <7}</level> "
+    "{extra[ticket]: <10} {message}"
+)
+FILE_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {level: <7} {extra[ticket]} {extra[stage]} {message}"
+
+
+def setup(*, directory: Path, level: str, json_format: bool, rotation: str, retention: str,
+          compression: str, redactor: Redactor, stderr: bool = True) -> None:  # fmt: skip
+    def patch(record: Record) -> None:
+        record["message"] = redactor(record["message"])
+
+    logger.remove()
+    logger.configure(extra={"ticket": "-", "stage": "-"}, patcher=patch)
+    if stderr:
+        logger.add(sys.stderr, level=level, format=STDERR_FORMAT, diagnose=False, backtrace=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    logger.add(
+        directory / "ticketd.log", level=level, format=FILE_FORMAT, serialize=json_format,
+        rotation=rotation, retention=retention,
+        compression=None if compression == "none" else compression,
+        diagnose=False, backtrace=False, enqueue=False,
+    )  # fmt: skip
+
+
+@contextmanager
+def ticket_log(path: Path, ticket_id: str) -> Iterator[None]:
+    """Copy every message bound to ``ticket=ticket_id`` into ``path`` while open."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sink = logger.add(
+        path, level="DEBUG", format=FILE_FORMAT, diagnose=False, backtrace=False,
+        filter=lambda record: record["extra"].get("ticket") == ticket_id,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        logger.remove(sink)

@@ -1,0 +1,105 @@
+"""The stages of one ticket run: worktree, agent, commit, push.
+
+The pipeline knows nothing of folders, leases or the history: the supervisor hands it a
+parsed ticket, plain settings and a ``stage`` context manager that times and records each
+stage. Failures leave as ``TicketdError``s; the worktree is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import tickets
+from daemon.agent import command
+from daemon.errors import AgentError
+from daemon.repo import Repo
+
+StageHook = Callable[[str], AbstractContextManager[None]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run needs, taken from the config by the supervisor."""
+
+    repo: Path
+    base_branch: str
+    remote: str
+    branch_prefix: str
+    push_retries: int
+    git_timeout_s: float
+    prompts: Path
+    logs: Path
+    command: tuple[str, ...]
+    timeout_s: float
+    grace_s: float
+    env: Mapping[str, str]
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Delivered:
+    branch: str
+    commit: str
+    model: str
+
+
+def branch_name(prefix: str, ticket: tickets.Ticket) -> str:
+    ticket_part = re.sub(r"[^a-z0-9._-]+", "-", ticket.id.lower()).strip("-.") or "ticket"
+    return f"{prefix}{ticket_part}-{tickets.slug(ticket.title)}"
+
+
+def safe_name(ticket_id: str) -> str:
+    """A file name for per-ticket files (logs, prompts) made from the ticket id."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", ticket_id).strip("._") or "ticket"
+
+
+def commit_message(ticket: tickets.Ticket) -> str:
+    subject = " ".join(ticket.title.split())
+    return f"{subject}\n\nTicket: {ticket.id}\n"
+
+
+def run(
+    ticket: tickets.Ticket,
+    ticket_file: Path,
+    worktree: Path,
+    s: Settings,
+    *,
+    stage: StageHook,
+    cancel: threading.Event,
+    on_agent_start: Callable[[int], None],
+) -> Delivered:
+    repo = Repo(s.repo, timeout_s=s.git_timeout_s)
+    branch = branch_name(s.branch_prefix, ticket)
+    model = ticket.models[0] if ticket.models else s.models[0]
+    with stage("worktree"):
+        repo.require_branch(s.base_branch)
+        repo.add_worktree(worktree, branch, s.base_branch)
+    try:
+        with stage("agent"):
+            prompt = s.prompts / f"{safe_name(ticket.id)}.prompt.md"
+            prompt.parent.mkdir(parents=True, exist_ok=True)
+            prompt.write_text(command.render_prompt(ticket), encoding="utf-8")
+            values = {
+                "prompt_file": str(prompt), "worktree": str(worktree),
+                "ticket_file": str(ticket_file), "ticket_id": ticket.id, "model": model,
+            }  # fmt: skip
+            command.run(
+                s.command, values=values, worktree=worktree,
+                output=s.logs / f"{safe_name(ticket.id)}.agent.log",
+                timeout_s=s.timeout_s, grace_s=s.grace_s, env=s.env,
+                cancel=cancel, on_start=on_agent_start,
+            )  # fmt: skip
+        with stage("commit"):
+            if not repo.has_changes(worktree):
+                raise AgentError("the agent finished without changing any file", code="NO_CHANGES")
+            commit = repo.commit_all(worktree, commit_message(ticket))
+        with stage("push"):
+            repo.push(worktree, s.remote, branch, attempts=s.push_retries)
+    finally:
+        repo.remove_worktree(worktree)
+    return Delivered(branch=branch, commit=commit, model=model)

@@ -1,0 +1,145 @@
+"""git through GitPython: worktrees, branches, commits, pushes.
+
+Every git call runs with a timeout (``kill_after_timeout``) and never prompts for a
+password (``GIT_TERMINAL_PROMPT=0``). Failures raise ``GitError`` with the tail of git's
+own message; a push that fails for a reason the network may heal is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import git
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from daemon.errors import GitError
+
+# Push failures that retrying cannot fix; anything else (network, remote hung up, 5xx) is retried.
+PERMANENT_PUSH = (
+    "rejected",
+    "non-fast-forward",
+    "authentication failed",
+    "permission denied",
+    "could not read username",
+    "does not appear to be a git repository",
+    "repository not found",
+    "protected branch",
+)
+
+
+class PushTransient(GitError):
+    code = "PUSH_FAILED"
+
+
+class Repo:
+    """One repository and the operations a ticket run needs on it."""
+
+    def __init__(self, path: Path, *, timeout_s: float) -> None:
+        try:
+            self._repo = git.Repo(path)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError) as e:
+            raise GitError(f"{path} is not a git repository") from e
+        self._repo.git.update_environment(GIT_TERMINAL_PROMPT="0")
+        self.path = path
+        self.timeout_s = timeout_s
+
+    def _git(self, *args: str, cwd: Path | None = None, code: str = "GIT_FAILED") -> str:
+        g = self._repo.git if cwd is None else git.Repo(cwd).git
+        if cwd is not None:
+            g.update_environment(GIT_TERMINAL_PROMPT="0")
+        try:
+            out: str = g.execute(["git", *args], kill_after_timeout=self.timeout_s)
+        except git.GitCommandError as e:
+            detail = _last_lines(str(e.stderr) or str(e))
+            raise GitError(f"git {args[0]} failed: {detail}", code=code) from None
+        return out
+
+    @contextlib.contextmanager
+    def _worktree_lock(self) -> Iterator[None]:
+        """Serialise worktree add/remove/prune across threads and daemons on this repo."""
+        common = Path(self._repo.common_dir)
+        with (common / "ticketd-worktrees.lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def require_branch(self, branch: str) -> None:
+        try:
+            self._git("rev-parse", "--verify", "--quiet", f"{branch}^{{commit}}")
+        except GitError:
+            raise GitError(f"base branch {branch!r} does not exist in {self.path}") from None
+
+    def add_worktree(self, path: Path, branch: str, base: str) -> None:
+        """A fresh worktree at ``path`` on ``branch``, (re)created from ``base``."""
+        with self._worktree_lock():
+            if path.exists():
+                self._remove(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._git("worktree", "add", "--force", "-B", branch, str(path), base)
+
+    def remove_worktree(self, path: Path) -> None:
+        with self._worktree_lock():
+            self._remove(path)
+
+    def _remove(self, path: Path) -> None:
+        try:
+            self._git("worktree", "remove", "--force", "--force", str(path))
+        except GitError:
+            shutil.rmtree(path, ignore_errors=True)
+            self._git("worktree", "prune")
+
+    def prune_worktrees(self, root: Path, keep: Callable[[], set[Path]]) -> list[Path]:
+        """Remove worktrees under ``root`` except those ``keep()`` names (asked under the
+        lock, so a worktree being created meanwhile is never removed); returns them."""
+        removed = []
+        with self._worktree_lock():
+            self._git("worktree", "prune")
+            kept = keep()
+            for path in sorted(root.iterdir()) if root.is_dir() else ():
+                if path not in kept:
+                    self._remove(path)
+                    removed.append(path)
+        return removed
+
+    def has_changes(self, worktree: Path) -> bool:
+        return bool(self._git("status", "--porcelain", "--untracked-files=all", cwd=worktree))
+
+    def commit_all(self, worktree: Path, message: str) -> str:
+        """Stage everything in the worktree and commit; returns the commit id."""
+        self._git("add", "--all", cwd=worktree)
+        self._git("commit", "--quiet", "--no-verify", "-m", message, cwd=worktree)
+        return self._git("rev-parse", "HEAD", cwd=worktree)
+
+    def push(self, worktree: Path, remote: str, branch: str, *, attempts: int) -> None:
+        """Push ``branch`` (ticketd owns it, so force) retrying transient failures."""
+        for attempt in Retrying(
+            retry=retry_if_exception(lambda e: isinstance(e, PushTransient)),
+            stop=stop_after_attempt(attempts + 1),
+            wait=wait_exponential_jitter(initial=1, max=30),
+            reraise=True,
+        ):
+            with attempt:
+                self._push_once(worktree, remote, branch)
+
+    def _push_once(self, worktree: Path, remote: str, branch: str) -> None:
+        try:
+            self._git("push", "--force", "--porcelain", remote, f"HEAD:refs/heads/{branch}",
+                      cwd=worktree, code="PUSH_FAILED")  # fmt: skip
+        except GitError as e:
+            if any(word in e.message.lower() for word in PERMANENT_PUSH):
+                raise
+            raise PushTransient(e.message) from None
+
+
+def _last_lines(text: str, n: int = 6) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    cleaned = [ln.removeprefix("stderr: ").strip("'") for ln in lines[-n:]]
+    return " | ".join(ln for ln in cleaned if ln)

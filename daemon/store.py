@@ -1,0 +1,163 @@
+"""Run history in SQLite (WAL): runs, their stages, their outcomes.
+
+The history explains what happened; it is never needed to know where a ticket is (the
+folders say that). Writers are the daemon's worker threads, serialised by a lock; readers
+(``ticketd status``) open their own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    claim_id TEXT UNIQUE NOT NULL,
+    ticket TEXT NOT NULL,          -- file name, stable across folders
+    task_id TEXT NOT NULL,
+    title TEXT NOT NULL DEFAULT '',
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    outcome TEXT NOT NULL DEFAULT 'running',  -- running done failed review requeued interrupted
+    stage TEXT,
+    error_code TEXT,
+    error TEXT,
+    branch TEXT,
+    model TEXT,
+    duration_s REAL,
+    config TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_ticket ON runs (ticket, started_at);
+CREATE TABLE IF NOT EXISTS stages (
+    run_id INTEGER NOT NULL REFERENCES runs (id),
+    stage TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    duration_s REAL,
+    outcome TEXT
+);
+CREATE INDEX IF NOT EXISTS stages_run ON stages (run_id);
+"""
+
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def start_run(self, claim_id: str, ticket: str, task_id: str, title: str, at: str,
+                  config: dict[str, Any]) -> int:  # fmt: skip
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO runs (claim_id, ticket, task_id, title, started_at, config)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (claim_id, ticket, task_id, title, at, json.dumps(config)),
+            )
+            return int(cur.lastrowid or 0)
+
+    def start_stage(self, run_id: int, stage: str, at: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE runs SET stage = ? WHERE id = ?", (stage, run_id))
+            db.execute(
+                "INSERT INTO stages (run_id, stage, started_at) VALUES (?, ?, ?)", (run_id, stage, at)
+            )
+
+    def end_stage(self, run_id: int, stage: str, duration_s: float, outcome: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE stages SET duration_s = ?, outcome = ? WHERE run_id = ? AND stage = ?"
+                " AND duration_s IS NULL",
+                (duration_s, outcome, run_id, stage),
+            )
+
+    def finish_run(self, run_id: int, at: str, outcome: str, duration_s: float, *,
+                   error_code: str | None = None, error: str | None = None,
+                   branch: str | None = None, model: str | None = None) -> None:  # fmt: skip
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET finished_at = ?, outcome = ?, duration_s = ?, error_code = ?,"
+                " error = ?, branch = COALESCE(?, branch), model = COALESCE(?, model) WHERE id = ?",
+                (at, outcome, duration_s, error_code, error, branch, model, run_id),
+            )
+
+    def interrupt(self, claim_id: str, ticket: str, task_id: str, at: str) -> None:
+        """Record that the run under ``claim_id`` was cut off (a dead daemon's run)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE runs SET outcome = 'interrupted', error_code = 'INTERRUPTED',"
+                " error = 'the daemon stopped during the run', finished_at = ?"
+                " WHERE claim_id = ? AND outcome = 'running'",
+                (at, claim_id),
+            )
+            if cur.rowcount == 0:
+                db.execute(
+                    "INSERT OR IGNORE INTO runs (claim_id, ticket, task_id, started_at, finished_at,"
+                    " outcome, error_code, error) VALUES (?, ?, ?, ?, ?, 'interrupted', 'INTERRUPTED',"
+                    " 'the daemon stopped during the run')",
+                    (claim_id or f"lost-{ticket}-{at}", ticket, task_id, at, at),
+                )
+
+    def attempts(self, ticket: str) -> list[dict[str, Any]]:
+        """Earlier unsuccessful runs of this ticket file, oldest first."""
+        rows = self._db.execute(
+            "SELECT started_at, stage, error_code, model, duration_s FROM runs"
+            " WHERE ticket = ? AND outcome IN ('failed', 'interrupted', 'review') ORDER BY id",
+            (ticket,),
+        ).fetchall()
+        return [
+            {"at": r["started_at"], "stage": r["stage"], "errorCode": r["error_code"],
+             "model": r["model"], "durationS": r["duration_s"]}
+            for r in rows
+        ]  # fmt: skip
+
+    def running(self) -> dict[str, dict[str, Any]]:
+        """Runs still marked running, by ticket file name, with their current stage."""
+        rows = self._db.execute(
+            "SELECT r.ticket, r.task_id, r.stage, r.started_at, r.claim_id,"
+            " (SELECT s.started_at FROM stages s WHERE s.run_id = r.id ORDER BY s.rowid DESC"
+            "  LIMIT 1) AS stage_started FROM runs r WHERE r.outcome = 'running'"
+        ).fetchall()
+        return {r["ticket"]: dict(r) for r in rows}
+
+    def recent(self, limit: int = 10) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT ticket, task_id, title, outcome, error_code, error, branch, started_at,"
+            " finished_at, duration_s FROM runs WHERE outcome != 'running'"
+            " ORDER BY finished_at DESC, id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def stages(self, claim_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT s.stage, s.duration_s, s.outcome FROM stages s JOIN runs r ON r.id = s.run_id"
+            " WHERE r.claim_id = ? ORDER BY s.rowid",
+            (claim_id,),
+        ).fetchall()
+        return [dict(r) for r in rows]

@@ -1,0 +1,470 @@
+"""Backlog.md task files: read them, render new ones, edit their frontmatter in place.
+
+A ticket is a Backlog.md task file (YAML frontmatter between ``---`` lines, then markdown
+sections) or a plain markdown file without frontmatter. Sections are read the way Backlog.md
+reads them (``src/markdown/structured-sections.ts``): a known ``## `` section runs until the
+next known one, so unknown headings such as ``## Resolution`` belong to the section above;
+text inside ``<!-- SECTION:...:BEGIN/END -->`` markers wins over text around them; checkboxes
+inside ``<!-- AC:BEGIN/END -->`` win over legacy unmarked ones. Section texts come back with
+``\\n`` line endings.
+
+Edits never re-serialize a file: ``update_frontmatter`` swaps the lines of the keys it is
+given and leaves every other byte as it was.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon.errors import InvalidTicket
+
+MAX_TICKET_BYTES = 1024 * 1024
+PRIORITIES = ("high", "medium", "low")
+_MAX_FILENAME_BYTES = 255
+_NO_WRAP = 1 << 30
+
+_OPENING = re.compile(r"---[ \t]*\r?\n")
+_FRONTMATTER = re.compile(r"---[ \t]*\r?\n(.*?)^---[ \t]*(?:\r?\n|\Z)", re.S | re.M)
+_KEY_LINE = re.compile(r"([^\s#'\"{}\[\]?:|>!&*%@`,-][^:\r\n]*?)[ \t]*:(?=[ \t\r\n]|$)")
+_AT_SCALAR = re.compile(r"^([ \t]*(?:[^\s#:][^:\r\n]*:|-)[ \t]+)(@[^\r\n]*?)([ \t]*\r?)$", re.M)
+_AT_FLOW = re.compile(
+    r"^([ \t]*[^\s#:][^:\r\n]*:[ \t]*\[)([^\r\n\]]*@[^\r\n\]]*)(\][ \t]*\r?)$", re.M
+)
+_FENCE = re.compile(r" {0,3}(?:```|~~~)")
+_H1 = re.compile(r"#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
+_H2 = re.compile(r"##[ \t]+(.*?)[ \t]*")
+_MARKER = re.compile(r"<!--[ \t]*(SECTION:\w+|AC|DOD|COMMENTS):(BEGIN|END)[ \t]*-->", re.I)
+_CHECKBOX = re.compile(r"- \[([ xX])\][ \t]+(?:#(\d+)[ \t]+)?(.+?)[ \t]*")
+_FILE_ID = re.compile(
+    r"[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z][A-Za-z0-9_]*)*-\d+(?:\.\d+)*(?=$|[\s._-])"
+)
+_ID_PARTS = re.compile(r"(?:(.*)-)?(\d+(?:\.\d+)*)")
+_SECTIONS = {
+    "description": "description",
+    "acceptance criteria": "criteria",
+    "acceptance criteria (optional)": "criteria",
+    "implementation plan": "plan",
+    "implementation notes": "notes",
+    "definition of done": "done",
+    "final summary": "summary",
+    "comments": "comments",
+}
+
+
+@dataclass(frozen=True)
+class Criterion:
+    text: str
+    checked: bool
+    index: int | None  # the #N number when the file has one
+
+
+@dataclass(frozen=True)
+class Ticket:
+    path: Path
+    text: str  # the whole file as decoded, line endings untouched
+    frontmatter: dict[str, Any]  # {} for plain markdown; values may be dates, ints, lists
+    id: str
+    title: str
+    status: str | None
+    priority: str | None  # "high", "medium", "low" or None
+    labels: tuple[str, ...]
+    dependencies: tuple[str, ...]
+    models: tuple[str, ...]
+    description: str
+    acceptance_criteria: tuple[Criterion, ...]
+    plan: str
+    notes: str
+    newline: str  # "\r\n" if the file uses CRLF else "\n"
+
+
+def read_text(path: Path) -> str:
+    """Return the file decoded as UTF-8 (BOM dropped, newlines untouched).
+
+    Raises InvalidTicket for a file over ``MAX_TICKET_BYTES``, a binary file or one that is not
+    UTF-8; OSError (a vanished file, say) passes through.
+    """
+    with path.open("rb") as handle:
+        data = handle.read(MAX_TICKET_BYTES + 1)
+    if len(data) > MAX_TICKET_BYTES:
+        raise InvalidTicket(f"file is {path.stat().st_size} bytes, over the 1 MiB limit")
+    data = data.removeprefix(codecs.BOM_UTF8)
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise InvalidTicket(f"binary file: NUL byte on line {_line_of(data, nul)}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = _line_of(data, exc.start)
+        raise InvalidTicket(
+            f"not UTF-8: invalid byte 0x{data[exc.start]:02x} on line {line}"
+        ) from exc
+
+
+def parse_file(path: Path) -> Ticket:
+    return parse_text(read_text(path), path)
+
+
+def parse_text(text: str, path: Path) -> Ticket:
+    """Parse a ticket; ``path`` supplies the id and title when the file itself has none."""
+    match = _match_frontmatter(text)
+    frontmatter = _load_frontmatter(match[1]) if match else {}
+    lines = text[match.end() if match else 0 :].replace("\r\n", "\n").split("\n")
+    sections = _scan(lines)
+    title = _text(frontmatter.get("title"))
+    title_line = None
+    heading = None if title else _title_heading(lines)
+    if heading is not None:
+        title_line, title = heading
+    description = _section_text(sections, "description")
+    if match is None or not any(s.name == "description" for s in sections):
+        description = "\n".join(ln for i, ln in enumerate(lines) if i != title_line).strip()
+    priority = _text(frontmatter.get("priority")).lower()
+    return Ticket(
+        path=path,
+        text=text,
+        frontmatter=frontmatter,
+        id=_text(frontmatter.get("id")) or _id_from_filename(path),
+        title=title or path.stem,
+        status=_text(frontmatter.get("status")) or None,
+        priority=priority if priority in PRIORITIES else None,
+        labels=_strings(frontmatter.get("labels")),
+        dependencies=_strings(frontmatter.get("dependencies")),
+        models=tuple(
+            dict.fromkeys(_strings(frontmatter.get("model")) + _strings(frontmatter.get("models")))
+        ),
+        description=description,
+        acceptance_criteria=_criteria(sections),
+        plan=_section_text(sections, "plan"),
+        notes=_section_text(sections, "notes"),
+        newline=_newline(text),
+    )
+
+
+def update_frontmatter(text: str, updates: Mapping[str, str | Sequence[str]]) -> str:
+    """Set top-level frontmatter keys, keeping every other byte of ``text`` as it was.
+
+    A key already present has its whole value replaced (scalar, block or flow list, folded
+    block); a missing key is appended before the closing ``---``. Strings are written as
+    scalars, sequences as block lists, all with the file's own newline. A file without
+    frontmatter gets a new block holding just these keys in front of its text.
+    """
+    newline = _newline(text)
+    match = _match_frontmatter(text)
+    if match is None:
+        block = "".join(_render_key(key, value, newline) for key, value in updates.items())
+        return f"---{newline}{block}---{newline}{text}"
+    lines = _lines(match[1])
+    out: list[str] = []
+    done: set[str] = set()
+    i = 0
+    while i < len(lines):
+        key = _key_of(lines[i])
+        if key is None or key not in updates:
+            out.append(lines[i])
+            i += 1
+            continue
+        end = i + 1
+        while end < len(lines) and _key_of(lines[end]) is None:
+            end += 1
+        while end > i + 1 and _is_filler(lines[end - 1]):
+            end -= 1  # blank lines and comments after the value stay
+        out.append(_render_key(key, updates[key], newline))
+        done.add(key)
+        i = end
+    out.extend(
+        _render_key(key, value, newline) for key, value in updates.items() if key not in done
+    )
+    start, stop = match.span(1)
+    return text[:start] + "".join(out) + text[stop:]
+
+
+def render_new(
+    ticket_id: str,
+    title: str,
+    *,
+    description: str = "",
+    priority: str | None = None,
+    labels: Sequence[str] = (),
+    acceptance_criteria: Sequence[str] = (),
+    status: str = "To Do",
+    created: datetime,
+) -> str:
+    """A new task file laid out as Backlog.md writes one.
+
+    Like Backlog.md, an empty description or criteria list leaves its section out.
+    """
+    if priority is not None and priority.lower() not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+    head = [
+        _render_key("id", ticket_id, "\n"),
+        _render_key("title", " ".join(title.split()), "\n"),
+        _render_key("status", status, "\n"),
+        "assignee: []\n",
+        _render_key("created_date", created.strftime("%Y-%m-%d %H:%M"), "\n"),
+        _render_key("labels", list(labels), "\n"),
+        "dependencies: []\n",
+    ]
+    if priority is not None:
+        head.append(_render_key("priority", priority.lower(), "\n"))
+    blocks = []
+    body = description.replace("\r\n", "\n").strip()
+    if body:
+        blocks.append(
+            "## Description\n\n<!-- SECTION:DESCRIPTION:BEGIN -->\n"
+            f"{body}\n<!-- SECTION:DESCRIPTION:END -->"
+        )
+    items = [" ".join(item.split()) for item in acceptance_criteria if item.strip()]
+    if items:
+        checks = "".join(f"- [ ] #{n} {item}\n" for n, item in enumerate(items, start=1))
+        blocks.append(f"## Acceptance Criteria\n<!-- AC:BEGIN -->\n{checks}<!-- AC:END -->")
+    text = "---\n" + "".join(head) + "---\n"
+    return text + "\n" + "\n\n".join(blocks) + "\n" if blocks else text
+
+
+def filename_for(ticket_id: str, title: str) -> str:
+    """``task-42 - Fix-login-redirect.md``: Backlog.md's file name, at most 255 bytes."""
+    name = re.sub(r'[<>:"/\\|?*]', "-", title)
+    name = re.sub(r"['(),!@#$%^&+=\[\]{};]", "", name)
+    name = re.sub(r"\s+", "-", name)
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name)
+    name = re.sub(r"-+", "-", name).strip("-")
+    prefix = ticket_id.strip().lower()
+    budget = _MAX_FILENAME_BYTES - len(f"{prefix} - .md".encode())
+    name = name.encode()[: max(budget, 0)].decode("utf-8", "ignore").rstrip("-")
+    return f"{prefix} - {name}.md" if name else f"{prefix}.md"
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """Lower-case ASCII ``[a-z0-9-]`` for branch names; accents dropped, never empty."""
+    if max_len < 1:
+        raise ValueError("max_len must be at least 1")
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    words = re.findall(r"[a-z0-9]+", ascii_text.lower())
+    return "-".join(words)[:max_len].strip("-") or "ticket"[:max_len]
+
+
+def next_id(existing_ids: Iterable[str], prefix: str = "task") -> str:
+    """The number after the largest ``<prefix>-N`` (``task-4.2`` counts as 4), zero padding kept."""
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)(?:\.\d+)*", re.I)
+    largest, width = 0, 0
+    for ticket_id in existing_ids:
+        found = pattern.fullmatch(ticket_id.strip())
+        if found and int(found[1]) >= largest:
+            largest = int(found[1])
+            width = len(found[1]) if found[1].startswith("0") else 0
+    return f"{prefix}-{str(largest + 1).zfill(width)}"
+
+
+def id_key(ticket_id: str) -> tuple[str, tuple[int, ...], str]:
+    """Sort key: prefix, then each dotted number (``task-2`` < ``task-10`` < ``task-10.1``)."""
+    folded = ticket_id.strip().casefold()
+    parts = _ID_PARTS.fullmatch(folded)
+    if parts is None:
+        return (folded, (), folded)
+    return (parts[1] or "", tuple(int(n) for n in parts[2].split(".")), folded)
+
+
+def same_id(a: str, b: str) -> bool:
+    return a.strip().casefold() == b.strip().casefold()
+
+
+# -- frontmatter -------------------------------------------------------------------------
+
+
+def _match_frontmatter(text: str) -> re.Match[str] | None:
+    start = 1 if text.startswith("\ufeff") else 0
+    if not _OPENING.match(text, start):
+        return None
+    match = _FRONTMATTER.match(text, start)
+    if match is None:
+        raise InvalidTicket("unclosed YAML frontmatter: the --- on line 1 has no closing ---")
+    return match
+
+
+def _load_frontmatter(source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(source)
+    except (yaml.YAMLError, ValueError) as exc:
+        data = _load_quoting_at_signs(source, exc)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidTicket(f"YAML frontmatter is a {type(data).__name__}, not a mapping of keys")
+    return {str(key): value for key, value in data.items()}
+
+
+def _load_quoting_at_signs(source: str, error: Exception) -> Any:
+    """Retry with ``key: @value`` quoted: Backlog.md wrote such invalid YAML and reads it back."""
+    fixed = _AT_SCALAR.sub(lambda m: m[1] + _quote(m[2]) + m[3], source)
+    fixed = _AT_FLOW.sub(lambda m: m[1] + ", ".join(map(_quote_at, m[2].split(","))) + m[3], fixed)
+    if fixed != source:
+        try:
+            return yaml.safe_load(fixed)
+        except (yaml.YAMLError, ValueError):
+            pass
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        line = error.problem_mark.line + 2  # + the opening --- line, + 1-based
+        raise InvalidTicket(f"broken YAML frontmatter on line {line}: {error.problem}") from error
+    raise InvalidTicket(f"broken YAML frontmatter: {error}") from error
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _quote_at(item: str) -> str:
+    return _quote(item.strip()) if item.strip().startswith("@") else item.strip()
+
+
+def _key_of(line: str) -> str | None:
+    match = _KEY_LINE.match(line)
+    return match[1] if match else None
+
+
+def _is_filler(line: str) -> bool:
+    stripped = line.strip()
+    return not stripped or stripped.startswith("#")
+
+
+def _render_key(key: str, value: str | Sequence[str], newline: str) -> str:
+    if isinstance(value, str):
+        return f"{key}: {_scalar(value)}{newline}"
+    if not value:
+        return f"{key}: []{newline}"
+    return f"{key}:{newline}" + "".join(f"  - {_scalar(item)}{newline}" for item in value)
+
+
+def _scalar(value: str) -> str:
+    """One line of YAML that reads back as ``value``; quoted like Backlog.md when it has a colon."""
+    style = '"' if not value.isprintable() else ("'" if ":" in value else None)
+    dumped = yaml.safe_dump(value, default_style=style, allow_unicode=True, width=_NO_WRAP)
+    return dumped.removesuffix("\n...\n").removesuffix("\n")
+
+
+# -- body --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Section:
+    name: str
+    loose: list[str] = field(default_factory=list)  # lines outside markers
+    marked: list[str] = field(default_factory=list)  # lines between BEGIN/END markers
+    has_markers: bool = False
+
+
+def _scan(lines: list[str]) -> list[_Section]:
+    """Split body lines into known ``## `` sections, honouring code fences and markers."""
+    last_end: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        marker = _MARKER.fullmatch(line.strip())
+        if marker and marker[2].upper() == "END":
+            last_end[marker[1].upper()] = i
+    sections: list[_Section] = []
+    current: _Section | None = None
+    inside: str | None = None  # the marker whose END closes the open block
+    fenced = False
+    for i, line in enumerate(lines):
+        marker = _MARKER.fullmatch(line.strip())
+        if inside is not None:
+            if marker and marker[1].upper() == inside and marker[2].upper() == "END":
+                inside = None
+            elif current is not None:
+                current.marked.append(line)
+            continue
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            heading = _H2.fullmatch(line)
+            name = _SECTIONS.get(heading[1].lower()) if heading else None
+            if name is not None:
+                current = _Section(name)
+                sections.append(current)
+                continue
+            if marker and marker[2].upper() == "BEGIN" and last_end.get(marker[1].upper(), -1) > i:
+                inside = marker[1].upper()
+                if current is not None:
+                    current.has_markers = True
+                continue
+        if current is not None:
+            current.loose.append(line)
+    return sections
+
+
+def _section_text(sections: list[_Section], name: str) -> str:
+    for section in sections:
+        if section.name == name:
+            return "\n".join(section.marked).strip() or "\n".join(section.loose).strip()
+    return ""
+
+
+def _criteria(sections: list[_Section]) -> tuple[Criterion, ...]:
+    marked: list[Criterion] = []
+    legacy: list[Criterion] = []
+    for section in sections:
+        if section.name == "criteria":
+            if section.has_markers:
+                marked.extend(_checkboxes(section.marked))
+            else:
+                legacy.extend(_checkboxes(section.loose))
+    return tuple(marked or legacy)
+
+
+def _checkboxes(lines: list[str]) -> list[Criterion]:
+    found = (_CHECKBOX.fullmatch(line) for line in lines)
+    return [
+        Criterion(text=m[3], checked=m[1] != " ", index=int(m[2]) if m[2] else None)
+        for m in found
+        if m
+    ]
+
+
+def _title_heading(lines: list[str]) -> tuple[int, str] | None:
+    """The first ``# `` heading outside code fences: its line index and text."""
+    fenced = False
+    for i, line in enumerate(lines):
+        heading = None if fenced else _H1.fullmatch(line)
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif heading:
+            return i, heading[1].strip()
+    return None
+
+
+# -- small helpers -----------------------------------------------------------------------
+
+
+def _id_from_filename(path: Path) -> str:
+    found = _FILE_ID.match(path.stem)
+    return found[0] if found else path.stem
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else [value]
+    return tuple(text for text in (_text(item) for item in items) if text)
+
+
+def _newline(text: str) -> str:
+    first = text.find("\n")
+    return "\r\n" if first > 0 and text[first - 1] == "\r" else "\n"
+
+
+def _lines(text: str) -> list[str]:
+    """Lines with their endings, split on ``\\n`` only (``str.splitlines`` splits on more)."""
+    return re.findall(r"[^\n]*\n|[^\n]+", text)
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1

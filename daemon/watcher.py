@@ -1,0 +1,85 @@
+"""Intake: know when ``todo/`` changed and when a file there is whole.
+
+The watchdog observer only wakes the supervisor; the folder listing is the truth (watchdog
+drops inotify overflows silently, gorakhargosh/watchdog#654, so the supervisor also lists
+``todo/`` periodically). A file is whole when no process has it open for writing: the
+kernel refuses a read lease on such a file, so ``settle_delay`` asks for one. Where leases
+are not allowed (another user's file, some network filesystems) it falls back to waiting
+until the file has been still for ``settle_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from daemon.backlog import is_ticket_name
+
+
+def ignore_lease_breaks() -> None:
+    """A writer opening a file we hold a lease on sends us SIGIO, which would kill us.
+    Leases are held for microseconds, so ignoring the signal is enough. Main thread only."""
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
+def settle_delay(path: Path, now: float, settle_s: float) -> float:
+    """0 when ``path`` is whole and can be claimed; else seconds to wait before asking again.
+    ``now`` is ``time.time()``. Raises ``FileNotFoundError`` when it has gone."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:  # open for writing somewhere: its close will wake us
+                return settle_s or 0.5
+            age = now - os.fstat(fd).st_mtime  # leases not allowed here: wait for stillness
+            return max(0.0, settle_s - age)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return 0.0
+    finally:
+        os.close(fd)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, on_event: Callable[[str, str], None]) -> None:
+        self.on_event = on_event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+            return
+        target = getattr(event, "dest_path", "") or event.src_path
+        name = os.path.basename(os.fsdecode(target))
+        if is_ticket_name(name):
+            self.on_event(event.event_type, name)
+
+
+class Watcher:
+    """Watches one folder (not recursively) and calls ``on_event(kind, name)`` for tickets."""
+
+    def __init__(self, folder: Path, on_event: Callable[[str, str], None]) -> None:
+        self.folder = folder
+        self._observer = Observer()
+        self._observer.schedule(_Handler(on_event), str(folder), recursive=False)
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        self._observer.start()
+        self._started.set()
+
+    def alive(self) -> bool:
+        return bool(self._observer.is_alive())
+
+    def stop(self) -> None:
+        if self._started.is_set():
+            self._observer.stop()
+            with contextlib.suppress(RuntimeError):
+                self._observer.join(timeout=5)

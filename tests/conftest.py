@@ -1,0 +1,137 @@
+"""Shared fixtures: a real git repository with a bare remote, a backlog, a config.
+
+Agents in these tests are small Python programs run through ``agent.command`` exactly as a
+user's aider would be.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PY = sys.executable
+
+# An agent that writes <ticket id>.txt into the worktree.
+WRITE_AGENT = [PY, "-c", "import sys, pathlib; pathlib.Path(sys.argv[1] + '.txt').write_text("
+               "'done by agent\\n')", "{ticket_id}"]  # fmt: skip
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+
+
+@dataclass
+class Project:
+    root: Path
+    repo: Path
+    remote: Path
+    config_path: Path
+
+    @property
+    def backlog(self) -> Path:
+        return self.root / "backlog"
+
+    def folder(self, name: str) -> Path:
+        return self.backlog / name
+
+    def write_config(self, **sections: Any) -> Path:
+        data: dict[str, Any] = {
+            "repo": {"path": "repo", "push_retries": 0},
+            "backlog": {"dir": "backlog"},
+            "state_dir": "state",
+            "logging": {"dir": "logs", "level": "DEBUG"},
+            "agent": {"command": WRITE_AGENT, "timeout_s": 30, "kill_grace_s": 1},
+            "intake": {"reconcile_interval_s": 5, "settle_s": 0.2},
+            "shutdown": {"grace_s": 5},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return self.config_path
+
+    def ticket(self, name: str, *, folder: str = "todo", body: str = "", **fm: Any) -> Path:
+        """Write a Backlog.md ticket; ``name`` like 'task-1 - Do-it.md'."""
+        fm.setdefault("id", name.split(" - ")[0])
+        fm.setdefault("title", name.split(" - ", 1)[-1].removesuffix(".md").replace("-", " "))
+        fm.setdefault("status", "To Do")
+        text = "---\n" + yaml.safe_dump(fm, sort_keys=False) + "---\n\n## Description\n\n"
+        text += (body or f"Do {fm['title']}.") + "\n"
+        path = self.folder(folder) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{name}.part"
+        tmp.write_text(text)
+        tmp.rename(path)
+        return path
+
+    def where(self) -> dict[str, list[str]]:
+        """Ticket files by folder."""
+        found: dict[str, list[str]] = {}
+        for folder in ("todo", "in-progress", "review", "done", "failed"):
+            d = self.folder(folder)
+            names = sorted(p.name for p in d.glob("*.md")) if d.is_dir() else []
+            if names:
+                found[folder] = names
+        return found
+
+    def remote_branches(self) -> list[str]:
+        out = git(self.remote, "for-each-ref", "--format=%(refname:short)", "refs/heads/")
+        return sorted(out.split())
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    repo, remote = tmp_path / "repo", tmp_path / "remote.git"
+    git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(remote))
+    git(tmp_path, "init", "--quiet", "-b", "main", str(repo))
+    git(repo, "config", "user.email", "test@example.invalid")
+    git(repo, "config", "user.name", "Test")
+    (repo / "README.md").write_text("hello\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "--quiet", "-m", "initial")
+    git(repo, "remote", "add", "origin", str(remote))
+    git(repo, "push", "--quiet", "origin", "main")
+    p = Project(root=tmp_path, repo=repo, remote=remote, config_path=tmp_path / "config.yaml")
+    p.write_config()
+    return p
+
+
+def ticketd(*args: str, cwd: Path | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run the installed CLI exactly as a user would."""
+    return subprocess.run(
+        [PY, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a thread or a child process behind."""
+    threads = set(threading.enumerate())
+    yield
+    me = psutil.Process()
+    children = [c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+    for c in children:
+        c.kill()
+    extra = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+    for t in extra:
+        t.join(timeout=5)
+    extra = [t for t in extra if t.is_alive()]
+    assert not children, f"child processes left running: {children}"
+    assert not extra, f"threads left running: {extra}"
