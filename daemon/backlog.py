@@ -119,7 +119,9 @@ class Backlog:
                 ids.append(self.read(path).id)
         return ids
 
-    def plan(self, candidates: Sequence[tickets.Ticket]) -> tuple[list[tickets.Ticket], list[Waiting]]:
+    def plan(
+        self, candidates: Sequence[tickets.Ticket]
+    ) -> tuple[list[tickets.Ticket], list[Waiting]]:
         """Split todo tickets into ready ones (by priority, then id) and waiting ones."""
         done = {i.lower() for i in self.done_ids()}
         elsewhere = self._ids_by_folder(("failed", "review", "in-progress"))
@@ -139,7 +141,7 @@ class Backlog:
         return ready, waiting
 
     def _ids_by_folder(self, folders: Sequence[str]) -> dict[str, str]:
-        found = {}
+        found: dict[str, str] = {}
         for folder in folders:
             for path in self.files(folder):
                 with contextlib.suppress(InvalidTicket, OSError):
@@ -161,9 +163,14 @@ class Backlog:
             return None
         lease.path = dst
         lease.record(
-            ticket=name, host=socket.gethostname(), pid=os.getpid(), claimId=claim_id,
-            claimedAt=now.isoformat(), agentPgid=None, stage="claimed",
-        )  # fmt: skip
+            ticket=name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            claimId=claim_id,
+            claimedAt=now.isoformat(),
+            agentPgid=None,
+            stage="claimed",
+        )
         self.rewrite(dst, "in-progress", now)
         return lease
 
@@ -191,29 +198,27 @@ class Backlog:
         return Lease(name=name, path=self.folder("todo") / name, lock_path=path, fd=fd)
 
     def orphans(self) -> Iterator[Lease]:
-        """Locked leases for ``in-progress/`` tickets whose owner is gone; also clears lease
-        files left behind by finished or never-started claims."""
-        running = {p.name for p in self.files("in-progress")}
-        for lock_path in sorted(self.leases.glob("*.lock")):
-            name = lock_path.name.removesuffix(".lock")
+        """Locked leases for ``in-progress/`` tickets whose owner is gone. Lease files left
+        by finished or never-started claims are removed on the way."""
+        names = {p.name for p in self.files("in-progress")}
+        names |= {p.name.removesuffix(".lock") for p in self.leases.glob("*.lock")}
+        for name in sorted(names):
             lease = self._lock(name)
             if lease is None:
                 continue  # a live daemon holds it
-            if name not in running:
+            lease.path = self.folder("in-progress") / name
+            if not lease.path.exists():
                 self.release(lease)
                 continue
-            lease.path = self.folder("in-progress") / name
             with contextlib.suppress(ValueError, OSError):
-                lease.info = json.loads(lock_path.read_bytes() or b"{}")
+                lease.info = json.loads(lease.lock_path.read_bytes() or b"{}")
             yield lease
-        for name in running:  # in in-progress/ with no lease file at all
-            if not (self.leases / f"{name}.lock").exists() and (lease := self._lock(name)):
-                lease.path = self.folder("in-progress") / name
-                yield lease
 
     # -- moves ------------------------------------------------------------------------------
 
-    def rewrite(self, path: Path, folder: str, now: datetime, references: Sequence[str] = ()) -> None:
+    def rewrite(
+        self, path: Path, folder: str, now: datetime, references: Sequence[str] = ()
+    ) -> None:
         """Set the ticket's ``status`` (and ``updated_date``, ``references``) for ``folder``,
         in place and atomically; a file that cannot be parsed is left as it is."""
         try:
@@ -236,8 +241,14 @@ class Backlog:
         """Where a ticket called ``name`` would land in ``folder`` (never over another)."""
         return free_name(self.folder(folder), name)
 
-    def move(self, path: Path, folder: str, now: datetime, references: Sequence[str] = (),
-             dst: Path | None = None) -> Path:  # fmt: skip
+    def move(
+        self,
+        path: Path,
+        folder: str,
+        now: datetime,
+        references: Sequence[str] = (),
+        dst: Path | None = None,
+    ) -> Path:
         """Rewrite the status for ``folder`` then rename the ticket there. Returns the new path."""
         self.rewrite(path, folder, now, references)
         dst = dst or self.target(folder, path.name)

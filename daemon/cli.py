@@ -34,7 +34,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="config.yaml to use (default: $TICKETD_CONFIG, then ./config.yaml)."),
+    typer.Option(
+        "--config", "-c", help="config.yaml to use (default: $TICKETD_CONFIG, then ./config.yaml)."
+    ),
 ]
 
 
@@ -55,7 +57,9 @@ def _backlog(cfg: configuration.Config) -> Backlog:
 @app.command()
 def run(
     config: ConfigOption = None,
-    once: Annotated[bool, typer.Option("--once", help="Process what is ready in todo/, then exit (cron, CI).")] = False,
+    once: Annotated[
+        bool, typer.Option("--once", help="Process what is ready in todo/, then exit (cron, CI).")
+    ] = False,
 ) -> None:
     """Run the daemon: watch todo/, claim tickets, run the agent, push branches.
 
@@ -96,16 +100,37 @@ def status(
         return
     counts = "  ".join(f"{f}: {n}" for f, n in report["counts"].items())
     out.print(f"[bold]{cfg.backlog.dir}[/bold]  {counts}")
-    _table("Waiting in todo/", ["ticket", "file", "why"],
-           [[w["taskId"] or "-", w["file"], w["reason"]] for w in report["waiting"]])  # fmt: skip
-    _table("Running", ["ticket", "stage", "elapsed", "owner"],
-           [[r["taskId"], r["stage"] or "-", _secs(r["elapsedS"]),
-             (r["owner"] or "-") + ("" if r["ownerAlive"] is not False else " (dead)")]
-            for r in report["running"]])  # fmt: skip
-    _table("Recent outcomes", ["ticket", "outcome", "took", "detail"],
-           [[r["task_id"], r["outcome"], _secs(r["duration_s"]),
-             r["branch"] or (f"{r['error_code']}: {r['error']}" if r["error_code"] else "")]
-            for r in report["recent"]])  # fmt: skip
+    _table(
+        "Waiting in todo/",
+        ["ticket", "file", "why"],
+        [[w["taskId"] or "-", w["file"], w["reason"]] for w in report["waiting"]],
+    )
+    _table(
+        "Running",
+        ["ticket", "stage", "elapsed", "owner"],
+        [
+            [
+                r["taskId"],
+                r["stage"] or "-",
+                _secs(r["elapsedS"]),
+                (r["owner"] or "-") + ("" if r["ownerAlive"] is not False else " (dead)"),
+            ]
+            for r in report["running"]
+        ],
+    )
+    _table(
+        "Recent outcomes",
+        ["ticket", "outcome", "took", "detail"],
+        [
+            [
+                r["task_id"],
+                r["outcome"],
+                _secs(r["duration_s"]),
+                r["branch"] or (f"{r['error_code']}: {r['error']}" if r["error_code"] else ""),
+            ]
+            for r in report["recent"]
+        ],
+    )
 
 
 def _secs(value: float | None) -> str:
@@ -126,7 +151,10 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 @app.command()
 def validate(
-    files: Annotated[list[Path] | None, typer.Argument(help="Ticket files; default: every ticket in the backlog.")] = None,
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Ticket files; default: every ticket in the backlog."),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Check that ticket files parse; report per file; exit 1 if any is invalid."""
@@ -152,15 +180,25 @@ def validate(
 @app.command()
 def new(
     title: Annotated[str, typer.Argument(help="The ticket's title.")],
-    description: Annotated[str, typer.Option("--description", "-d", help="What to do and why.")] = "",
-    priority: Annotated[str | None, typer.Option("--priority", "-p", help="high, medium or low.")] = None,
-    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="A label (repeatable).")] = None,
-    ac: Annotated[list[str] | None, typer.Option("--ac", help="An acceptance criterion (repeatable).")] = None,
+    description: Annotated[
+        str, typer.Option("--description", "-d", help="What to do and why.")
+    ] = "",
+    priority: Annotated[
+        str | None, typer.Option("--priority", "-p", help="high, medium or low.")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="A label (repeatable).")
+    ] = None,
+    ac: Annotated[
+        list[str] | None, typer.Option("--ac", help="An acceptance criterion (repeatable).")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Write a new Backlog.md ticket into todo/ with the next free id, and print its path."""
     if priority is not None and priority not in ("high", "medium", "low"):
-        err.print(f"ticketd: --priority must be high, medium or low, not {priority!r}", markup=False)
+        err.print(
+            f"ticketd: --priority must be high, medium or low, not {priority!r}", markup=False
+        )
         raise typer.Exit(2)
     if not title.strip():
         err.print("ticketd: the title must not be empty", markup=False)
@@ -177,9 +215,15 @@ def new(
                 ids.append(path.name.split(" - ")[0])
     ticket_id = tickets.next_id(ids, cfg.backlog.id_prefix)
     text = tickets.render_new(
-        ticket_id, title.strip(), description=description, priority=priority, labels=label or [],
-        acceptance_criteria=ac or [], status=cfg.backlog.statuses.todo, created=datetime.now(),
-    )  # fmt: skip
+        ticket_id,
+        title.strip(),
+        description=description,
+        priority=priority,
+        labels=label or [],
+        acceptance_criteria=ac or [],
+        status=cfg.backlog.statuses.todo,
+        created=datetime.now(),
+    )
     path = backlog.folder("todo") / tickets.filename_for(ticket_id, title.strip())
     try:
         tmp = backlog.root / f".{path.name}.new"

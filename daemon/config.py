@@ -27,17 +27,17 @@ class _Section(BaseModel):
 
 
 class RepoConfig(_Section):
-    path: Path = Path(".")
+    path: Path = Path()
     base_branch: str = "main"
     remote: str = "origin"
     branch_prefix: str = "ticketd/"
-    push_retries: int = Field(3, ge=0, le=20)
-    git_timeout_s: float = Field(120, gt=0)
+    push_retries: int = Field(default=3, ge=0, le=20)
+    git_timeout_s: float = Field(default=120, gt=0)
 
 
 class Statuses(_Section):
     todo: str = "To Do"
-    in_progress: str = Field("In Progress", alias="in-progress")
+    in_progress: str = Field(default="In Progress", alias="in-progress")
     review: str = "Review"
     done: str = "Done"
     failed: str = "Failed"
@@ -54,7 +54,7 @@ class BacklogConfig(_Section):
 class LoggingConfig(_Section):
     dir: Path = Path("logs")
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
-    json_format: bool = Field(False, alias="json")
+    json_format: bool = Field(default=False, alias="json")
     rotation: str = "10 MB"
     retention: str = "14 days"
     compression: Literal["gz", "bz2", "xz", "zip", "none"] = "gz"
@@ -65,12 +65,19 @@ class LoggingConfig(_Section):
 class AgentConfig(_Section):
     kind: Literal["command"] = "command"
     command: tuple[str, ...] = (
-        "aider", "--yes-always", "--no-auto-commits", "--no-gitignore", "--no-check-update",
-        "--no-show-model-warnings", "--model", "ollama_chat/{model}",
-        "--message-file", "{prompt_file}",
-    )  # fmt: skip
-    timeout_s: float = Field(1800, gt=0)
-    kill_grace_s: float = Field(10, ge=0)
+        "aider",
+        "--yes-always",
+        "--no-auto-commits",
+        "--no-gitignore",
+        "--no-check-update",
+        "--no-show-model-warnings",
+        "--model",
+        "ollama_chat/{model}",
+        "--message-file",
+        "{prompt_file}",
+    )
+    timeout_s: float = Field(default=1800, gt=0)
+    kill_grace_s: float = Field(default=10, ge=0)
     env: dict[str, str] = {}
 
     @field_validator("command")
@@ -102,27 +109,27 @@ class OllamaConfig(_Section):
 
 
 class ConcurrencyConfig(_Section):
-    max_tickets: int = Field(1, ge=1, le=64)
+    max_tickets: int = Field(default=1, ge=1, le=64)
 
 
 class IntakeConfig(_Section):
-    reconcile_interval_s: float = Field(30, gt=0)
-    settle_s: float = Field(1.0, ge=0)
+    reconcile_interval_s: float = Field(default=30, gt=0)
+    settle_s: float = Field(default=1.0, ge=0)
 
 
 class ShutdownConfig(_Section):
-    grace_s: float = Field(60, ge=0)
+    grace_s: float = Field(default=60, ge=0)
 
 
 class GithubConfig(_Section):
     enabled: bool = False
-    token_env: str = "GITHUB_TOKEN"
+    token_env: str = "GITHUB_TOKEN"  # noqa: S105 - the name of a variable
 
 
 class ServerConfig(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
-    port: int = Field(8765, ge=0, le=65535)
+    port: int = Field(default=8765, ge=0, le=65535)
 
 
 class Config(_Section):
@@ -143,7 +150,8 @@ class Config(_Section):
 
     def snapshot(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked, for the run history."""
-        return _mask(self.model_dump(mode="json", by_alias=True))
+        masked: dict[str, Any] = _mask(self.model_dump(mode="json", by_alias=True))
+        return masked
 
     def secret_values(self) -> list[str]:
         """Values that must never reach a log, a commit or an ``.error.json``."""
@@ -151,7 +159,7 @@ class Config(_Section):
         return [token] if len(token) >= 4 else []
 
     def agent_env(self) -> dict[str, str]:
-        """The environment for agent processes: the daemon's, less the forge token, plus agent.env."""
+        """The agents' environment: the daemon's, less the forge token, plus agent.env."""
         env = {k: v for k, v in os.environ.items() if k != self.github.token_env}
         env.setdefault("OLLAMA_HOST", self.ollama.host)
         env.setdefault("OLLAMA_API_BASE", self.ollama.host)
@@ -190,7 +198,9 @@ def parse(text: str, path: Path) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
+        )
     host = os.environ.get("OLLAMA_HOST")
     if host:
         data.setdefault("ollama", {})

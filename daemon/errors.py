@@ -101,5 +101,5 @@ class Interrupted(TicketdError):
     code = "INTERRUPTED"
 
 
-class StopNow(BaseException):  # noqa: N818 - a control-flow signal, not an error
+class StopNow(BaseException):
     """Raised to end work at once (a second SIGTERM); never caught by ``except Exception``."""

@@ -29,7 +29,7 @@ def error_path(ticket: Path) -> Path:
 def next_retry_at(retry_count: int, now: datetime, rng: random.Random | None = None) -> datetime:
     """Exponential backoff with full jitter in its upper half: base * factor**n, capped."""
     delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * BACKOFF_FACTOR**retry_count)
-    jitter = (rng or random.Random()).uniform(0.5, 1.0)
+    jitter = (rng or random.Random()).uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
     return now + timedelta(seconds=delay * jitter)
 
 
@@ -37,9 +37,19 @@ def iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def build(*, task_id: str, file: str, now: datetime, stage: str, code: str, message: str,
-          model: str | None, models_tried: Sequence[str], log_file: str,
-          attempts: Sequence[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def build(
+    *,
+    task_id: str,
+    file: str,
+    now: datetime,
+    stage: str,
+    code: str,
+    message: str,
+    model: str | None,
+    models_tried: Sequence[str],
+    log_file: str,
+    attempts: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
     """The ``.error.json`` record. ``attempts`` holds every unsuccessful run, this one last."""
     kind = CODES.get(code, CODES["INTERNAL_ERROR"])
     retry_count = max(0, len(attempts) - 1)

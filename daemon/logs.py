@@ -24,11 +24,22 @@ STDERR_FORMAT = (
     "<green>{time:YYYY-MM-DD HH:mm:ss}</green> <level>{level: <7}</level> "
     "{extra[ticket]: <10} {message}"
 )
-FILE_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {level: <7} {extra[ticket]} {extra[stage]} {message}"
+FILE_FORMAT = (
+    "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {level: <7} {extra[ticket]} {extra[stage]} {message}"
+)
 
 
-def setup(*, directory: Path, level: str, json_format: bool, rotation: str, retention: str,
-          compression: str, redactor: Redactor, stderr: bool = True) -> None:  # fmt: skip
+def setup(
+    *,
+    directory: Path,
+    level: str,
+    json_format: bool,
+    rotation: str,
+    retention: str,
+    compression: str,
+    redactor: Redactor,
+    stderr: bool = True,
+) -> None:
     def patch(record: Record) -> None:
         record["message"] = redactor(record["message"])
 
@@ -38,11 +49,17 @@ def setup(*, directory: Path, level: str, json_format: bool, rotation: str, rete
         logger.add(sys.stderr, level=level, format=STDERR_FORMAT, diagnose=False, backtrace=False)
     directory.mkdir(parents=True, exist_ok=True)
     logger.add(
-        directory / "ticketd.log", level=level, format=FILE_FORMAT, serialize=json_format,
-        rotation=rotation, retention=retention,
+        directory / "ticketd.log",
+        level=level,
+        format=FILE_FORMAT,
+        serialize=json_format,
+        rotation=rotation,
+        retention=retention,
         compression=None if compression == "none" else compression,
-        diagnose=False, backtrace=False, enqueue=False,
-    )  # fmt: skip
+        diagnose=False,
+        backtrace=False,
+        enqueue=False,
+    )
 
 
 @contextmanager
@@ -50,9 +67,13 @@ def ticket_log(path: Path, ticket_id: str) -> Iterator[None]:
     """Copy every message bound to ``ticket=ticket_id`` into ``path`` while open."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = logger.add(
-        path, level="DEBUG", format=FILE_FORMAT, diagnose=False, backtrace=False,
+        path,
+        level="DEBUG",
+        format=FILE_FORMAT,
+        diagnose=False,
+        backtrace=False,
         filter=lambda record: record["extra"].get("ticket") == ticket_id,
-    )  # fmt: skip
+    )
     try:
         yield
     finally:

@@ -85,15 +85,23 @@ def run(
             prompt.parent.mkdir(parents=True, exist_ok=True)
             prompt.write_text(command.render_prompt(ticket), encoding="utf-8")
             values = {
-                "prompt_file": str(prompt), "worktree": str(worktree),
-                "ticket_file": str(ticket_file), "ticket_id": ticket.id, "model": model,
-            }  # fmt: skip
+                "prompt_file": str(prompt),
+                "worktree": str(worktree),
+                "ticket_file": str(ticket_file),
+                "ticket_id": ticket.id,
+                "model": model,
+            }
             command.run(
-                s.command, values=values, worktree=worktree,
+                s.command,
+                values=values,
+                worktree=worktree,
                 output=s.logs / f"{safe_name(ticket.id)}.agent.log",
-                timeout_s=s.timeout_s, grace_s=s.grace_s, env=s.env,
-                cancel=cancel, on_start=on_agent_start,
-            )  # fmt: skip
+                timeout_s=s.timeout_s,
+                grace_s=s.grace_s,
+                env=s.env,
+                cancel=cancel,
+                on_start=on_agent_start,
+            )
         with stage("commit"):
             if not repo.has_changes(worktree):
                 raise AgentError("the agent finished without changing any file", code="NO_CHANGES")

@@ -7,6 +7,7 @@ descendant (some leave the group), a bounded wait, then SIGKILL to whatever rema
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -120,10 +121,8 @@ def terminate(procs: Iterable[psutil.Process], grace_s: float) -> int:
 
 
 def _signal(proc: psutil.Process, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(psutil.Error):
         proc.send_signal(sig)
-    except psutil.Error:
-        pass
 
 
 def tail(path: Path, limit: int = TAIL_BYTES) -> str:

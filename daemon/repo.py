@@ -131,8 +131,15 @@ class Repo:
 
     def _push_once(self, worktree: Path, remote: str, branch: str) -> None:
         try:
-            self._git("push", "--force", "--porcelain", remote, f"HEAD:refs/heads/{branch}",
-                      cwd=worktree, code="PUSH_FAILED")  # fmt: skip
+            self._git(
+                "push",
+                "--force",
+                "--porcelain",
+                remote,
+                f"HEAD:refs/heads/{branch}",
+                cwd=worktree,
+                code="PUSH_FAILED",
+            )
         except GitError as e:
             if any(word in e.message.lower() for word in PERMANENT_PUSH):
                 raise

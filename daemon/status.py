@@ -24,8 +24,9 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
             waiting.append({"taskId": None, "file": path.name, "reason": f"invalid: {e.message}"})
     ready, blocked = backlog.plan(candidates)
     waiting += [{"taskId": t.id, "file": t.path.name, "reason": "ready"} for t in ready]
-    waiting += [{"taskId": w.ticket.id, "file": w.ticket.path.name, "reason": w.reason}
-                for w in blocked]  # fmt: skip
+    waiting += [
+        {"taskId": w.ticket.id, "file": w.ticket.path.name, "reason": w.reason} for w in blocked
+    ]
     history = store.running()
     running = []
     for path in backlog.files("in-progress"):
@@ -34,14 +35,16 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
             info = json.loads((backlog.leases / f"{path.name}.lock").read_bytes() or b"{}")
         row = history.get(path.name, {})
         claimed = _parse(info.get("claimedAt"))
-        running.append({
-            "taskId": row.get("task_id") or path.name.split(" - ")[0].removesuffix(".md"),
-            "file": path.name,
-            "stage": info.get("stage") or row.get("stage"),
-            "elapsedS": round((now - claimed).total_seconds(), 1) if claimed else None,
-            "owner": f"{info['host']}:{info['pid']}" if "pid" in info else None,
-            "ownerAlive": _alive(info),
-        })  # fmt: skip
+        running.append(
+            {
+                "taskId": row.get("task_id") or path.name.split(" - ")[0].removesuffix(".md"),
+                "file": path.name,
+                "stage": info.get("stage") or row.get("stage"),
+                "elapsedS": round((now - claimed).total_seconds(), 1) if claimed else None,
+                "owner": f"{info['host']}:{info['pid']}" if "pid" in info else None,
+                "ownerAlive": _alive(info),
+            }
+        )
     return {
         "counts": {f: len(backlog.files(f)) for f in FOLDERS},
         "waiting": waiting,

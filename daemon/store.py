@@ -45,7 +45,6 @@ CREATE INDEX IF NOT EXISTS stages_run ON stages (run_id);
 """
 
 
-
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,8 +70,9 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
-    def start_run(self, claim_id: str, ticket: str, task_id: str, title: str, at: str,
-                  config: dict[str, Any]) -> int:  # fmt: skip
+    def start_run(
+        self, claim_id: str, ticket: str, task_id: str, title: str, at: str, config: dict[str, Any]
+    ) -> int:
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO runs (claim_id, ticket, task_id, title, started_at, config)"
@@ -85,7 +85,8 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE runs SET stage = ? WHERE id = ?", (stage, run_id))
             db.execute(
-                "INSERT INTO stages (run_id, stage, started_at) VALUES (?, ?, ?)", (run_id, stage, at)
+                "INSERT INTO stages (run_id, stage, started_at) VALUES (?, ?, ?)",
+                (run_id, stage, at),
             )
 
     def end_stage(self, run_id: int, stage: str, duration_s: float, outcome: str) -> None:
@@ -96,9 +97,18 @@ class Store:
                 (duration_s, outcome, run_id, stage),
             )
 
-    def finish_run(self, run_id: int, at: str, outcome: str, duration_s: float, *,
-                   error_code: str | None = None, error: str | None = None,
-                   branch: str | None = None, model: str | None = None) -> None:  # fmt: skip
+    def finish_run(
+        self,
+        run_id: int,
+        at: str,
+        outcome: str,
+        duration_s: float,
+        *,
+        error_code: str | None = None,
+        error: str | None = None,
+        branch: str | None = None,
+        model: str | None = None,
+    ) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE runs SET finished_at = ?, outcome = ?, duration_s = ?, error_code = ?,"
@@ -117,9 +127,9 @@ class Store:
             )
             if cur.rowcount == 0:
                 db.execute(
-                    "INSERT OR IGNORE INTO runs (claim_id, ticket, task_id, started_at, finished_at,"
-                    " outcome, error_code, error) VALUES (?, ?, ?, ?, ?, 'interrupted', 'INTERRUPTED',"
-                    " 'the daemon stopped during the run')",
+                    "INSERT OR IGNORE INTO runs (claim_id, ticket, task_id, started_at,"
+                    " finished_at, outcome, error_code, error) VALUES (?, ?, ?, ?, ?,"
+                    " 'interrupted', 'INTERRUPTED', 'the daemon stopped during the run')",
                     (claim_id or f"lost-{ticket}-{at}", ticket, task_id, at, at),
                 )
 
@@ -131,10 +141,15 @@ class Store:
             (ticket,),
         ).fetchall()
         return [
-            {"at": r["started_at"], "stage": r["stage"], "errorCode": r["error_code"],
-             "model": r["model"], "durationS": r["duration_s"]}
+            {
+                "at": r["started_at"],
+                "stage": r["stage"],
+                "errorCode": r["error_code"],
+                "model": r["model"],
+                "durationS": r["duration_s"],
+            }
             for r in rows
-        ]  # fmt: skip
+        ]
 
     def running(self) -> dict[str, dict[str, Any]]:
         """Runs still marked running, by ticket file name, with their current stage."""

@@ -43,19 +43,31 @@ def utcnow() -> datetime:
 
 def statuses(cfg: configuration.Config) -> dict[str, str]:
     s = cfg.backlog.statuses
-    return {"todo": s.todo, "in-progress": s.in_progress, "review": s.review,
-            "done": s.done, "failed": s.failed}  # fmt: skip
+    return {
+        "todo": s.todo,
+        "in-progress": s.in_progress,
+        "review": s.review,
+        "done": s.done,
+        "failed": s.failed,
+    }
 
 
 def settings(cfg: configuration.Config) -> pipeline.Settings:
     return pipeline.Settings(
-        repo=cfg.repo.path, base_branch=cfg.repo.base_branch, remote=cfg.repo.remote,
-        branch_prefix=cfg.repo.branch_prefix, push_retries=cfg.repo.push_retries,
+        repo=cfg.repo.path,
+        base_branch=cfg.repo.base_branch,
+        remote=cfg.repo.remote,
+        branch_prefix=cfg.repo.branch_prefix,
+        push_retries=cfg.repo.push_retries,
         git_timeout_s=cfg.repo.git_timeout_s,
-        prompts=cfg.state_dir / "prompts", logs=cfg.logging.dir / "tasks",
-        command=cfg.agent.command, timeout_s=cfg.agent.timeout_s,
-        grace_s=cfg.agent.kill_grace_s, env=cfg.agent_env(), models=cfg.ollama.models,
-    )  # fmt: skip
+        prompts=cfg.state_dir / "prompts",
+        logs=cfg.logging.dir / "tasks",
+        command=cfg.agent.command,
+        timeout_s=cfg.agent.timeout_s,
+        grace_s=cfg.agent.kill_grace_s,
+        env=cfg.agent_env(),
+        models=cfg.ollama.models,
+    )
 
 
 def preflight(cfg: configuration.Config) -> None:
@@ -77,8 +89,14 @@ class Active:
 
 
 class Supervisor:
-    def __init__(self, cfg: configuration.Config, *, once: bool = False, clock: Clock = utcnow,
-                 log_to_stderr: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: configuration.Config,
+        *,
+        once: bool = False,
+        clock: Clock = utcnow,
+        log_to_stderr: bool = True,
+    ) -> None:
         self.cfg = cfg
         self.once = once
         self.clock = clock
@@ -102,9 +120,16 @@ class Supervisor:
         exit status: 0, or 1 when ``once`` and some ticket failed."""
         previous = self._install_signals()
         c = self.cfg.logging
-        logs.setup(directory=c.dir, level=c.level, json_format=c.json_format, rotation=c.rotation,
-                   retention=c.retention, compression=c.compression, redactor=self.redact,
-                   stderr=self.log_to_stderr)  # fmt: skip
+        logs.setup(
+            directory=c.dir,
+            level=c.level,
+            json_format=c.json_format,
+            rotation=c.rotation,
+            retention=c.retention,
+            compression=c.compression,
+            redactor=self.redact,
+            stderr=self.log_to_stderr,
+        )
         self.backlog.ensure()
         self.recover()
         self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
@@ -131,8 +156,11 @@ class Supervisor:
         if threading.current_thread() is not threading.main_thread():
             return {}
         ignore_lease_breaks()
-        handlers = {signal.SIGTERM: self._on_stop_signal, signal.SIGINT: self._on_stop_signal,
-                    signal.SIGHUP: self._on_reload_signal}  # fmt: skip
+        handlers = {
+            signal.SIGTERM: self._on_stop_signal,
+            signal.SIGINT: self._on_stop_signal,
+            signal.SIGHUP: self._on_reload_signal,
+        }
         return {signum: signal.signal(signum, h) for signum, h in handlers.items()}
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -153,8 +181,11 @@ class Supervisor:
         """Let running tickets finish within shutdown.grace_s, then end their agents (they go
         back to todo/). A second signal ends them at once."""
         if self.active:
-            logger.info("stopping: waiting up to {}s for {} running ticket(s)",
-                        self.cfg.shutdown.grace_s, len(self.active))  # fmt: skip
+            logger.info(
+                "stopping: waiting up to {}s for {} running ticket(s)",
+                self.cfg.shutdown.grace_s,
+                len(self.active),
+            )
         deadline = time.monotonic() + self.cfg.shutdown.grace_s
         while self.active and time.monotonic() < deadline and self.signals < 2:
             self.wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -180,8 +211,10 @@ class Supervisor:
         wait, ready = self.intake()
         if self.once and not self.active and not ready and wait is None:
             return None
-        return min(wait or self.cfg.intake.reconcile_interval_s,
-                   max(0.01, self.next_reconcile - time.monotonic()))  # fmt: skip
+        return min(
+            wait or self.cfg.intake.reconcile_interval_s,
+            max(0.01, self.next_reconcile - time.monotonic()),
+        )
 
     def intake(self) -> tuple[float | None, int]:
         """Claim what is ready in todo/, up to the free workers. Returns (seconds until an
@@ -245,27 +278,54 @@ class Supervisor:
         ticket, lease = run.ticket, run.lease
         log_path = self.cfg.logging.dir / "tasks" / f"{pipeline.safe_name(ticket.id)}.log"
         with logs.ticket_log(log_path, ticket.id), logger.contextualize(ticket=ticket.id):
-            run_id = self.store.start_run(lease.info["claimId"], lease.name, ticket.id, ticket.title,
-                                          failures.iso(self.clock()), self.cfg.snapshot())  # fmt: skip
+            run_id = self.store.start_run(
+                lease.info["claimId"],
+                lease.name,
+                ticket.id,
+                ticket.title,
+                failures.iso(self.clock()),
+                self.cfg.snapshot(),
+            )
             logger.info("claimed {} ({})", lease.name, ticket.title)
             s = settings(self.cfg)
             s = dataclasses.replace(s, env={**s.env, LEASE_ENV: lease.marker})
             model = ticket.models[0] if ticket.models else s.models[0]
             try:
                 delivered = pipeline.run(
-                    ticket, lease.path, self.worktree(lease.name), s, stage=lambda name: self._stage(run, run_id, name),
-                    cancel=run.cancel, on_agent_start=lambda pid: lease.record(agentPgid=pid),
-                )  # fmt: skip
+                    ticket,
+                    lease.path,
+                    self.worktree(lease.name),
+                    s,
+                    stage=lambda name: self._stage(run, run_id, name),
+                    cancel=run.cancel,
+                    on_agent_start=lambda pid: lease.record(agentPgid=pid),
+                )
             except Interrupted as e:
                 self._requeue(run, run_id, e)
             except TicketdError as e:
-                self._fail(lease, ticket.id, e, stage=run.stage, model=model,
-                           started=run.started, run_id=run_id)  # fmt: skip
+                self._fail(
+                    lease,
+                    ticket.id,
+                    e,
+                    stage=run.stage,
+                    model=model,
+                    started=run.started,
+                    run_id=run_id,
+                )
             except Exception as e:  # an unknown error is recorded on the ticket, never passed over
                 logger.opt(exception=e).error("unexpected error in stage {}", run.stage)
-                error = TicketdError(f"internal error in stage {run.stage}: {type(e).__name__}: {e}")
-                self._fail(lease, ticket.id, error, stage=run.stage, model=model,
-                           started=run.started, run_id=run_id)  # fmt: skip
+                error = TicketdError(
+                    f"internal error in stage {run.stage}: {type(e).__name__}: {e}"
+                )
+                self._fail(
+                    lease,
+                    ticket.id,
+                    error,
+                    stage=run.stage,
+                    model=model,
+                    started=run.started,
+                    run_id=run_id,
+                )
             else:
                 self._done(run, run_id, delivered)
 
@@ -292,37 +352,83 @@ class Supervisor:
         now = self.clock()
         dst = self.backlog.move(run.lease.path, "done", now, references=[delivered.branch])
         self.backlog.release(run.lease)
-        self.store.finish_run(run_id, failures.iso(now), "done", time.monotonic() - run.started,
-                              branch=delivered.branch, model=delivered.model)  # fmt: skip
-        logger.success("done: pushed {} ({}); ticket is {}", delivered.branch,
-                       delivered.commit[:12], dst.relative_to(self.backlog.root))  # fmt: skip
+        self.store.finish_run(
+            run_id,
+            failures.iso(now),
+            "done",
+            time.monotonic() - run.started,
+            branch=delivered.branch,
+            model=delivered.model,
+        )
+        logger.success(
+            "done: pushed {} ({}); ticket is {}",
+            delivered.branch,
+            delivered.commit[:12],
+            dst.relative_to(self.backlog.root),
+        )
 
     def _requeue(self, run: Active, run_id: int, error: Interrupted) -> None:
         now = self.clock()
         self.backlog.move(run.lease.path, "todo", now)
         self.backlog.release(run.lease)
-        self.store.finish_run(run_id, failures.iso(now), "requeued", time.monotonic() - run.started,
-                              error_code=error.code, error=error.message)  # fmt: skip
+        self.store.finish_run(
+            run_id,
+            failures.iso(now),
+            "requeued",
+            time.monotonic() - run.started,
+            error_code=error.code,
+            error=error.message,
+        )
         logger.warning("interrupted in stage {}: back to todo/", run.stage)
 
-    def _fail(self, lease: Lease, task_id: str, error: TicketdError, *, stage: str,
-              model: str | None, started: float, run_id: int | None = None) -> None:  # fmt: skip
+    def _fail(
+        self,
+        lease: Lease,
+        task_id: str,
+        error: TicketdError,
+        *,
+        stage: str,
+        model: str | None,
+        started: float,
+        run_id: int | None = None,
+    ) -> None:
         now = self.clock()
         message = self.redact(error.message)
         if run_id is not None:
-            self.store.finish_run(run_id, failures.iso(now), "failed", time.monotonic() - started,
-                                  error_code=error.code, error=message, model=model)  # fmt: skip
+            self.store.finish_run(
+                run_id,
+                failures.iso(now),
+                "failed",
+                time.monotonic() - started,
+                error_code=error.code,
+                error=message,
+                model=model,
+            )
         dst = self.backlog.target("failed", lease.name)
         attempts = self.store.attempts(lease.name)
         if run_id is None:  # never started a run (invalid ticket): this failure is the attempt
-            attempts.append({"at": failures.iso(now), "stage": stage, "errorCode": error.code,
-                             "model": model, "durationS": 0.0})  # fmt: skip
+            attempts.append(
+                {
+                    "at": failures.iso(now),
+                    "stage": stage,
+                    "errorCode": error.code,
+                    "model": model,
+                    "durationS": 0.0,
+                }
+            )
         log_file = self.cfg.logging.dir / "tasks" / f"{pipeline.safe_name(task_id)}.log"
         record = failures.build(
-            task_id=task_id, file=dst.name, now=now, stage=stage, code=error.code, message=message,
-            model=model, models_tried=[model] if model else [], log_file=_display(log_file),
+            task_id=task_id,
+            file=dst.name,
+            now=now,
+            stage=stage,
+            code=error.code,
+            message=message,
+            model=model,
+            models_tried=[model] if model else [],
+            log_file=_display(log_file),
             attempts=attempts,
-        )  # fmt: skip
+        )
         failures.write(dst, record)
         self.backlog.move(lease.path, "failed", now, dst=dst)
         self.backlog.release(lease)
@@ -335,15 +441,18 @@ class Supervisor:
         """Return tickets a dead daemon left in in-progress/ to todo/, ending its agents first."""
         now = self.clock()
         for lease in self.backlog.orphans():
-            ended = procs.terminate(procs.with_env(LEASE_ENV, f"{lease.lock_path}:"),
-                                    self.cfg.agent.kill_grace_s)  # fmt: skip
+            ended = procs.terminate(
+                procs.with_env(LEASE_ENV, f"{lease.lock_path}:"), self.cfg.agent.kill_grace_s
+            )
             task_id = lease.name.split(" - ")[0].removesuffix(".md")
-            self.store.interrupt(str(lease.info.get("claimId", "")), lease.name, task_id,
-                                 failures.iso(now))  # fmt: skip
+            self.store.interrupt(
+                str(lease.info.get("claimId", "")), lease.name, task_id, failures.iso(now)
+            )
             self.backlog.move(lease.path, "todo", now)
             self.backlog.release(lease)
-            logger.warning("recovered {} from a stopped daemon (ended {} agent process(es))",
-                           lease.name, ended)  # fmt: skip
+            logger.warning(
+                "recovered {} from a stopped daemon (ended {} agent process(es))", lease.name, ended
+            )
 
         def keep() -> set[Path]:  # worktrees of tickets some live daemon is running
             return {self.worktree(p.name) for p in self.backlog.files("in-progress")}
@@ -356,7 +465,9 @@ class Supervisor:
             logger.error("cannot prune worktrees: {}", e.message)
 
     def worktree(self, ticket_name: str) -> Path:
-        return self.cfg.state_dir / "worktrees" / pipeline.safe_name(ticket_name.removesuffix(".md"))
+        return (
+            self.cfg.state_dir / "worktrees" / pipeline.safe_name(ticket_name.removesuffix(".md"))
+        )
 
     def reload(self) -> None:
         try:

@@ -36,28 +36,25 @@ _OPENING = re.compile(r"---[ \t]*\r?\n")
 _FRONTMATTER = re.compile(r"---[ \t]*\r?\n(.*?)^---[ \t]*(?:\r?\n|\Z)", re.S | re.M)
 _KEY_LINE = re.compile(r"([^\s#'\"{}\[\]?:|>!&*%@`,-][^:\r\n]*?)[ \t]*:(?=[ \t\r\n]|$)")
 _AT_SCALAR = re.compile(r"^([ \t]*(?:[^\s#:][^:\r\n]*:|-)[ \t]+)(@[^\r\n]*?)([ \t]*\r?)$", re.M)
-_AT_FLOW = re.compile(
-    r"^([ \t]*[^\s#:][^:\r\n]*:[ \t]*\[)([^\r\n\]]*@[^\r\n\]]*)(\][ \t]*\r?)$", re.M
-)
+_AT_FLOW = re.compile(r"^([ \t]*[^\s#:][^:\r\n]*:[ \t]*\[)([^\r\n\]]*@[^\r\n\]]*)(\])", re.M)
 _FENCE = re.compile(r" {0,3}(?:```|~~~)")
 _H1 = re.compile(r"#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
 _H2 = re.compile(r"##[ \t]+(.*?)[ \t]*")
 _MARKER = re.compile(r"<!--[ \t]*(SECTION:\w+|AC|DOD|COMMENTS):(BEGIN|END)[ \t]*-->", re.I)
 _CHECKBOX = re.compile(r"- \[([ xX])\][ \t]+(?:#(\d+)[ \t]+)?(.+?)[ \t]*")
-_FILE_ID = re.compile(
-    r"[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z][A-Za-z0-9_]*)*-\d+(?:\.\d+)*(?=$|[\s._-])"
-)
+_FILE_ID = re.compile(r"[A-Za-z][\w-]*?-\d+(?:\.\d+)*(?=$|[\s._-])")
 _ID_PARTS = re.compile(r"(?:(.*)-)?(\d+(?:\.\d+)*)")
-_SECTIONS = {
-    "description": "description",
-    "acceptance criteria": "criteria",
-    "acceptance criteria (optional)": "criteria",
-    "implementation plan": "plan",
-    "implementation notes": "notes",
-    "definition of done": "done",
-    "final summary": "summary",
-    "comments": "comments",
-}
+_SECTIONS = frozenset(  # Backlog.md's known ``## `` titles, lower-cased, "(Optional)" dropped
+    (
+        "description",
+        "acceptance criteria",
+        "implementation plan",
+        "implementation notes",
+        "definition of done",
+        "final summary",
+        "comments",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -103,10 +100,8 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = _line_of(data, exc.start)
-        raise InvalidTicket(
-            f"not UTF-8: invalid byte 0x{data[exc.start]:02x} on line {line}"
-        ) from exc
+        byte, line = data[exc.start], _line_of(data, exc.start)
+        raise InvalidTicket(f"not UTF-8: invalid byte 0x{byte:02x} on line {line}") from exc
 
 
 def parse_file(path: Path) -> Ticket:
@@ -114,7 +109,11 @@ def parse_file(path: Path) -> Ticket:
 
 
 def parse_text(text: str, path: Path) -> Ticket:
-    """Parse a ticket; ``path`` supplies the id and title when the file itself has none."""
+    """Parse a ticket; ``path`` supplies the id and title when the file itself has none.
+
+    ``description`` is the ``## Description`` section; a file without one (plain markdown, or
+    frontmatter over free text) gets its whole body instead, less the heading used as title.
+    """
     match = _match_frontmatter(text)
     frontmatter = _load_frontmatter(match[1]) if match else {}
     lines = text[match.end() if match else 0 :].replace("\r\n", "\n").split("\n")
@@ -128,6 +127,7 @@ def parse_text(text: str, path: Path) -> Ticket:
     if match is None or not any(s.name == "description" for s in sections):
         description = "\n".join(ln for i, ln in enumerate(lines) if i != title_line).strip()
     priority = _text(frontmatter.get("priority")).lower()
+    models = _strings(frontmatter.get("model")) + _strings(frontmatter.get("models"))
     return Ticket(
         path=path,
         text=text,
@@ -138,13 +138,11 @@ def parse_text(text: str, path: Path) -> Ticket:
         priority=priority if priority in PRIORITIES else None,
         labels=_strings(frontmatter.get("labels")),
         dependencies=_strings(frontmatter.get("dependencies")),
-        models=tuple(
-            dict.fromkeys(_strings(frontmatter.get("model")) + _strings(frontmatter.get("models")))
-        ),
+        models=tuple(dict.fromkeys(models)),
         description=description,
         acceptance_criteria=_criteria(sections),
-        plan=_section_text(sections, "plan"),
-        notes=_section_text(sections, "notes"),
+        plan=_section_text(sections, "implementation plan"),
+        notes=_section_text(sections, "implementation notes"),
         newline=_newline(text),
     )
 
@@ -175,7 +173,7 @@ def update_frontmatter(text: str, updates: Mapping[str, str | Sequence[str]]) ->
         end = i + 1
         while end < len(lines) and _key_of(lines[end]) is None:
             end += 1
-        while end > i + 1 and _is_filler(lines[end - 1]):
+        while end > i + 1 and lines[end - 1].strip()[:1] in ("", "#"):
             end -= 1  # blank lines and comments after the value stay
         out.append(_render_key(key, updates[key], newline))
         done.add(key)
@@ -277,9 +275,6 @@ def same_id(a: str, b: str) -> bool:
     return a.strip().casefold() == b.strip().casefold()
 
 
-# -- frontmatter -------------------------------------------------------------------------
-
-
 def _match_frontmatter(text: str) -> re.Match[str] | None:
     start = 1 if text.startswith("\ufeff") else 0
     if not _OPENING.match(text, start):
@@ -330,11 +325,6 @@ def _key_of(line: str) -> str | None:
     return match[1] if match else None
 
 
-def _is_filler(line: str) -> bool:
-    stripped = line.strip()
-    return not stripped or stripped.startswith("#")
-
-
 def _render_key(key: str, value: str | Sequence[str], newline: str) -> str:
     if isinstance(value, str):
         return f"{key}: {_scalar(value)}{newline}"
@@ -348,9 +338,6 @@ def _scalar(value: str) -> str:
     style = '"' if not value.isprintable() else ("'" if ":" in value else None)
     dumped = yaml.safe_dump(value, default_style=style, allow_unicode=True, width=_NO_WRAP)
     return dumped.removesuffix("\n...\n").removesuffix("\n")
-
-
-# -- body --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -384,8 +371,7 @@ def _scan(lines: list[str]) -> list[_Section]:
             fenced = not fenced
         elif not fenced:
             heading = _H2.fullmatch(line)
-            name = _SECTIONS.get(heading[1].lower()) if heading else None
-            if name is not None:
+            if heading and (name := heading[1].lower().removesuffix(" (optional)")) in _SECTIONS:
                 current = _Section(name)
                 sections.append(current)
                 continue
@@ -410,7 +396,7 @@ def _criteria(sections: list[_Section]) -> tuple[Criterion, ...]:
     marked: list[Criterion] = []
     legacy: list[Criterion] = []
     for section in sections:
-        if section.name == "criteria":
+        if section.name == "acceptance criteria":
             if section.has_markers:
                 marked.extend(_checkboxes(section.marked))
             else:
@@ -437,9 +423,6 @@ def _title_heading(lines: list[str]) -> tuple[int, str] | None:
         elif heading:
             return i, heading[1].strip()
     return None
-
-
-# -- small helpers -----------------------------------------------------------------------
 
 
 def _id_from_filename(path: Path) -> str:

@@ -23,8 +23,12 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PY = sys.executable
 
 # An agent that writes <ticket id>.txt into the worktree.
-WRITE_AGENT = [PY, "-c", "import sys, pathlib; pathlib.Path(sys.argv[1] + '.txt').write_text("
-               "'done by agent\\n')", "{ticket_id}"]  # fmt: skip
+WRITE_AGENT = [
+    PY,
+    "-c",
+    "import sys, pathlib; pathlib.Path(sys.argv[1] + '.txt').write_text('done by agent\\n')",
+    "{ticket_id}",
+]
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -84,7 +88,11 @@ class Project:
         found: dict[str, list[str]] = {}
         for folder in ("todo", "in-progress", "review", "done", "failed"):
             d = self.folder(folder)
-            names = sorted(p.name for p in d.glob("*.md")) if d.is_dir() else []
+            names = (
+                sorted(p.name for p in d.glob("*.md") if not p.name.startswith("."))
+                if d.is_dir()
+                else []
+            )
             if names:
                 found[folder] = names
         return found
@@ -111,13 +119,19 @@ def project(tmp_path: Path) -> Project:
     return p
 
 
-def ticketd(*args: str, cwd: Path | None = None, timeout: float = 60,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def ticketd(
+    *args: str, cwd: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the installed CLI exactly as a user would."""
     return subprocess.run(
-        [PY, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [PY, "-m", "daemon", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -135,3 +149,63 @@ def no_leaks() -> Iterator[None]:
     extra = [t for t in extra if t.is_alive()]
     assert not children, f"child processes left running: {children}"
     assert not extra, f"threads left running: {extra}"
+
+
+def wait_until(predicate: Any, timeout: float = 30, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Daemon:
+    """A real ``ticketd run`` process."""
+
+    def __init__(self, project: Project, *args: str, name: str = "daemon") -> None:
+        self.project = project
+        self.output = project.root / f"{name}.out"
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "daemon", "run", "--config", str(project.config_path), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        wait_until(
+            lambda: "watching" in self.text() or self.proc.poll() is not None,
+            what="the daemon to start",
+        )
+        assert self.proc.poll() is None, self.text()
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.stop()

@@ -66,9 +66,21 @@ def test_failing_agent_goes_to_failed_with_error_json(project: Project) -> None:
     assert project.where() == {"failed": [name]}
     err = error_json(project, name)
     assert set(err) == {
-        "taskId", "file", "timestamp", "stage", "errorCode", "errorType", "error", "retryable",
-        "retryCount", "model", "modelsTried", "nextRetryAt", "logFile", "attempts",
-    }  # fmt: skip
+        "taskId",
+        "file",
+        "timestamp",
+        "stage",
+        "errorCode",
+        "errorType",
+        "error",
+        "retryable",
+        "retryCount",
+        "model",
+        "modelsTried",
+        "nextRetryAt",
+        "logFile",
+        "attempts",
+    }
     assert err["taskId"] == "task-7" and err["file"] == name
     assert err["stage"] == "agent" and err["errorCode"] == "AGENT_FAILED"
     assert "model refused: bad prompt" in err["error"]
@@ -96,13 +108,17 @@ def test_agent_that_changes_nothing_is_no_changes(project: Project) -> None:
 def test_agent_timeout_ends_the_whole_process_tree(project: Project, tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     # the agent starts a grandchild that ignores SIGTERM, then hangs
-    agent = [PY, "-c", (
-        "import os, signal, subprocess, sys, time\n"
-        "c = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)'])\n"
-        f"open({str(pids)!r}, 'w').write('%d %d' % (os.getpid(), c.pid))\n"
-        "time.sleep(300)\n"
-    )]  # fmt: skip
+    agent = [
+        PY,
+        "-c",
+        (
+            "import os, signal, subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)'])\n"
+            f"open({str(pids)!r}, 'w').write('%d %d' % (os.getpid(), c.pid))\n"
+            "time.sleep(300)\n"
+        ),
+    ]
     project.write_config(agent={"command": agent, "timeout_s": 1.5, "kill_grace_s": 0.5})
     project.ticket("task-3 - Hang.md")
 
@@ -151,11 +167,16 @@ def test_unreadable_ticket_fails_as_invalid_and_the_daemon_carries_on(
 
 def test_priority_then_id_order_and_dependencies(project: Project, tmp_path: Path) -> None:
     order = tmp_path / "order"
-    agent = [PY, "-c", (
-        "import sys, pathlib\n"
-        f"open({str(order)!r}, 'a').write(sys.argv[1] + '\\n')\n"
-        "pathlib.Path('f.txt').write_text(sys.argv[1])\n"
-    ), "{ticket_id}"]  # fmt: skip
+    agent = [
+        PY,
+        "-c",
+        (
+            "import sys, pathlib\n"
+            f"open({str(order)!r}, 'a').write(sys.argv[1] + '\\n')\n"
+            "pathlib.Path('f.txt').write_text(sys.argv[1])\n"
+        ),
+        "{ticket_id}",
+    ]
     project.write_config(agent={"command": agent})
     project.ticket("task-10 - Low.md", priority="low")
     project.ticket("task-2 - Medium.md", priority="medium")
@@ -169,8 +190,13 @@ def test_priority_then_id_order_and_dependencies(project: Project, tmp_path: Pat
 
     # high, then medium/unset by id, then low by id; task-1 (high) runs as soon as task-5 is done
     assert order.read_text().split() == [
-        "task-11", "task-2", "task-3", "task-5", "task-1", "task-10",
-    ]  # fmt: skip
+        "task-11",
+        "task-2",
+        "task-3",
+        "task-5",
+        "task-1",
+        "task-10",
+    ]
     assert project.where()["todo"] == ["task-20 - Needs-missing.md"]
 
 
@@ -183,5 +209,8 @@ def test_status_json_says_what_waits_for_what(project: Project) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     reasons = {w["taskId"]: w["reason"] for w in report["waiting"]}
-    assert reasons == {"task-1": "waits for task-2 (todo)", "task-2": "waits for task-3 (not found)"}
+    assert reasons == {
+        "task-1": "waits for task-2 (todo)",
+        "task-2": "waits for task-3 (not found)",
+    }
     assert report["counts"]["todo"] == 2

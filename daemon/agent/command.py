@@ -59,9 +59,15 @@ def run(
     argv = build_argv(template, values)
     try:
         result = procs.run(
-            argv, cwd=worktree, timeout_s=timeout_s, output=output, env=env,
-            grace_s=grace_s, cancel=cancel, on_start=on_start,
-        )  # fmt: skip
+            argv,
+            cwd=worktree,
+            timeout_s=timeout_s,
+            output=output,
+            env=env,
+            grace_s=grace_s,
+            cancel=cancel,
+            on_start=on_start,
+        )
     except (FileNotFoundError, PermissionError) as e:
         raise AgentError(
             f"cannot start agent command {argv[0]!r}: {e.strerror}; install it or set agent.command"
