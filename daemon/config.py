@@ -79,6 +79,7 @@ class AgentConfig(_Section):
     timeout_s: float = Field(default=1800, gt=0)
     kill_grace_s: float = Field(default=10, ge=0)
     env: dict[str, str] = {}
+    exclude: tuple[str, ...] = (".aider*",)
 
     @field_validator("command")
     @classmethod
@@ -192,9 +193,9 @@ def parse(text: str, path: Path) -> Config:
         lines = _key_lines(yaml.compose(text))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -37,6 +37,7 @@ class Settings:
     command: tuple[str, ...]
     timeout_s: float
     grace_s: float
+    exclude: tuple[str, ...]
     env: Mapping[str, str]
     models: tuple[str, ...]
 
@@ -103,9 +104,9 @@ def run(
                 on_start=on_agent_start,
             )
         with stage("commit"):
-            if not repo.has_changes(worktree):
+            if not repo.stage_all(worktree, s.exclude):
                 raise AgentError("the agent finished without changing any file", code="NO_CHANGES")
-            commit = repo.commit_all(worktree, commit_message(ticket))
+            commit = repo.commit(worktree, commit_message(ticket))
         with stage("push"):
             repo.push(worktree, s.remote, branch, attempts=s.push_retries)
     finally:

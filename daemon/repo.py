@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import git
@@ -109,13 +109,16 @@ class Repo:
                     removed.append(path)
         return removed
 
-    def has_changes(self, worktree: Path) -> bool:
-        return bool(self._git("status", "--porcelain", "--untracked-files=all", cwd=worktree))
+    def stage_all(self, worktree: Path, exclude: Sequence[str] = ()) -> list[str]:
+        """Stage every change but paths matching the ``exclude`` git pathspecs (an agent's
+        own files, like aider's ``.aider*``); returns the staged paths."""
+        specs = [".", *(f":(exclude){pattern}" for pattern in exclude)]
+        self._git("add", "--all", "--", *specs, cwd=worktree)
+        return self._git("diff", "--cached", "--name-only", cwd=worktree).splitlines()
 
-    def commit_all(self, worktree: Path, message: str) -> str:
-        """Stage everything in the worktree and commit; returns the commit id."""
-        self._git("add", "--all", cwd=worktree)
-        self._git("commit", "--quiet", "--no-verify", "-m", message, cwd=worktree)
+    def commit(self, worktree: Path, message: str) -> str:
+        """Commit what is staged (the repository's hooks run); returns the commit id."""
+        self._git("commit", "--quiet", "-m", message, cwd=worktree)
         return self._git("rev-parse", "HEAD", cwd=worktree)
 
     def push(self, worktree: Path, remote: str, branch: str, *, attempts: int) -> None:
@@ -134,7 +137,6 @@ class Repo:
             self._git(
                 "push",
                 "--force",
-                "--porcelain",
                 remote,
                 f"HEAD:refs/heads/{branch}",
                 cwd=worktree,

@@ -65,6 +65,7 @@ def settings(cfg: configuration.Config) -> pipeline.Settings:
         command=cfg.agent.command,
         timeout_s=cfg.agent.timeout_s,
         grace_s=cfg.agent.kill_grace_s,
+        exclude=cfg.agent.exclude,
         env=cfg.agent_env(),
         models=cfg.ollama.models,
     )

@@ -214,3 +214,73 @@ def test_status_json_says_what_waits_for_what(project: Project) -> None:
         "task-2": "waits for task-3 (not found)",
     }
     assert report["counts"]["todo"] == 2
+
+
+def test_agent_files_matching_exclude_are_never_committed(project: Project) -> None:
+    agent = [PY, "-c", (
+        "import pathlib\n"
+        "pathlib.Path('.aider.chat.history.md').write_text('chat')\n"
+        "pathlib.Path('feature.py').write_text('x = 1\\n')\n"
+    )]  # fmt: skip
+    project.write_config(agent={"command": agent})
+    project.ticket("task-1 - Feature.md")
+    assert run_once(project) == 0
+    files = git(project.remote, "ls-tree", "-r", "--name-only", "ticketd/task-1-feature").split()
+    assert sorted(files) == ["README.md", "feature.py"]
+
+    only_chat = [PY, "-c", "import pathlib; pathlib.Path('.aider.x').write_text('chat')"]
+    project.write_config(agent={"command": only_chat})
+    project.ticket("task-2 - Chat-only.md")
+    assert run_once(project) == 1
+    assert error_json(project, "task-2 - Chat-only.md")["errorCode"] == "NO_CHANGES"
+
+
+def test_push_retries_a_transient_failure(project: Project, tmp_path: Path) -> None:
+    # The remote's receive-pack hangs up once (as a flaky network would), then works.
+    flag = tmp_path / "failed-once"
+    wrapper = tmp_path / "flaky-receive-pack"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ ! -e "{flag}" ]; then touch "{flag}"; echo "connection reset" >&2; exit 128; fi\n'
+        'exec git-receive-pack "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    git(project.repo, "config", "remote.origin.receivepack", str(wrapper))
+    project.write_config(repo={"push_retries": 2})
+    project.ticket("task-1 - Flaky.md")
+
+    assert run_once(project) == 0
+
+    assert flag.exists()
+    assert "ticketd/task-1-flaky" in project.remote_branches()
+
+
+def test_push_rejected_is_push_failed_without_retry(project: Project, tmp_path: Path) -> None:
+    hook = project.remote / "hooks" / "pre-receive"
+    count = tmp_path / "pushes"
+    hook.write_text(f'#!/bin/sh\necho x >> "{count}"\necho "branch is protected" >&2\nexit 1\n')
+    hook.chmod(0o755)
+    project.write_config(repo={"push_retries": 3})
+    project.ticket("task-1 - Rejected.md")
+
+    assert run_once(project) == 1
+
+    err = error_json(project, "task-1 - Rejected.md")
+    assert (err["errorCode"], err["stage"]) == ("PUSH_FAILED", "push")
+    assert "pre-receive hook declined" in err["error"]
+    assert len(count.read_text().split()) == 1
+
+
+def test_crlf_ticket_stays_crlf_and_its_body_byte_for_byte(project: Project) -> None:
+    text = (
+        "---\r\nid: task-1\r\ntitle: Windows ticket\r\nstatus: To Do\r\nowner: me\r\n---\r\n"
+        "\r\n## Description\r\n\r\nÜnïcödé body, trailing spaces   \r\n"
+    )
+    project.folder("todo").mkdir(parents=True, exist_ok=True)
+    (project.folder("todo") / "task-1 - Windows.md").write_bytes(text.encode())
+    assert run_once(project) == 0
+    raw = (project.folder("done") / "task-1 - Windows.md").read_bytes().decode()
+    head, body = raw.split("---\r\n", 2)[1:]
+    assert body == text.split("---\r\n", 2)[2]
+    assert "\n" not in head.replace("\r\n", "")
+    assert "status: Done\r\n" in head and "owner: me\r\n" in head
