@@ -7,16 +7,16 @@ backlog with a watchdog Observer of its own. Tickets are dropped one at a time: 
 written to a hidden file outside the backlog and renamed into todo/ (t0 = time.monotonic()
 just before the rename). The bench then waits, up to a deadline, for its observer to see
 
-  event: the todo/ event for that file, from a non-recursive watch on todo/ set up like the
+  event: the todo/ event for that file, from a recursive watch on backlog/ set up like the
          daemon's own (raw watchdog latency as the daemon sees it, t_event - t0)
   claim: the file appear in in-progress/ (event-to-claim as a user sees it, t_claim - t0)
 
-and only then drops the next. The claim is seen through a recursive watch on backlog/, where
+and only then drops the next. Both are seen through a recursive watch on backlog/, where
 the daemon's renames (todo/ -> in-progress/ -> done/) are paired moves: watchdog holds an
 unpaired "moved out" event back for 0.5 s and queues everything after it in that watch
-behind it, which would delay a watch on in-progress/ alone by the previous ticket's move to
-done/. A ticket is dropped only when in-progress/ holds fewer than max_tickets tickets, so
-the figures are pickup with a free worker, not queueing. Prints figures; asserts nothing.
+behind it, which would delay a watch on todo/ or in-progress/ alone. A ticket is dropped
+only when in-progress/ holds fewer than max_tickets tickets, so the figures are pickup with
+a free worker, not queueing. Prints figures; asserts nothing.
 
     python bench/pickup_latency.py [--tickets 300] [--deadline 10] [--gap 0] [--keep]
 
@@ -152,7 +152,7 @@ def bench(root: Path, args: argparse.Namespace) -> None:
     # watchdog 7.1 logs "queue_events() called when the thread is inactive" on a normal stop
     logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
     observer = Observer()
-    observer.schedule(FirstSeen(todo, seen["event"], cond), str(todo), recursive=False)
+    observer.schedule(FirstSeen(todo, seen["event"], cond), str(backlog), recursive=True)
     observer.schedule(FirstSeen(in_progress, seen["claim"], cond), str(backlog), recursive=True)
     observer.start()
 

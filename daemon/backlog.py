@@ -123,20 +123,19 @@ class Backlog:
         self, candidates: Sequence[tickets.Ticket]
     ) -> tuple[list[tickets.Ticket], list[Waiting]]:
         """Split todo tickets into ready ones (by priority, then id) and waiting ones."""
-        done = {i.lower() for i in self.done_ids()}
-        elsewhere = self._ids_by_folder(("failed", "review", "in-progress"))
-        todo_ids = {t.id.lower() for t in candidates}
-        ready, waiting = [], []
-        for t in candidates:
-            missing = [d for d in t.dependencies if d.lower() not in done]
-            if not missing:
-                ready.append(t)
-                continue
-            why = []
-            for dep in missing:
-                where = elsewhere.get(dep.lower()) or ("todo" if dep.lower() in todo_ids else None)
-                why.append(f"{dep} ({where})" if where else f"{dep} (not found)")
-            waiting.append(Waiting(t, "waits for " + ", ".join(why)))
+        ready = [t for t in candidates if not t.dependencies]
+        waiting: list[Waiting] = []
+        if len(ready) < len(candidates):  # only then read the other folders
+            done = {i.lower() for i in self.done_ids()}
+            elsewhere = self._ids_by_folder(("failed", "review", "in-progress"))
+            elsewhere.update({t.id.lower(): "todo" for t in candidates})
+            for t in candidates:
+                missing = [d for d in t.dependencies if d.lower() not in done]
+                if t.dependencies and not missing:
+                    ready.append(t)
+                elif missing:
+                    why = [f"{d} ({elsewhere.get(d.lower(), 'not found')})" for d in missing]
+                    waiting.append(Waiting(t, "waits for " + ", ".join(why)))
         ready.sort(key=lambda t: (PRIORITY_RANK.get(t.priority, 1), tickets.id_key(t.id)))
         return ready, waiting
 

@@ -7,6 +7,7 @@ values never reach a traceback, and every message passes through the redactor.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,21 @@ FILE_FORMAT = (
 )
 
 
+class _Intercept(logging.Handler):
+    """Send the standard-library logging of libraries (watchdog) through loguru's sinks."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        level = record.levelname if record.levelno < logging.ERROR else "ERROR"
+        if message in HARMLESS:
+            level = "DEBUG"
+        logger.opt(depth=6, exception=record.exc_info).log(level, "{}: {}", record.name, message)
+
+
+# watchdog 7 logs this at ERROR when its emitter thread reads once more while being stopped.
+HARMLESS = {"InotifyEmitter.queue_events() called when the thread is inactive"}
+
+
 def setup(
     *,
     directory: Path,
@@ -45,6 +61,9 @@ def setup(
 
     logger.remove()
     logger.configure(extra={"ticket": "-", "stage": "-"}, patcher=patch)
+    root = logging.getLogger()
+    if not any(isinstance(h, _Intercept) for h in root.handlers):
+        root.addHandler(_Intercept())
     if stderr:
         logger.add(sys.stderr, level=level, format=STDERR_FORMAT, diagnose=False, backtrace=False)
     directory.mkdir(parents=True, exist_ok=True)

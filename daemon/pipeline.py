@@ -40,6 +40,7 @@ class Settings:
     exclude: tuple[str, ...]
     env: Mapping[str, str]
     models: tuple[str, ...]
+    redact: Callable[[str], str]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def run(
                 env=s.env,
                 cancel=cancel,
                 on_start=on_agent_start,
+                redact=s.redact,
             )
         with stage("commit"):
             if not repo.stage_all(worktree, s.exclude):

@@ -9,6 +9,7 @@ it to ``done/``, ``failed/`` (with ``.error.json``) or back to ``todo/``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -52,7 +53,7 @@ def statuses(cfg: configuration.Config) -> dict[str, str]:
     }
 
 
-def settings(cfg: configuration.Config) -> pipeline.Settings:
+def settings(cfg: configuration.Config, redact: Redactor) -> pipeline.Settings:
     return pipeline.Settings(
         repo=cfg.repo.path,
         base_branch=cfg.repo.base_branch,
@@ -68,6 +69,7 @@ def settings(cfg: configuration.Config) -> pipeline.Settings:
         exclude=cfg.agent.exclude,
         env=cfg.agent_env(),
         models=cfg.ollama.models,
+        redact=redact,
     )
 
 
@@ -285,10 +287,10 @@ class Supervisor:
                 ticket.id,
                 ticket.title,
                 failures.iso(self.clock()),
-                self.cfg.snapshot(),
+                json.loads(self.redact(json.dumps(self.cfg.snapshot()))),
             )
             logger.info("claimed {} ({})", lease.name, ticket.title)
-            s = settings(self.cfg)
+            s = settings(self.cfg, self.redact)
             s = dataclasses.replace(s, env={**s.env, LEASE_ENV: lease.marker})
             model = ticket.models[0] if ticket.models else s.models[0]
             try:

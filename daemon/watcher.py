@@ -50,25 +50,31 @@ def settle_delay(path: Path, now: float, settle_s: float) -> float:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, on_event: Callable[[str, str], None]) -> None:
+    def __init__(self, folder: Path, on_event: Callable[[str, str], None]) -> None:
+        self.folder = str(folder)
         self.on_event = on_event
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory or event.event_type in ("opened", "closed_no_write"):
             return
-        target = getattr(event, "dest_path", "") or event.src_path
-        name = os.path.basename(os.fsdecode(target))
-        if is_ticket_name(name):
+        target = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+        folder, name = os.path.split(target)
+        if folder == self.folder and is_ticket_name(name):
             self.on_event(event.event_type, name)
 
 
 class Watcher:
-    """Watches one folder (not recursively) and calls ``on_event(kind, name)`` for tickets."""
+    """Calls ``on_event(kind, name)`` for tickets created, written or moved into ``folder``.
+
+    It watches ``folder``'s parent recursively: a ticket claimed out of ``todo/`` then moves
+    within one watch, and watchdog matches the move at once. With ``todo/`` alone, watchdog
+    holds each unmatched move-out for half a second, and every later event waits behind it.
+    """
 
     def __init__(self, folder: Path, on_event: Callable[[str, str], None]) -> None:
         self.folder = folder
         self._observer = Observer()
-        self._observer.schedule(_Handler(on_event), str(folder), recursive=False)
+        self._observer.schedule(_Handler(folder, on_event), str(folder.parent), recursive=True)
         self._started = threading.Event()
 
     def start(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_hidden_temp_and_non_markdown_files_are_ignored(project: Project, daemon
     )
 
 
-def _hanging_agent(project: Project, marker: Path) -> None:
+def _hanging_agent(project: Project, marker: Path, grace_s: float = 0.5) -> None:
     agent = [
         PY,
         "-c",
@@ -70,7 +71,7 @@ def _hanging_agent(project: Project, marker: Path) -> None:
         ),
     ]
     project.write_config(
-        agent={"command": agent, "timeout_s": 600, "kill_grace_s": 1}, shutdown={"grace_s": 0.5}
+        agent={"command": agent, "timeout_s": 600, "kill_grace_s": 1}, shutdown={"grace_s": grace_s}
     )
 
 
@@ -82,12 +83,12 @@ def test_sigterm_ends_the_agent_and_returns_the_ticket_to_todo(
     daemons.append(d := Daemon(project))
     project.ticket("task-4 - Long.md")
     wait_until(marker.exists, what="the agent to start")
-    agents = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "time.sleep(600)" in " ".join(p.info["cmdline"] or [])
-    ]
+    agents = _agents()
     assert agents
+    running = json.loads(_status(project))["running"]
+    assert [(r["taskId"], r["stage"], r["ownerAlive"]) for r in running] == [
+        ("task-4", "agent", True)
+    ]
 
     d.signal(signal.SIGTERM)
 
@@ -97,6 +98,34 @@ def test_sigterm_ends_the_agent_and_returns_the_ticket_to_todo(
         assert not agent.is_running() or agent.status() == psutil.STATUS_ZOMBIE
     text = (project.folder("todo") / "task-4 - Long.md").read_text()
     assert "status: To Do" in text
+
+
+def test_second_signal_stops_at_once(project: Project, daemons: list, tmp_path: Path) -> None:
+    marker = tmp_path / "agent-started"
+    _hanging_agent(project, marker, grace_s=300)
+    daemons.append(d := Daemon(project))
+    project.ticket("task-6 - Long.md")
+    wait_until(marker.exists, what="the agent to start")
+    d.signal(signal.SIGTERM)
+    wait_until(lambda: "stopping: waiting up to 300" in d.text(), what="the graceful stop")
+    assert d.proc.poll() is None  # still waiting for the ticket
+
+    d.signal(signal.SIGTERM)
+
+    assert d.wait(timeout=20) == 0
+    assert project.where() == {"todo": ["task-6 - Long.md"]}
+    assert _agents() == []
+
+
+def _agents() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "time.sleep(600)" in " ".join(p.info["cmdline"] or []) and p.status() != "zombie":
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
 
 
 def test_sighup_reloads_and_keeps_the_old_config_when_the_new_one_is_bad(

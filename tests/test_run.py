@@ -284,3 +284,37 @@ def test_crlf_ticket_stays_crlf_and_its_body_byte_for_byte(project: Project) -> 
     assert body == text.split("---\r\n", 2)[2]
     assert "\n" not in head.replace("\r\n", "")
     assert "status: Done\r\n" in head and "owner: me\r\n" in head
+
+
+def test_the_token_reaches_no_log_no_error_json_and_not_the_agent(project: Project) -> None:
+    import os
+
+    token = "ghp_Zx8TestTokenValue0123456789abcdefABCD"
+    # the agent does not get the token; this one prints what it got and a leaked copy
+    agent = [PY, "-c", (
+        "import os, sys\n"
+        "print('env has token:', 'GITHUB_TOKEN' in os.environ)\n"
+        f"sys.exit('leaked {token} and https://bot:{token}@example.invalid/r.git')\n"
+    )]  # fmt: skip
+    project.write_config(agent={"command": agent}, logging={"json": True, "level": "DEBUG"})
+    project.ticket("task-1 - Leak.md")
+    os.environ["GITHUB_TOKEN"] = token
+    try:
+        assert run_once(project) == 1
+    finally:
+        del os.environ["GITHUB_TOKEN"]
+
+    err = error_json(project, "task-1 - Leak.md")
+    assert "leaked *** and https://***@example.invalid/r.git" in err["error"]
+    written = [
+        p
+        for p in project.root.rglob("*")
+        if p.is_file() and ".git" not in p.parts and p != project.config_path
+    ]
+    assert written
+    for path in written:
+        assert token not in path.read_text(errors="replace"), path
+    agent_log = (project.root / "logs" / "tasks" / "task-1.agent.log").read_text()
+    assert "env has token: False" in agent_log
+    for line in (project.root / "logs" / "ticketd.log").read_text().splitlines():
+        json.loads(line)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from daemon import procs
 from daemon.errors import AgentError, Interrupted
+from daemon.files import atomic_write
 from daemon.tickets import Ticket
 
 
@@ -55,7 +56,9 @@ def run(
     env: Mapping[str, str],
     cancel: threading.Event,
     on_start: Callable[[int], None],
+    redact: Callable[[str], str],
 ) -> None:
+    """Run the agent; its output goes to ``output`` with secrets masked once it ends."""
     argv = build_argv(template, values)
     try:
         result = procs.run(
@@ -72,6 +75,9 @@ def run(
         raise AgentError(
             f"cannot start agent command {argv[0]!r}: {e.strerror}; install it or set agent.command"
         ) from e
+    text = output.read_text(encoding="utf-8", errors="replace")
+    if (clean := redact(text)) != text:
+        atomic_write(output, clean)
     if result.cancelled:
         raise Interrupted("the daemon is stopping; the agent was ended")
     if result.timed_out:
