@@ -36,40 +36,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
+from project import NOOP_AGENT, PY, git, make_project
 
-PY = sys.executable
-NOOP_AGENT = [PY, "-c", "open('x.txt','w').write('x')"]
 BARE_STEPS = ("worktree add", "write file", "add", "commit", "push", "worktree remove")
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_project(root: Path) -> Path:
-    """repo/ (one commit on main, pushed to remote.git), backlog/, config.yaml; returns config."""
-    repo, remote = root / "repo", root / "remote.git"
-    git(root, "init", "--quiet", "--bare", "-b", "main", str(remote))
-    git(root, "init", "--quiet", "-b", "main", str(repo))
-    git(repo, "config", "user.email", "bench@example.invalid")
-    git(repo, "config", "user.name", "Bench")
-    (repo / "README.md").write_text("hello\n")
-    git(repo, "add", ".")
-    git(repo, "commit", "--quiet", "-m", "initial")
-    git(repo, "remote", "add", "origin", str(remote))
-    git(repo, "push", "--quiet", "origin", "main")
-    config = {
-        "repo": {"path": "repo", "push_retries": 0},
-        "backlog": {"dir": "backlog"},
-        "state_dir": "state",
-        "logging": {"dir": "logs", "level": "INFO"},
-        "agent": {"command": NOOP_AGENT, "timeout_s": 60},
-        "concurrency": {"max_tickets": 1},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def add_ticket(todo: Path, n: int) -> None:
@@ -149,7 +118,7 @@ def problems(log: str) -> list[str]:
 
 
 def bench(root: Path, n: int) -> None:
-    config = make_project(root)
+    config = make_project(root, max_tickets=1)
     empty = [run_once(config) for _ in range(3)]  # also creates the backlog folders and the db
     watching = statistics.median(e[0] for e in empty)
     empty_s = statistics.median(e[1] for e in empty)

@@ -40,44 +40,11 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
+from project import PY, make_project
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-PY = sys.executable
 MAX_TICKETS = 4
-NOOP_AGENT = [PY, "-c", "open('x.txt','w').write('x')"]
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_project(root: Path) -> Path:
-    """repo/ (one commit on main, pushed to remote.git), backlog/, config.yaml; returns config."""
-    repo, remote = root / "repo", root / "remote.git"
-    git(root, "init", "--quiet", "--bare", "-b", "main", str(remote))
-    git(root, "init", "--quiet", "-b", "main", str(repo))
-    git(repo, "config", "user.email", "bench@example.invalid")
-    git(repo, "config", "user.name", "Bench")
-    (repo / "README.md").write_text("hello\n")
-    git(repo, "add", ".")
-    git(repo, "commit", "--quiet", "-m", "initial")
-    git(repo, "remote", "add", "origin", str(remote))
-    git(repo, "push", "--quiet", "origin", "main")
-    for folder in ("todo", "in-progress", "review", "done", "failed", ".leases"):
-        (root / "backlog" / folder).mkdir(parents=True)
-    config = {
-        "repo": {"path": "repo", "push_retries": 0},
-        "backlog": {"dir": "backlog"},
-        "state_dir": "state",
-        "logging": {"dir": "logs", "level": "INFO"},
-        "agent": {"command": NOOP_AGENT, "timeout_s": 60},
-        "concurrency": {"max_tickets": MAX_TICKETS},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def ticket_text(n: int) -> str:
@@ -129,7 +96,7 @@ def problems(log: str) -> list[str]:
 
 
 def bench(root: Path, args: argparse.Namespace) -> None:
-    config = make_project(root)
+    config = make_project(root, max_tickets=MAX_TICKETS)
     backlog = root / "backlog"
     todo, in_progress = backlog / "todo", backlog / "in-progress"
     staging = root / "staging"  # same filesystem as todo/, outside the backlog

@@ -112,6 +112,10 @@ class Backlog:
     def forget(self, path: Path) -> None:
         self._cache.pop(path, None)
 
+    def trim_cache(self) -> None:
+        """Drop parsed tickets whose files have moved or gone."""
+        self._cache = {p: v for p, v in self._cache.items() if p.exists()}
+
     def done_ids(self) -> list[str]:
         ids = []
         for path in self.files("done"):

@@ -154,7 +154,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 def validate(
     files: Annotated[
         list[Path] | None,
-        typer.Argument(help="Ticket files; default: every ticket in the backlog."),
+        typer.Argument(help="Ticket files or folders; default: every ticket in the backlog."),
     ] = None,
     config: ConfigOption = None,
 ) -> None:
@@ -162,6 +162,7 @@ def validate(
     if not files:
         backlog = _backlog(_load(config))
         files = [p for f in FOLDERS for p in backlog.files(f)]
+    files = [m for p in files for m in (sorted(p.glob("*.md")) if p.is_dir() else [p])]
     bad = 0
     for path in files:
         try:
@@ -213,7 +214,7 @@ def new(
             try:
                 ids.append(backlog.read(path).id)
             except (InvalidTicket, OSError):
-                ids.append(path.name.split(" - ")[0])
+                ids.append(tickets.id_from_filename(path))
     ticket_id = tickets.next_id(ids, cfg.backlog.id_prefix)
     text = tickets.render_new(
         ticket_id,

@@ -10,6 +10,7 @@ from typing import Any
 
 import psutil
 
+from daemon import tickets
 from daemon.backlog import FOLDERS, Backlog
 from daemon.errors import InvalidTicket
 from daemon.store import Store
@@ -37,7 +38,7 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
         claimed = _parse(info.get("claimedAt"))
         running.append(
             {
-                "taskId": row.get("task_id") or path.name.split(" - ")[0].removesuffix(".md"),
+                "taskId": row.get("task_id") or tickets.id_from_filename(path),
                 "file": path.name,
                 "stage": info.get("stage") or row.get("stage"),
                 "elapsedS": round((now - claimed).total_seconds(), 1) if claimed else None,

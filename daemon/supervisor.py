@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -134,7 +134,8 @@ class Supervisor:
             stderr=self.log_to_stderr,
         )
         self.backlog.ensure()
-        self.recover()
+        self.recover(startup=True)
+        self.next_reconcile = time.monotonic() + self.cfg.intake.reconcile_interval_s
         self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
         self._watcher.start()
         logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
@@ -252,7 +253,7 @@ class Supervisor:
         lease = self.backlog.claim(path.name, now, uuid.uuid4().hex)
         if lease is None:
             return
-        task_id = path.name.split(" - ")[0].removesuffix(".md")
+        task_id = tickets.id_from_filename(path)
         logger.bind(ticket=task_id).warning("{}: invalid ticket: {}", path.name, error.message)
         self._fail(lease, task_id, error, stage="intake", model=None, started=time.monotonic())
 
@@ -352,17 +353,8 @@ class Supervisor:
             logger.info("stage {} done in {:.2f}s", name, took)
 
     def _done(self, run: Active, run_id: int, delivered: pipeline.Delivered) -> None:
-        now = self.clock()
-        dst = self.backlog.move(run.lease.path, "done", now, references=[delivered.branch])
-        self.backlog.release(run.lease)
-        self.store.finish_run(
-            run_id,
-            failures.iso(now),
-            "done",
-            time.monotonic() - run.started,
-            branch=delivered.branch,
-            model=delivered.model,
-        )
+        branch, model = delivered.branch, delivered.model
+        dst = self._close(run, run_id, "done", "done", [branch], branch=branch, model=model)
         logger.success(
             "done: pushed {} ({}); ticket is {}",
             delivered.branch,
@@ -371,18 +363,18 @@ class Supervisor:
         )
 
     def _requeue(self, run: Active, run_id: int, error: Interrupted) -> None:
-        now = self.clock()
-        self.backlog.move(run.lease.path, "todo", now)
-        self.backlog.release(run.lease)
-        self.store.finish_run(
-            run_id,
-            failures.iso(now),
-            "requeued",
-            time.monotonic() - run.started,
-            error_code=error.code,
-            error=error.message,
-        )
+        self._close(run, run_id, "todo", "requeued", error_code=error.code, error=error.message)
         logger.warning("interrupted in stage {}: back to todo/", run.stage)
+
+    def _close(self, run: Active, run_id: int, folder: str, outcome: str,
+               references: Sequence[str] = (), **result: str | None) -> Path:  # fmt: skip
+        """Move the ticket to ``folder``, give up its lease, record the outcome."""
+        now = self.clock()
+        dst = self.backlog.move(run.lease.path, folder, now, references=references)
+        self.backlog.release(run.lease)
+        took = time.monotonic() - run.started
+        self.store.finish_run(run_id, failures.iso(now), outcome, took, **result)
+        return dst
 
     def _fail(
         self,
@@ -440,14 +432,16 @@ class Supervisor:
 
     # -- recovery and reload ----------------------------------------------------------------------
 
-    def recover(self) -> None:
+    def recover(self, startup: bool = False) -> None:
         """Return tickets a dead daemon left in in-progress/ to todo/, ending its agents first."""
         now = self.clock()
+        recovered = 0
         for lease in self.backlog.orphans():
+            recovered += 1
             ended = procs.terminate(
                 procs.with_env(LEASE_ENV, f"{lease.lock_path}:"), self.cfg.agent.kill_grace_s
             )
-            task_id = lease.name.split(" - ")[0].removesuffix(".md")
+            task_id = tickets.id_from_filename(lease.path)
             self.store.interrupt(
                 str(lease.info.get("claimId", "")), lease.name, task_id, failures.iso(now)
             )
@@ -456,6 +450,12 @@ class Supervisor:
             logger.warning(
                 "recovered {} from a stopped daemon (ended {} agent process(es))", lease.name, ended
             )
+        if recovered or startup:
+            self.prune_worktrees()
+        self.backlog.trim_cache()
+
+    def prune_worktrees(self) -> None:
+        """Remove worktrees no live daemon is using (left by a crash)."""
 
         def keep() -> set[Path]:  # worktrees of tickets some live daemon is running
             return {self.worktree(p.name) for p in self.backlog.files("in-progress")}

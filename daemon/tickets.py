@@ -132,7 +132,7 @@ def parse_text(text: str, path: Path) -> Ticket:
         path=path,
         text=text,
         frontmatter=frontmatter,
-        id=_text(frontmatter.get("id")) or _id_from_filename(path),
+        id=_text(frontmatter.get("id")) or id_from_filename(path),
         title=title or path.stem,
         status=_text(frontmatter.get("status")) or None,
         priority=priority if priority in PRIORITIES else None,
@@ -425,7 +425,7 @@ def _title_heading(lines: list[str]) -> tuple[int, str] | None:
     return None
 
 
-def _id_from_filename(path: Path) -> str:
+def id_from_filename(path: Path) -> str:
     found = _FILE_ID.match(path.stem)
     return found[0] if found else path.stem
 

@@ -87,3 +87,11 @@ def test_new_rejects_a_bad_priority(project: Project) -> None:
     assert result.returncode == 2
     assert "--priority must be high, medium or low, not 'urgent'" in result.stderr
     assert project.where() == {}
+
+
+def test_validate_accepts_folders(project: Project) -> None:
+    project.ticket("task-1 - A.md")
+    (project.folder("todo") / "task-2 - Bad.md").write_bytes(b"\x00")
+    result = ticketd("validate", str(project.folder("todo")))
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "1 valid, 1 invalid"
