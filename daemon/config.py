@@ -63,7 +63,7 @@ class LoggingConfig(_Section):
 
 
 class AgentConfig(_Section):
-    kind: Literal["command"] = "command"
+    kind: Literal["command", "builtin"] = "command"
     command: tuple[str, ...] = (
         "aider",
         "--yes-always",
@@ -80,6 +80,8 @@ class AgentConfig(_Section):
     kill_grace_s: float = Field(default=10, ge=0)
     env: dict[str, str] = {}
     exclude: tuple[str, ...] = (".aider*",)
+    max_reflections: int = Field(default=3, ge=0, le=20)
+    max_context_files: int = Field(default=12, ge=0, le=200)
 
     @field_validator("command")
     @classmethod
@@ -97,9 +99,30 @@ class AgentConfig(_Section):
         return argv
 
 
+class HealthCheckConfig(_Section):
+    interval_s: float = Field(default=30, gt=0)
+    timeout_s: float = Field(default=5, gt=0)
+
+
+class BreakerConfig(_Section):
+    failure_threshold: int = Field(default=3, ge=1)
+    success_threshold: int = Field(default=1, ge=1)
+    half_open_requests: int = Field(default=1, ge=1)
+    reset_timeout_s: float = Field(default=30, gt=0)
+
+
 class OllamaConfig(_Section):
     host: str = "http://127.0.0.1:11434"
     models: tuple[str, ...] = ("qwen2.5-coder:7b",)
+    models_by_label: dict[str, tuple[str, ...]] = {}
+    review_model: str | None = None
+    num_ctx: int = Field(default=16384, ge=512)
+    num_predict: int = Field(default=4096, ge=64)
+    keep_alive: str = "10m"
+    timeout_s: float = Field(default=300, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    circuit_breaker: BreakerConfig = BreakerConfig()
 
     @field_validator("models")
     @classmethod
@@ -107,6 +130,30 @@ class OllamaConfig(_Section):
         if not models:
             raise ValueError("list at least one model")
         return models
+
+
+class CheckCommand(_Section):
+    name: str
+    run: tuple[str, ...]
+    timeout_s: float = Field(default=600, gt=0)
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, argv: tuple[str, ...]) -> tuple[str, ...]:
+        if not argv:
+            raise ValueError("must be a non-empty argument list")
+        return argv
+
+
+class AnalysisCommand(_Section):
+    glob: str
+    run: tuple[str, ...]  # "{files}" expands to the changed files matching glob
+    timeout_s: float = Field(default=120, gt=0)
+
+
+class StaticAnalysisConfig(_Section):
+    python: bool = True  # syntax check, and ruff --fix when ruff is on PATH
+    commands: tuple[AnalysisCommand, ...] = ()
 
 
 class ConcurrencyConfig(_Section):
@@ -143,6 +190,8 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     agent: AgentConfig = AgentConfig()
     ollama: OllamaConfig = OllamaConfig()
+    checks: tuple[CheckCommand, ...] = ()
+    static_analysis: StaticAnalysisConfig = StaticAnalysisConfig()
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     intake: IntakeConfig = IntakeConfig()
     shutdown: ShutdownConfig = ShutdownConfig()

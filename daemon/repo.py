@@ -116,6 +116,19 @@ class Repo:
         self._git("add", "--all", "--", *specs, cwd=worktree)
         return self._git("diff", "--cached", "--name-only", cwd=worktree).splitlines()
 
+    def changed_files(self, worktree: Path, exclude: Sequence[str] = ()) -> list[str]:
+        """Paths changed or added in the worktree (not yet staged), less ``exclude``."""
+        specs = [".", *(f":(exclude){pattern}" for pattern in exclude)]
+        out = self._git(
+            "status", "--porcelain", "--untracked-files=all", "-z", "--", *specs, cwd=worktree
+        )
+        return [entry[3:] for entry in out.split("\0") if len(entry) > 3 and entry[0] != "R"]
+
+    def reset(self, worktree: Path) -> None:
+        """Throw away every change in the worktree (tracked and untracked, not ignored)."""
+        self._git("reset", "--hard", "--quiet", cwd=worktree)
+        self._git("clean", "-fd", "--quiet", cwd=worktree)
+
     def commit(self, worktree: Path, message: str) -> str:
         """Commit what is staged (the repository's hooks run); returns the commit id."""
         self._git("commit", "--quiet", "-m", message, cwd=worktree)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daemon.llm.client import Call
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -42,7 +45,23 @@ CREATE TABLE IF NOT EXISTS stages (
     outcome TEXT
 );
 CREATE INDEX IF NOT EXISTS stages_run ON stages (run_id);
+CREATE TABLE IF NOT EXISTS llm_calls (
+    run_id INTEGER NOT NULL REFERENCES runs (id),
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    eval_tokens INTEGER NOT NULL,
+    duration_s REAL NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS llm_calls_run ON llm_calls (run_id);
 """
+# Columns added after the first release: (table, column, declaration).
+MIGRATIONS = [
+    ("runs", "llm_calls", "INTEGER"),
+    ("runs", "prompt_tokens", "INTEGER"),
+    ("runs", "eval_tokens", "INTEGER"),
+    ("runs", "quality", "REAL"),
+]
 
 
 class Store:
@@ -55,6 +74,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        for table, column, declaration in MIGRATIONS:
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self._db.close()
@@ -116,6 +139,29 @@ class Store:
                 (at, outcome, duration_s, error_code, error, branch, model, run_id),
             )
 
+    def record_calls(self, run_id: int, calls: Sequence[Call], *, quality: float) -> None:
+        """Each LLM request of a run, and the run's totals and quality score."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO llm_calls (run_id, model, prompt_tokens, eval_tokens, duration_s,"
+                " outcome) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (run_id, c.model, c.prompt_tokens, c.eval_tokens, c.duration_s, c.outcome)
+                    for c in calls
+                ],
+            )
+            db.execute(
+                "UPDATE runs SET llm_calls = ?, prompt_tokens = ?, eval_tokens = ?, quality = ?"
+                " WHERE id = ?",
+                (
+                    len(calls),
+                    sum(c.prompt_tokens for c in calls),
+                    sum(c.eval_tokens for c in calls),
+                    quality,
+                    run_id,
+                ),
+            )
+
     def interrupt(self, claim_id: str, ticket: str, task_id: str, at: str) -> None:
         """Record that the run under ``claim_id`` was cut off (a dead daemon's run)."""
         with self._tx() as db:
@@ -163,7 +209,8 @@ class Store:
     def recent(self, limit: int = 10) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT ticket, task_id, title, outcome, error_code, error, branch, started_at,"
-            " finished_at, duration_s FROM runs WHERE outcome != 'running'"
+            " finished_at, duration_s, model, llm_calls, prompt_tokens, eval_tokens, quality"
+            " FROM runs WHERE outcome != 'running'"
             " ORDER BY finished_at DESC, id DESC LIMIT ?",
             (limit,),
         ).fetchall()

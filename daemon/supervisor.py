@@ -2,23 +2,19 @@
 
 ``Supervisor.run`` is a boring loop: ``while not stopping: wait = run_once(); sleep until
 woken or wait passes``. Signal handlers only set flags. Each claimed ticket runs on a worker
-thread (``concurrency.max_tickets`` of them) through ``pipeline.run``; ``_finish`` then moves
-it to ``done/``, ``failed/`` (with ``.error.json``) or back to ``todo/``.
+thread (``concurrency.max_tickets`` of them) through ``Runner.work``. With the builtin agent,
+an Ollama health monitor feeds the circuit breaker, and nothing is claimed while it is open.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -27,11 +23,15 @@ from typing import Any
 from loguru import logger
 
 from daemon import config as configuration
-from daemon import failures, logs, pipeline, procs, tickets
-from daemon.backlog import LEASE_ENV, Backlog, Lease
-from daemon.errors import ConfigError, Interrupted, InvalidTicket, TicketdError
+from daemon import failures, logs, procs, tickets
+from daemon.backlog import LEASE_ENV, Backlog
+from daemon.errors import ConfigError, InvalidTicket, TicketdError
+from daemon.llm.breaker import CircuitBreaker
+from daemon.llm.client import Ollama
+from daemon.llm.health import Monitor
 from daemon.redact import Redactor
 from daemon.repo import Repo
+from daemon.runner import Active, Runner
 from daemon.store import Store
 from daemon.watcher import Watcher, ignore_lease_breaks, settle_delay
 
@@ -53,42 +53,12 @@ def statuses(cfg: configuration.Config) -> dict[str, str]:
     }
 
 
-def settings(cfg: configuration.Config, redact: Redactor) -> pipeline.Settings:
-    return pipeline.Settings(
-        repo=cfg.repo.path,
-        base_branch=cfg.repo.base_branch,
-        remote=cfg.repo.remote,
-        branch_prefix=cfg.repo.branch_prefix,
-        push_retries=cfg.repo.push_retries,
-        git_timeout_s=cfg.repo.git_timeout_s,
-        prompts=cfg.state_dir / "prompts",
-        logs=cfg.logging.dir / "tasks",
-        command=cfg.agent.command,
-        timeout_s=cfg.agent.timeout_s,
-        grace_s=cfg.agent.kill_grace_s,
-        exclude=cfg.agent.exclude,
-        env=cfg.agent_env(),
-        models=cfg.ollama.models,
-        redact=redact,
-    )
-
-
 def preflight(cfg: configuration.Config) -> None:
     """Refuse to start on a repository the runs could not use (exit status 2)."""
     try:
         Repo(cfg.repo.path, timeout_s=cfg.repo.git_timeout_s).require_branch(cfg.repo.base_branch)
     except TicketdError as e:
         raise ConfigError(f"{cfg.path}: repo: {e.message}") from None
-
-
-@dataclass
-class Active:
-    ticket: tickets.Ticket
-    lease: Lease
-    started: float
-    cancel: threading.Event = field(default_factory=threading.Event)
-    stage: str = "claimed"
-    future: Future[None] | None = None
 
 
 class Supervisor:
@@ -111,8 +81,38 @@ class Supervisor:
         self.signals = 0
         self.reload_requested = False
         self.active: dict[str, Active] = {}
-        self.failures = 0  # tickets that ended in failed/ during this process's life
         self.next_reconcile = 0.0
+        self.waiting_for_ollama = False
+        self.llm: Ollama | None = None
+        self.monitor: Monitor | None = None
+        if cfg.agent.kind == "builtin":  # only then does a run need Ollama
+            o = cfg.ollama
+            b = o.circuit_breaker
+            breaker = CircuitBreaker(
+                failure_threshold=b.failure_threshold,
+                success_threshold=b.success_threshold,
+                half_open_requests=b.half_open_requests,
+                reset_timeout_s=b.reset_timeout_s,
+            )
+            self.llm = Ollama(
+                o.host,
+                breaker=breaker,
+                timeout_s=o.timeout_s,
+                connect_timeout_s=o.health_check.timeout_s,
+                num_ctx=o.num_ctx,
+                num_predict=o.num_predict,
+                keep_alive=o.keep_alive,
+                retries=o.retries,
+            )
+            self.monitor = Monitor(
+                self.llm,
+                o.models,
+                interval_s=o.health_check.interval_s,
+                timeout_s=o.health_check.timeout_s,
+                on_available=self.wake.set,
+                warm=o.models[0],
+            )
+        self.runner = Runner(cfg, self.backlog, self.store, self.redact, clock, self.llm)
         self._pool = ThreadPoolExecutor(cfg.concurrency.max_tickets, thread_name_prefix="ticket")
         self._watcher: Watcher | None = None
 
@@ -136,6 +136,9 @@ class Supervisor:
         self.backlog.ensure()
         self.recover(startup=True)
         self.next_reconcile = time.monotonic() + self.cfg.intake.reconcile_interval_s
+        if self.monitor is not None:
+            self.monitor.check_now()
+            self.monitor.start()
         self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
         self._watcher.start()
         logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
@@ -148,12 +151,16 @@ class Supervisor:
                 self.wake.clear()
         finally:
             self._watcher.stop()
+            if self.monitor is not None:
+                self.monitor.stop()
             self._drain()
+            if self.llm is not None:
+                self.llm.close()
             self.store.close()
             logger.info("stopped")
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        return 1 if self.once and self.failures else 0
+        return 1 if self.once and (self.runner.failed or self.waiting_for_ollama) else 0
 
     def _install_signals(self) -> dict[int, Any]:
         """Handlers that only set flags; returns the previous ones to restore at exit."""
@@ -213,7 +220,12 @@ class Supervisor:
             self.next_reconcile = mono + self.cfg.intake.reconcile_interval_s
             self.recover()
         wait, ready = self.intake()
-        if self.once and not self.active and not ready and wait is None:
+        if (
+            self.once
+            and not self.active
+            and (not ready or self.waiting_for_ollama)
+            and wait is None
+        ):
             return None
         return min(
             wait or self.cfg.intake.reconcile_interval_s,
@@ -240,6 +252,15 @@ class Supervisor:
         free = self.cfg.concurrency.max_tickets - len(self.active)
         if self.signals:
             return wait, 0
+        if ready and self.monitor is not None and not self.monitor.available:
+            if not self.waiting_for_ollama:
+                names = ", ".join(t.id for t in ready)
+                logger.warning(
+                    "Ollama at {} is unavailable; waiting: {}", self.monitor.llm.host, names
+                )
+            self.waiting_for_ollama = True
+            return wait, len(ready)
+        self.waiting_for_ollama = False
         for ticket in ready:
             if free <= 0:
                 break
@@ -255,7 +276,7 @@ class Supervisor:
             return
         task_id = tickets.id_from_filename(path)
         logger.bind(ticket=task_id).warning("{}: invalid ticket: {}", path.name, error.message)
-        self._fail(lease, task_id, error, stage="intake", model=None, started=time.monotonic())
+        self.runner.fail(lease, task_id, error, stage="intake", models=[], started=time.monotonic())
 
     def _start(self, ticket: tickets.Ticket) -> bool:
         now = self.clock()
@@ -265,7 +286,7 @@ class Supervisor:
             return False
         run = Active(ticket=ticket, lease=lease, started=time.monotonic())
         self.active[lease.name] = run
-        run.future = self._pool.submit(self._work, run)
+        run.future = self._pool.submit(self.runner.work, run)
         run.future.add_done_callback(lambda _: self.wake.set())
         return True
 
@@ -275,160 +296,6 @@ class Supervisor:
                 del self.active[name]
                 if (error := run.future.exception()) is not None:
                     logger.opt(exception=error).error("worker for {} crashed", name)
-
-    # -- one ticket -----------------------------------------------------------------------------
-
-    def _work(self, run: Active) -> None:
-        ticket, lease = run.ticket, run.lease
-        log_path = self.cfg.logging.dir / "tasks" / f"{pipeline.safe_name(ticket.id)}.log"
-        with logs.ticket_log(log_path, ticket.id), logger.contextualize(ticket=ticket.id):
-            run_id = self.store.start_run(
-                lease.info["claimId"],
-                lease.name,
-                ticket.id,
-                ticket.title,
-                failures.iso(self.clock()),
-                json.loads(self.redact(json.dumps(self.cfg.snapshot()))),
-            )
-            logger.info("claimed {} ({})", lease.name, ticket.title)
-            s = settings(self.cfg, self.redact)
-            s = dataclasses.replace(s, env={**s.env, LEASE_ENV: lease.marker})
-            model = ticket.models[0] if ticket.models else s.models[0]
-            try:
-                delivered = pipeline.run(
-                    ticket,
-                    lease.path,
-                    self.worktree(lease.name),
-                    s,
-                    stage=lambda name: self._stage(run, run_id, name),
-                    cancel=run.cancel,
-                    on_agent_start=lambda pid: lease.record(agentPgid=pid),
-                )
-            except Interrupted as e:
-                self._requeue(run, run_id, e)
-            except TicketdError as e:
-                self._fail(
-                    lease,
-                    ticket.id,
-                    e,
-                    stage=run.stage,
-                    model=model,
-                    started=run.started,
-                    run_id=run_id,
-                )
-            except Exception as e:  # an unknown error is recorded on the ticket, never passed over
-                logger.opt(exception=e).error("unexpected error in stage {}", run.stage)
-                error = TicketdError(
-                    f"internal error in stage {run.stage}: {type(e).__name__}: {e}"
-                )
-                self._fail(
-                    lease,
-                    ticket.id,
-                    error,
-                    stage=run.stage,
-                    model=model,
-                    started=run.started,
-                    run_id=run_id,
-                )
-            else:
-                self._done(run, run_id, delivered)
-
-    @contextmanager
-    def _stage(self, run: Active, run_id: int, name: str) -> Iterator[None]:
-        run.stage = name
-        run.lease.record(stage=name)
-        self.store.start_stage(run_id, name, failures.iso(self.clock()))
-        start = time.monotonic()
-        with logger.contextualize(stage=name):
-            logger.info("stage {} started", name)
-            try:
-                yield
-            except BaseException:
-                took = time.monotonic() - start
-                self.store.end_stage(run_id, name, took, "failed")
-                logger.info("stage {} failed after {:.2f}s", name, took)
-                raise
-            took = time.monotonic() - start
-            self.store.end_stage(run_id, name, took, "ok")
-            logger.info("stage {} done in {:.2f}s", name, took)
-
-    def _done(self, run: Active, run_id: int, delivered: pipeline.Delivered) -> None:
-        branch, model = delivered.branch, delivered.model
-        dst = self._close(run, run_id, "done", "done", [branch], branch=branch, model=model)
-        logger.success(
-            "done: pushed {} ({}); ticket is {}",
-            delivered.branch,
-            delivered.commit[:12],
-            dst.relative_to(self.backlog.root),
-        )
-
-    def _requeue(self, run: Active, run_id: int, error: Interrupted) -> None:
-        self._close(run, run_id, "todo", "requeued", error_code=error.code, error=error.message)
-        logger.warning("interrupted in stage {}: back to todo/", run.stage)
-
-    def _close(self, run: Active, run_id: int, folder: str, outcome: str,
-               references: Sequence[str] = (), **result: str | None) -> Path:  # fmt: skip
-        """Move the ticket to ``folder``, give up its lease, record the outcome."""
-        now = self.clock()
-        dst = self.backlog.move(run.lease.path, folder, now, references=references)
-        self.backlog.release(run.lease)
-        took = time.monotonic() - run.started
-        self.store.finish_run(run_id, failures.iso(now), outcome, took, **result)
-        return dst
-
-    def _fail(
-        self,
-        lease: Lease,
-        task_id: str,
-        error: TicketdError,
-        *,
-        stage: str,
-        model: str | None,
-        started: float,
-        run_id: int | None = None,
-    ) -> None:
-        now = self.clock()
-        message = self.redact(error.message)
-        if run_id is not None:
-            self.store.finish_run(
-                run_id,
-                failures.iso(now),
-                "failed",
-                time.monotonic() - started,
-                error_code=error.code,
-                error=message,
-                model=model,
-            )
-        dst = self.backlog.target("failed", lease.name)
-        attempts = self.store.attempts(lease.name)
-        if run_id is None:  # never started a run (invalid ticket): this failure is the attempt
-            attempts.append(
-                {
-                    "at": failures.iso(now),
-                    "stage": stage,
-                    "errorCode": error.code,
-                    "model": model,
-                    "durationS": 0.0,
-                }
-            )
-        log_file = self.cfg.logging.dir / "tasks" / f"{pipeline.safe_name(task_id)}.log"
-        record = failures.build(
-            task_id=task_id,
-            file=dst.name,
-            now=now,
-            stage=stage,
-            code=error.code,
-            message=message,
-            model=model,
-            models_tried=[model] if model else [],
-            log_file=_display(log_file),
-            attempts=attempts,
-        )
-        failures.write(dst, record)
-        self.backlog.move(lease.path, "failed", now, dst=dst)
-        self.backlog.release(lease)
-        self.failures += 1
-        logger.error("failed in stage {} ({}): {}", stage, error.code, message)
 
     # -- recovery and reload ----------------------------------------------------------------------
 
@@ -458,7 +325,7 @@ class Supervisor:
         """Remove worktrees no live daemon is using (left by a crash)."""
 
         def keep() -> set[Path]:  # worktrees of tickets some live daemon is running
-            return {self.worktree(p.name) for p in self.backlog.files("in-progress")}
+            return {self.runner.worktree(p.name) for p in self.backlog.files("in-progress")}
 
         try:
             repo = Repo(self.cfg.repo.path, timeout_s=self.cfg.repo.git_timeout_s)
@@ -466,11 +333,6 @@ class Supervisor:
                 logger.info("removed stale worktree {}", path)
         except TicketdError as e:
             logger.error("cannot prune worktrees: {}", e.message)
-
-    def worktree(self, ticket_name: str) -> Path:
-        return (
-            self.cfg.state_dir / "worktrees" / pipeline.safe_name(ticket_name.removesuffix(".md"))
-        )
 
     def reload(self) -> None:
         try:
@@ -483,12 +345,6 @@ class Supervisor:
         if changed:
             logger.warning("reloaded; changes to {} apply after a restart", ", ".join(changed))
         self.cfg = new.model_copy(update={k: getattr(self.cfg, k) for k in fixed})
+        self.runner.cfg = self.cfg
         self.redact.secrets = Redactor(new.secret_values()).secrets
         logger.info("configuration reloaded from {}", new.path)
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)

@@ -17,8 +17,8 @@ from daemon.files import atomic_write
 from daemon.tickets import Ticket
 
 
-def render_prompt(ticket: Ticket) -> str:
-    """The task for the agent: title, description, acceptance criteria, plan and notes."""
+def render_ticket(ticket: Ticket) -> str:
+    """The ticket as a task: title, description, acceptance criteria, plan and notes."""
     parts = [f"# {ticket.id}: {ticket.title}", ""]
     if ticket.description:
         parts += ["## Description", "", ticket.description, ""]
@@ -30,7 +30,13 @@ def render_prompt(ticket: Ticket) -> str:
         parts += ["## Implementation Plan", "", ticket.plan, ""]
     if ticket.notes:
         parts += ["## Implementation Notes", "", ticket.notes, ""]
-    parts += [
+    return "\n".join(parts)
+
+
+def render_prompt(ticket: Ticket) -> str:
+    """The prompt file for a command agent: the ticket and what to do with it."""
+    parts = [
+        render_ticket(ticket),
         "## Instructions",
         "",
         "Make the change this ticket asks for in the current repository. Edit files only",

@@ -1,0 +1,248 @@
+"""The builtin agent: a small local model edits the worktree with SEARCH/REPLACE blocks.
+
+For each model of the chain in turn: show it a stable system prompt (so Ollama reuses the
+cached prefix across calls), then the ticket and the repository context within the token
+budget. Apply the edits it answers with; run static analysis and the checks; on any failure
+tell it what failed and ask again, up to ``max_reflections`` times. A model that runs out of
+reflections hands over to the next one, on a clean worktree, with a summary of what failed.
+A missing model (404) hands over at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon import checks
+from daemon.agent import context, edits
+from daemon.agent.command import render_ticket
+from daemon.errors import TicketdError
+from daemon.llm.client import Call, LLMError, Message, Ollama, estimate_tokens
+from daemon.tickets import Ticket
+
+SYSTEM_PROMPT = """\
+You are an expert software engineer working in a git repository. You change files only by
+answering with SEARCH/REPLACE blocks, in exactly this form:
+
+path/to/file.py
+```python
+<<<<<<< SEARCH
+lines copied exactly from the file, including indentation
+=======
+the lines that replace them
+>>>>>>> REPLACE
+```
+
+Rules:
+- The path line comes right before each block, relative to the repository root.
+- SEARCH must copy a run of the file's current lines character for character, and must match
+  one place only: include a few unchanged lines around the change to make it unique.
+- To create a file, leave SEARCH empty. To delete lines, leave REPLACE empty.
+- Several blocks may change one file; they apply in order.
+- Change only what the task needs. Do not touch files under .git/.
+- Briefly say what you will change, then give the blocks. Nothing else.
+"""
+
+REFLECTION_RESERVE = 1500  # tokens kept free for feedback messages and earlier answers
+
+
+@dataclass(frozen=True)
+class Settings:
+    num_ctx: int
+    num_predict: int
+    max_reflections: int
+    max_context_files: int
+    python_analysis: bool
+    analysis: tuple[checks.Command, ...]
+    checks: tuple[checks.Command, ...]
+    grace_s: float = 5
+
+
+@dataclass
+class Result:
+    """What the run did, for the history, the log and ``.error.json``."""
+
+    model: str | None = None
+    models_tried: list[str] = field(default_factory=list)
+    outcomes: dict[str, str] = field(default_factory=dict)  # model -> ok / not_found / failed
+    calls: list[Call] = field(default_factory=list)
+    reflections: int = 0
+    fixes: int = 0
+    first_try: bool = False
+    checks_passed: bool = False
+    changed: set[str] = field(default_factory=set)
+
+    @property
+    def quality(self) -> float:
+        """1.0 for a first-try success, less for each reflection and hand-over, 0 on failure."""
+        if not self.checks_passed:
+            return 0.0
+        handovers = max(0, len(self.models_tried) - 1)
+        return round(max(0.1, 1.0 - 0.15 * self.reflections - 0.25 * handovers), 2)
+
+
+class AgentFailure(TicketdError):
+    """The agent gave up; ``result`` says what it tried."""
+
+    def __init__(self, message: str, *, code: str, result: Result) -> None:
+        super().__init__(message, code=code)
+        self.result = result
+
+
+def run(
+    ticket: Ticket,
+    worktree: Path,
+    chain: Sequence[str],
+    llm: Ollama,
+    s: Settings,
+    *,
+    reset: Callable[[], None],
+    log: Callable[[str], None],
+) -> Result:
+    result = Result()
+    task = render_ticket(ticket)
+    budget = s.num_ctx - s.num_predict - REFLECTION_RESERVE
+    budget -= estimate_tokens(SYSTEM_PROMPT) + estimate_tokens(task) + 200
+    if budget < 0:
+        raise AgentFailure(
+            f"the ticket alone needs about {s.num_ctx - s.num_predict - budget} tokens, more than "
+            f"ollama.num_ctx ({s.num_ctx}) leaves after num_predict ({s.num_predict})",
+            code="CONTEXT_TOO_LARGE",
+            result=result,
+        )
+    last: TicketdError | None = None
+    for model in chain:
+        if last is not None and result.changed:
+            reset()
+            result.changed.clear()
+        result.models_tried.append(model)
+        try:
+            _attempt(ticket, task, worktree, model, llm, s, budget, result, last, log)
+        except LLMError as e:
+            if e.code != "MODEL_NOT_FOUND":
+                raise AgentFailure(e.message, code=e.code, result=result) from None
+            result.outcomes[model] = "not_found"
+            log(f"{model}: not found on the server; next model")
+            last = last or e
+            continue
+        except AgentFailure as e:
+            result.outcomes[model] = "failed"
+            last = e
+            if e.code in ("UNSAFE_EDIT", "CONTEXT_TOO_LARGE"):
+                raise
+            log(f"{model}: gave up ({e.code}); handing over")
+            continue
+        result.outcomes[model] = "ok"
+        result.model = model
+        return result
+    assert last is not None
+    raise AgentFailure(last.message, code=last.code, result=result)
+
+
+def _attempt(
+    ticket: Ticket,
+    task: str,
+    worktree: Path,
+    model: str,
+    llm: Ollama,
+    s: Settings,
+    budget: int,
+    result: Result,
+    previous: TicketdError | None,
+    log: Callable[[str], None],
+) -> None:
+    ctx = context.gather(worktree, task, budget, s.max_context_files)
+    if ctx.dropped:
+        log(f"context: {len(ctx.files)} files shown, over budget: {', '.join(ctx.dropped)}")
+    user = f"{task}\n## Repository\n\n{ctx.text}"
+    if previous is not None:
+        user += f"\n## An earlier attempt failed\n\n{previous.message}\n"
+    messages: list[Message] = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user},
+    ]
+    failure: AgentFailure | None = None
+    for turn in range(s.max_reflections + 1):
+        reply = llm.chat(model, _fit(messages, s), on_call=result.calls.append)
+        call = reply.call
+        log(
+            f"llm {model}: {call.prompt_tokens} prompt + {call.eval_tokens} eval tokens, "
+            f"{call.duration_s:.1f}s, {call.outcome}"
+        )
+        if reply.truncated:
+            raise AgentFailure(
+                f"Ollama truncated the prompt for {model} (evaluated {call.prompt_tokens} tokens);"
+                " lower agent.max_context_files or raise ollama.num_ctx",
+                code="CONTEXT_TOO_LARGE",
+                result=result,
+            )
+        failure = _apply_and_check(reply.content, worktree, s, result)
+        if failure is None:
+            result.first_try = result.first_try or (turn == 0 and len(result.models_tried) == 1)
+            result.checks_passed = True
+            return
+        if turn == s.max_reflections:
+            break
+        result.reflections += 1
+        log(f"{model}: {failure.code}, reflecting ({turn + 1}/{s.max_reflections})")
+        messages += [
+            {"role": "assistant", "content": reply.content},
+            {"role": "user", "content": failure.message},
+        ]
+    assert failure is not None
+    raise failure
+
+
+def _apply_and_check(
+    answer: str, worktree: Path, s: Settings, result: Result
+) -> AgentFailure | None:
+    """Apply the answer's edits and check them; the failure to reflect on, or None."""
+    try:
+        found = edits.parse(answer)
+    except TicketdError as e:
+        return AgentFailure(
+            f"Your edit blocks could not be read: {e.message}. Answer again "
+            "with complete SEARCH/REPLACE blocks.",
+            code=e.code,
+            result=result,
+        )
+    if not found:
+        return AgentFailure(
+            "Your answer had no SEARCH/REPLACE blocks. Make the change with SEARCH/REPLACE blocks.",
+            code="EDIT_PARSE_FAILED",
+            result=result,
+        )
+    try:
+        applied = edits.apply(worktree, found)
+    except TicketdError as e:
+        raise AgentFailure(e.message, code=e.code, result=result) from None
+    result.changed.update(applied.changed)
+    if applied.failures:
+        return AgentFailure(
+            edits.describe_failures(applied.failures), code="EDIT_APPLY_FAILED", result=result
+        )
+    changed = sorted(result.changed)
+    analysis = checks.analyse(
+        worktree, changed, python=s.python_analysis, commands=s.analysis, grace_s=s.grace_s
+    )
+    result.fixes += analysis.fixes
+    outcome = analysis if not analysis.ok else checks.run_checks(worktree, s.checks, s.grace_s)
+    if outcome.ok:
+        return None
+    text = "\n\n".join(outcome.failures)
+    return AgentFailure(
+        f"The change does not pass the checks:\n\n{text}\n\nFix it with SEARCH/REPLACE blocks.",
+        code="CHECKS_FAILED",
+        result=result,
+    )
+
+
+def _fit(messages: list[Message], s: Settings) -> list[Message]:
+    """Drop the oldest reflections (never the system prompt, the task or the last exchange)
+    until the conversation fits ``num_ctx`` with room for the answer."""
+    kept = list(messages)
+    limit = s.num_ctx - s.num_predict
+    while len(kept) > 4 and sum(estimate_tokens(m["content"]) for m in kept) > limit:
+        del kept[2:4]
+    return kept

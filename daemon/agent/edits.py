@@ -1,0 +1,414 @@
+"""SEARCH/REPLACE edit blocks: read them from a model's answer and apply them to a worktree.
+
+``parse`` is tolerant of what small local models get slightly wrong (fences or none, 5 to 9
+marker characters, decorated paths); ``apply`` matches each SEARCH exactly, then ignoring
+trailing whitespace, then under a uniform indentation shift, and refuses a SEARCH that matches
+more than one place. A block that cannot be applied becomes a ``Failure`` that shows the model
+the closest real lines; a path outside the worktree, into ``.git`` or through a symlink refuses
+the whole answer (UNSAFE_EDIT) before anything is written.
+"""
+
+from __future__ import annotations
+
+import codecs
+import difflib
+import os
+import re
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.errors import TicketdError
+from daemon.files import atomic_write
+
+
+@dataclass(frozen=True)
+class Edit:
+    path: str  # as written by the model (relative)
+    search: str  # "\n"-joined lines with a final "\n" when non-empty; "" creates a file
+    replace: str
+    index: int  # 1-based position among the answer's blocks
+
+
+@dataclass(frozen=True)
+class Failure:
+    edit: Edit
+    reason: str  # one line
+    closest: str  # the closest real lines of the file, numbered; "" if none
+
+
+@dataclass(frozen=True)
+class Applied:
+    changed: tuple[str, ...]  # relative (posix) paths written, in the order first changed
+    failures: tuple[Failure, ...]
+    fuzzy: int  # blocks that matched only after whitespace or indentation tolerance
+
+
+_SEARCH = re.compile(r"^\s*<{5,9}\s*SEARCH\s*$", re.IGNORECASE)
+_DIVIDER = re.compile(r"^\s*={5,9}\s*$")
+_REPLACE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$", re.IGNORECASE)
+_FENCE = re.compile(r"^\s*(?:`{3,}|~{3,})\s*[\w+#.-]*\s*$")
+_PATH_PREFIX = re.compile(r"^(?:#+\s+|(?:file(?:name)?|path)\s*:\s*)", re.IGNORECASE)
+_LINE = re.compile(r"[^\n]*\n|[^\n]+\Z")
+_CONTEXT = 2  # lines shown around the closest match
+_SHOWN = 12  # at most this many lines shown
+
+Shift = tuple[str, str]  # (indentation to add, indentation to remove) on REPLACE lines
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+
+def parse(answer: str) -> list[Edit]:
+    """The answer's edit blocks in order; [] when it has none.
+
+    Raises EDIT_PARSE_FAILED naming the block and the answer's line when a block is malformed.
+    """
+    lines = answer.replace("\r\n", "\n").split("\n")
+    edits: list[Edit] = []
+    path: str | None = None
+    start = 0  # the first line after the previous block
+    i = 0
+    while i < len(lines):
+        index, where = len(edits) + 1, i + 1
+        if _REPLACE.match(lines[i]):
+            raise _malformed(index, where, "'>>>>>>> REPLACE' without '<<<<<<< SEARCH' before it")
+        if not _SEARCH.match(lines[i]):
+            i += 1
+            continue
+        path = _path_before(lines, start, i) or path
+        if path is None:
+            raise _malformed(index, where, "no file path before it; put the path on its own line")
+        divider = _next(lines, i + 1, _DIVIDER, stop=(_SEARCH, _REPLACE))
+        if divider is None:
+            raise _malformed(index, where, "missing '=======' between SEARCH and REPLACE")
+        end = _next(lines, divider + 1, _REPLACE, stop=(_SEARCH,))
+        if end is None:
+            raise _malformed(index, where, "missing '>>>>>>> REPLACE' at its end")
+        search, replace = lines[i + 1 : divider], lines[divider + 1 : end]
+        edits.append(Edit(path, _join(search), _join(replace), index))
+        start = i = end + 1
+    return edits
+
+
+def _malformed(index: int, line: int, problem: str) -> TicketdError:
+    return TicketdError(
+        f"block {index} (line {line} of the answer): {problem}", code="EDIT_PARSE_FAILED"
+    )
+
+
+def _next(
+    lines: list[str], i: int, want: re.Pattern[str], stop: tuple[re.Pattern[str], ...]
+) -> int | None:
+    """The index of the first line from ``i`` matching ``want``; None at a ``stop`` or the end."""
+    for j in range(i, len(lines)):
+        if want.match(lines[j]):
+            return j
+        if any(s.match(lines[j]) for s in stop):
+            return None
+    return None
+
+
+def _path_before(lines: list[str], start: int, i: int) -> str | None:
+    """The path on the last non-blank line before line ``i`` (or before its opening fence)."""
+    j = _previous_text(lines, start, i)
+    if j is not None and _FENCE.match(lines[j]):
+        j = _previous_text(lines, start, j)
+    return None if j is None else _as_path(lines[j])
+
+
+def _previous_text(lines: list[str], start: int, i: int) -> int | None:
+    return next((j for j in range(i - 1, start - 1, -1) if lines[j].strip()), None)
+
+
+def _as_path(line: str) -> str | None:
+    """``line`` as a file path without decorations (``**``, backticks, a trailing colon, a
+    heading mark, ``File:``), or None when it reads as prose. A bare word with a trailing colon
+    and no ``.`` or ``/`` ("Changes:") is a label, not a path."""
+    text, before = _PATH_PREFIX.sub("", line.strip()), ""
+    label = False
+    while text != before:
+        before = text
+        label = label or text.endswith(":")
+        text = text.rstrip(":").strip("*`'\" \t")
+    if not text or any(c.isspace() for c in text) or (label and not re.search(r"[./]", text)):
+        return None
+    return text
+
+
+def _join(lines: list[str]) -> str:
+    return "".join(f"{line}\n" for line in lines)
+
+
+# -- paths --------------------------------------------------------------------------------
+
+
+def resolve(root: Path, rel: str) -> Path:
+    """The absolute path inside ``root`` for a model-written path; UNSAFE_EDIT for anything
+    absolute, outside ``root``, under a ``.git`` component (any case) or through a symlink."""
+
+    def refuse(why: str) -> TicketdError:
+        return TicketdError(f"refusing to edit {rel!r}: {why}", code="UNSAFE_EDIT")
+
+    if "\x00" in rel:
+        raise refuse("the path contains a NUL byte")
+    if rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", rel):
+        raise refuse("the path is absolute")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts:
+        raise refuse("the path names no file")
+    if parts[0].startswith("~"):
+        raise refuse("a path may not start with ~")
+    if ".." in parts:
+        raise refuse("the path goes up with ..")
+    if any(p.rstrip(". ").casefold() == ".git" for p in parts):
+        raise refuse("files under .git are not editable")
+    base = root.resolve()
+    path = base
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise refuse(f"{path.relative_to(base).as_posix()} is a symbolic link")
+    if not path.resolve().is_relative_to(base):  # unreachable after the checks above
+        raise refuse("the path leaves the worktree")
+    return path
+
+
+# -- applying -----------------------------------------------------------------------------
+
+
+@dataclass
+class _File:
+    text: str | None  # None: does not exist (yet)
+    original: str | None
+    error: str = ""  # why it cannot be edited
+    bom: bool = False
+    mode: int | None = None
+
+
+def apply(root: Path, edits: Sequence[Edit]) -> Applied:
+    """Apply ``edits`` in order (each sees the result of the ones before) and write the files
+    that changed. UNSAFE_EDIT for any unsafe path, before anything is written."""
+    base = root.resolve()
+    targets: list[Path] = []
+    for edit in edits:
+        try:
+            targets.append(resolve(base, edit.path))
+        except TicketdError as e:
+            raise TicketdError(f"block {edit.index}: {e.message}", code=e.code) from e
+    files: dict[Path, _File] = {}
+    failures: list[Failure] = []
+    fuzzy = 0
+    for edit, target in zip(edits, targets, strict=True):
+        file = files.setdefault(target, _load(target))
+        creating = file.text is None and not edit.search.strip()
+        outcome = _apply_one(edit, file, creating and _blocked(base, target, files))
+        if isinstance(outcome, Failure):
+            failures.append(outcome)
+        else:
+            file.text, fuzzy = outcome[0], fuzzy + outcome[1]
+    changed: list[str] = []
+    for target, file in files.items():
+        if file.text is not None and file.text != file.original:
+            _write(target, file.text, file)
+            changed.append(target.relative_to(base).as_posix())
+    return Applied(tuple(changed), tuple(failures), fuzzy)
+
+
+def _load(path: Path) -> _File:
+    if path.is_dir():
+        return _File(None, None, error="is a folder")
+    try:
+        raw = path.read_bytes()
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return _File(None, None)
+    except OSError as e:
+        return _File(None, None, error=f"cannot be read ({e.strerror})")
+    bom = raw.startswith(codecs.BOM_UTF8)
+    try:
+        text = raw[len(codecs.BOM_UTF8) if bom else 0 :].decode("utf-8")
+    except UnicodeDecodeError:
+        return _File(None, None, error="is not a text file")
+    if "\x00" in text:
+        return _File(None, None, error="is not a text file")
+    return _File(text, text, bom=bom, mode=mode)
+
+
+def _blocked(base: Path, target: Path, files: dict[Path, _File]) -> bool:
+    """Whether creating ``target`` would need a folder where a file is (or will be)."""
+    above = [p for p in target.parents if p.is_relative_to(base) and p != base]
+    if any(p in files and files[p].text is not None for p in above):
+        return True
+    if any(p.exists() and not p.is_dir() for p in above):
+        return True
+    return any(target in p.parents for p, f in files.items() if f.text is not None)
+
+
+def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Failure:
+    """The file's new text and whether the match was fuzzy, or why the block fails."""
+    if file.error:
+        return Failure(edit, f"{edit.path} {file.error}", "")
+    if not edit.search.strip():  # create the file
+        if file.text is None:
+            if blocked:
+                return Failure(edit, f"cannot create {edit.path}: a file is in the way", "")
+            return edit.replace, False
+        if file.text in ("", edit.replace) or file.text.replace("\r\n", "\n") == edit.replace:
+            return (edit.replace if not file.text else file.text), False
+        lines = _LINE.findall(file.text)
+        return Failure(
+            edit,
+            f"{edit.path} already exists; copy lines from it into SEARCH to change it",
+            _numbered(lines, 0, _SHOWN),
+        )
+    if file.text is None:
+        return Failure(edit, f"{edit.path} does not exist; an empty SEARCH creates a file", "")
+    lines, search = _LINE.findall(file.text), _split(edit.search)
+    matches, fuzzy = _find(lines, search)
+    if not matches:
+        reason = f"SEARCH text not found in {edit.path}"
+        return Failure(edit, reason, _closest(lines, search))
+    if len(matches) > 1:
+        where = ", ".join(str(i + 1) for i, _ in matches)
+        reason = f"SEARCH matches {len(matches)} places in {edit.path} (lines {where}); "
+        return Failure(edit, reason + "include more lines so it matches one", "")
+    start, shift = matches[0]
+    eol = _eol(file.text)
+    new = "".join(_reindent(line, shift) + eol for line in _split(edit.replace))
+    text = "".join(lines[:start]) + new + "".join(lines[start + len(search) :])
+    if not file.text.endswith("\n") and text.endswith("\n"):  # keep "no final newline"
+        text = text.removesuffix(eol) if text.endswith(eol) else text[:-1]
+    return text, fuzzy
+
+
+def _find(lines: list[str], search: list[str]) -> tuple[list[tuple[int, Shift]], bool]:
+    """Where ``search`` matches at the strictest level that matches at all (line-for-line;
+    ignoring trailing whitespace; under a uniform indentation shift), and whether that level
+    was a tolerant one."""
+    starts = range(len(lines) - len(search) + 1)
+    exact = [i for i in starts if all(map(_same, lines[i : i + len(search)], search))]
+    if exact:
+        return [(i, ("", "")) for i in exact], False
+    loose = [i for i in starts if all(map(_alike, lines[i : i + len(search)], search))]
+    if loose:
+        return [(i, ("", "")) for i in loose], True
+    shifted = [(i, _shift(lines[i : i + len(search)], search)) for i in starts]
+    return [(i, s) for i, s in shifted if s is not None], True
+
+
+def _same(line: str, want: str) -> bool:
+    return _body(line) == want
+
+
+def _alike(line: str, want: str) -> bool:
+    return line.rstrip() == want.rstrip()
+
+
+def _shift(window: list[str], search: list[str]) -> Shift | None:
+    """The one indentation change that turns every ``search`` line into its ``window`` line."""
+    shift: Shift | None = None
+    for line, want in zip(window, search, strict=True):
+        have, want = line.rstrip(), want.rstrip()
+        if not have or not want:
+            if have or want:
+                return None
+            continue
+        if shift is None:
+            h, w = _indent(have), _indent(want)
+            if h.endswith(w):
+                shift = (h[: len(h) - len(w)], "")
+            elif w.endswith(h):
+                shift = ("", w[: len(w) - len(h)])
+            else:
+                return None
+        add, remove = shift
+        if not want.startswith(remove) or add + want[len(remove) :] != have:
+            return None
+    return shift
+
+
+def _reindent(line: str, shift: Shift) -> str:
+    add, remove = shift
+    if not add and not remove:
+        return line
+    if not line.strip():
+        return ""
+    return add + (line[len(remove) :] if line.startswith(remove) else line.lstrip())
+
+
+def _closest(lines: list[str], search: list[str]) -> str:
+    """The window of ``lines`` most like ``search`` (ignoring indentation), numbered, with a
+    little context; "" for an empty file."""
+    if not lines:
+        return ""
+    size = min(len(search), len(lines))
+    matcher = difflib.SequenceMatcher(None, autojunk=False)
+    matcher.set_seq2("\n".join(s.strip() for s in search))
+    best, at = -1.0, 0
+    for i in range(len(lines) - size + 1):
+        matcher.set_seq1("\n".join(s.strip() for s in lines[i : i + size]))
+        if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best:
+            ratio = matcher.ratio()
+            if ratio > best:
+                best, at = ratio, i
+    lo = max(0, at - _CONTEXT)
+    return _numbered(lines, lo, min(len(lines), at + size + _CONTEXT, lo + _SHOWN))
+
+
+def _numbered(lines: list[str], lo: int, hi: int) -> str:
+    hi = min(hi, len(lines))
+    width = len(str(hi))
+    return "\n".join(f"{n + 1:>{width}} | {_body(lines[n])}" for n in range(lo, hi))
+
+
+def _body(line: str) -> str:
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def _split(text: str) -> list[str]:
+    return text.removesuffix("\n").split("\n") if text else []
+
+
+def _eol(text: str) -> str:
+    crlf = text.count("\r\n")
+    return "\r\n" if crlf > text.count("\n") - crlf else "\n"
+
+
+def _write(target: Path, text: str, file: _File) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, (codecs.BOM_UTF8 if file.bom else b"") + text.encode("utf-8"))
+        if file.mode is not None and file.mode != 0o644:  # atomic_write leaves 0644
+            os.chmod(target, file.mode)
+    except OSError as e:
+        raise TicketdError(
+            f"cannot write {target}: {e.strerror or e}", code="EDIT_APPLY_FAILED"
+        ) from e
+
+
+# -- feedback -----------------------------------------------------------------------------
+
+
+def describe_failures(failures: Sequence[Failure]) -> str:
+    """What to tell the model about the blocks that failed; "" when none did."""
+    if not failures:
+        return ""
+    parts = ["These edit blocks could not be applied (blocks not listed here were applied):"]
+    for f in failures:
+        text = f"Block {f.edit.index} ({f.edit.path}): {f.reason}"
+        if f.closest:
+            text += f"\nLines of {f.edit.path} as they are now (the numbers are not part of "
+            text += f"the file):\n{f.closest}"
+        parts.append(text)
+    parts.append(
+        "Answer with corrected blocks for these only. SEARCH must copy the file's "
+        "current lines exactly, with the same indentation, comments and blank lines, "
+        "and enough of them to match one place."
+    )
+    return "\n\n".join(parts)

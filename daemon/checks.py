@@ -1,0 +1,125 @@
+"""Checks of an agent's work: static analysis of the changed files (with auto-fix), then
+the project's own check commands, each a child process with a timeout."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon import procs
+
+# ruff rules that mean the code cannot run: syntax errors, undefined names, bad comparisons.
+RUFF_FATAL = "E9,F63,F7,F82"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: tuple[str, ...]
+    timeout_s: float
+    glob: str = "*"  # for static analysis: which changed files it applies to
+
+
+@dataclass
+class Outcome:
+    ok: bool = True
+    failures: list[str] = field(default_factory=list)  # one text per failed check, with output
+    fixes: int = 0  # files an auto-fixer changed
+    passed: list[str] = field(default_factory=list)
+
+
+def analyse(
+    worktree: Path,
+    changed: Sequence[str],
+    *,
+    python: bool,
+    commands: Sequence[Command],
+    grace_s: float = 5,
+) -> Outcome:
+    """Static analysis of the changed files: Python syntax (and ruff --fix when on PATH),
+    then each configured command on the files matching its glob (``{files}`` expands)."""
+    out = Outcome()
+    py = [f for f in changed if f.endswith(".py") and (worktree / f).is_file()]
+    if python and py:
+        for rel in py:
+            source = (worktree / rel).read_text(encoding="utf-8", errors="replace")
+            try:
+                ast.parse(source, filename=rel)
+            except SyntaxError as e:
+                out.ok = False
+                out.failures.append(f"syntax error in {rel} line {e.lineno}: {e.msg}")
+        ruff = shutil.which("ruff")
+        if out.ok and ruff:
+            before = {rel: (worktree / rel).read_bytes() for rel in py}
+            _run(
+                worktree,
+                "ruff --fix",
+                [ruff, "check", "--fix", "--exit-zero", "--quiet", *py],
+                60,
+                grace_s,
+            )
+            out.fixes += sum((worktree / rel).read_bytes() != before[rel] for rel in py)
+            _record(
+                out,
+                "ruff",
+                _run(
+                    worktree,
+                    "ruff",
+                    [ruff, "check", "--quiet", "--select", RUFF_FATAL, *py],
+                    60,
+                    grace_s,
+                ),
+            )
+    for command in commands:
+        files = [f for f in changed if fnmatch.fnmatch(f, command.glob) and (worktree / f).exists()]
+        if files:
+            argv = [a for arg in command.run for a in (files if arg == "{files}" else [arg])]
+            _record(
+                out, command.name, _run(worktree, command.name, argv, command.timeout_s, grace_s)
+            )
+    return out
+
+
+def run_checks(worktree: Path, commands: Sequence[Command], grace_s: float = 5) -> Outcome:
+    """The project's checks (tests, linters) in the worktree; all run, failures collected."""
+    out = Outcome()
+    for command in commands:
+        _record(
+            out,
+            command.name,
+            _run(worktree, command.name, list(command.run), command.timeout_s, grace_s),
+        )
+    return out
+
+
+def _record(out: Outcome, name: str, failure: str | None) -> None:
+    if failure is None:
+        out.passed.append(name)
+    else:
+        out.ok = False
+        out.failures.append(failure)
+
+
+def _run(
+    worktree: Path, name: str, argv: list[str], timeout_s: float, grace_s: float
+) -> str | None:
+    """None when the command passes; else what failed with the tail of its output."""
+    with tempfile.TemporaryDirectory(prefix="ticketd-check-") as tmp:
+        output = Path(tmp) / "output"
+        try:
+            result = procs.run(
+                argv, cwd=worktree, timeout_s=timeout_s, output=output, grace_s=grace_s
+            )
+        except OSError as e:
+            return f"check {name!r} could not start {argv[0]!r}: {e.strerror}"
+        tail = procs.tail(output, 3000).strip()
+    if result.timed_out:
+        return f"check {name!r} ran past {timeout_s:g}s and was ended\n{tail}"
+    if result.returncode != 0:
+        return f"check {name!r} failed (exit {result.returncode}):\n{tail}"
+    return None

@@ -1,0 +1,1 @@
+"""Talking to Ollama: the client wrapper, the circuit breaker, health checks."""

@@ -1,0 +1,225 @@
+"""One wrapper around the official ``ollama`` client.
+
+Every request has explicit timeouts and sends ``options.num_ctx`` and ``keep_alive``.
+Transient failures (refused connection, timeouts, 5xx, 503 busy, an error line mid-stream)
+are retried with exponential backoff and jitter; a missing model (404) is not. Every call
+passes through the host's circuit breaker and is reported, with its token counts, to
+``on_call``. Ollama cuts an over-long prompt silently and still answers 200, so a reply
+whose ``prompt_eval_count`` falls far short of the prompt's size is marked truncated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import httpx
+import ollama
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from daemon.errors import TicketdError
+from daemon.llm.breaker import CircuitBreaker
+
+Message = Mapping[str, str]
+
+
+class LLMError(TicketdError):
+    code = "OLLAMA_UNAVAILABLE"
+
+
+class _Transient(LLMError):
+    pass
+
+
+def estimate_tokens(text: str) -> int:
+    """A deliberately high estimate (3 characters a token) used to budget prompts."""
+    return math.ceil(len(text) / 3)
+
+
+def looks_truncated(prompt_chars: int, prompt_eval_count: int) -> bool:
+    """True when Ollama evaluated far fewer tokens than the prompt holds (about one token
+    per 6 characters is the least any tokenizer gives for code or prose)."""
+    return prompt_chars > 1200 and prompt_eval_count < prompt_chars / 6
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request's accounting."""
+
+    model: str
+    prompt_tokens: int
+    eval_tokens: int
+    duration_s: float
+    outcome: str  # ok, truncated, not_found, unavailable, timeout, error
+
+
+@dataclass(frozen=True)
+class Reply:
+    content: str
+    call: Call
+
+    @property
+    def truncated(self) -> bool:
+        return self.call.outcome == "truncated"
+
+
+class Ollama:
+    def __init__(
+        self,
+        host: str,
+        *,
+        breaker: CircuitBreaker,
+        timeout_s: float = 300,
+        connect_timeout_s: float = 5,
+        num_ctx: int = 16384,
+        num_predict: int = 4096,
+        keep_alive: str = "10m",
+        retries: int = 3,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.host = host
+        self.breaker = breaker
+        self.num_ctx = num_ctx
+        self.num_predict = num_predict
+        self.keep_alive = keep_alive
+        self.retries = retries
+        self.sleep = sleep
+        timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._client = ollama.Client(host=host, timeout=timeout)
+
+    def close(self) -> None:
+        self._client._client.close()
+
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        format: dict[str, Any] | None = None,
+        on_call: Callable[[Call], None] = lambda call: None,
+    ) -> Reply:
+        """Stream one chat completion; ``on_call`` hears of every request, failed or not.
+        Raises ``LLMError`` with MODEL_NOT_FOUND, OLLAMA_UNAVAILABLE or LLM_TIMEOUT once
+        retries are used up."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Transient),
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential_jitter(initial=1, max=20),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    return self._chat_once(model, messages, format, on_call)
+        except _Transient as e:
+            raise LLMError(e.message, code=e.code) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _chat_once(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        format: dict[str, Any] | None,
+        on_call: Callable[[Call], None],
+    ) -> Reply:
+        if not self.breaker.allow():
+            raise LLMError(
+                f"Ollama at {self.host} is unavailable (circuit open; next try in "
+                f"{self.breaker.retry_in():.0f}s)"
+            )
+        start = time.monotonic()
+        content: list[str] = []
+        final: Any = None
+        try:
+            stream = self._client.chat(
+                model=model,
+                messages=[dict(m) for m in messages],
+                stream=True,
+                format=format,
+                options={"num_ctx": self.num_ctx, "num_predict": self.num_predict},
+                keep_alive=self.keep_alive,
+            )
+            for part in stream:
+                content.append(part.message.content or "")
+                if part.done:
+                    final = part
+        except ollama.ResponseError as e:
+            self._failed(model, start, e, on_call)
+        except (ConnectionError, httpx.TransportError) as e:
+            self._failed(model, start, e, on_call)
+        self.breaker.success()
+        text = "".join(content)
+        prompt_tokens = int(getattr(final, "prompt_eval_count", 0) or 0)
+        prompt_chars = sum(len(m.get("content", "")) for m in messages)
+        outcome = "truncated" if looks_truncated(prompt_chars, prompt_tokens) else "ok"
+        call = Call(
+            model=model,
+            prompt_tokens=prompt_tokens,
+            eval_tokens=int(getattr(final, "eval_count", 0) or 0),
+            duration_s=time.monotonic() - start,
+            outcome=outcome,
+        )
+        on_call(call)
+        return Reply(text, call)
+
+    def _failed(
+        self, model: str, start: float, error: Exception, on_call: Callable[[Call], None]
+    ) -> NoReturn:
+        """Classify a failed request, count it against the breaker, report it, raise."""
+        took = time.monotonic() - start
+        status = getattr(error, "status_code", None)
+        if isinstance(error, ollama.ResponseError) and status == 404:
+            self.breaker.success()  # the server answered: it is up
+            on_call(Call(model, 0, 0, took, "not_found"))
+            raise LLMError(
+                f"model {model!r} not found on {self.host}: run `ollama pull {model}`",
+                code="MODEL_NOT_FOUND",
+            ) from None
+        if isinstance(error, ollama.ResponseError) and status is not None and 400 <= status < 500:
+            self.breaker.success()
+            on_call(Call(model, 0, 0, took, "error"))
+            raise TicketdError(f"Ollama refused the request for {model}: {error.error}") from None
+        self.breaker.failure()
+        if isinstance(error, httpx.TimeoutException):
+            on_call(Call(model, 0, 0, took, "timeout"))
+            raise _Transient(
+                f"{model} on {self.host} did not answer in time", code="LLM_TIMEOUT"
+            ) from None
+        on_call(Call(model, 0, 0, took, "unavailable"))
+        detail = error.error if isinstance(error, ollama.ResponseError) else str(error)
+        raise _Transient(f"Ollama at {self.host} failed: {detail}") from None
+
+    def warm(self, model: str) -> None:
+        """Load ``model`` into memory (an empty generate) so the first ticket starts fast."""
+        self._client.generate(
+            model=model, prompt="", keep_alive=self.keep_alive, options={"num_ctx": self.num_ctx}
+        )
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    version: str | None
+    models: tuple[str, ...]  # present on the server
+    missing: tuple[str, ...]  # configured but not present
+    latency_s: float
+    error: str | None
+
+
+def check_health(host: str, wanted: Sequence[str], timeout_s: float) -> Health:
+    """GET /api/version and /api/tags; which of ``wanted`` are present."""
+    start = time.monotonic()
+    try:
+        with httpx.Client(base_url=host, timeout=timeout_s) as http:
+            version = http.get("/api/version").raise_for_status().json().get("version")
+            tags = http.get("/api/tags").raise_for_status().json().get("models") or []
+    except (httpx.HTTPError, ValueError) as e:
+        return Health(False, None, (), tuple(wanted), time.monotonic() - start, str(e) or repr(e))
+    names = tuple(str(m.get("name") or m.get("model")) for m in tags)
+    present = set(names) | {n.removesuffix(":latest") for n in names}
+    missing = tuple(w for w in wanted if w not in present)
+    return Health(True, version, names, missing, time.monotonic() - start, None)

@@ -1,0 +1,93 @@
+"""Background health checks of one Ollama host, feeding its circuit breaker.
+
+Every ``interval_s`` (sooner when an open breaker is due a trial) the monitor asks
+``/api/version`` and ``/api/tags``. A failure counts against the breaker like a failed
+request; a success closes a half-open breaker, and ``on_available`` wakes the supervisor
+so waiting tickets are claimed again. Configured models missing from the server are named
+in a warning with the ``ollama pull`` command to fix it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import httpx
+import ollama
+from loguru import logger
+
+from daemon.llm.breaker import CircuitBreaker, State
+from daemon.llm.client import Health, Ollama, check_health
+
+
+class Monitor:
+    def __init__(
+        self,
+        llm: Ollama,
+        models: Sequence[str],
+        *,
+        interval_s: float,
+        timeout_s: float,
+        on_available: Callable[[], None],
+        warm: str | None = None,
+    ) -> None:
+        self.llm = llm
+        self.breaker: CircuitBreaker = llm.breaker
+        self.models = list(models)
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.on_available = on_available
+        self.warm_model = warm
+        self.last: Health | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def available(self) -> bool:
+        return self.breaker.state is State.CLOSED
+
+    def check_now(self) -> Health | None:
+        """One check, if the breaker lets it through; None when it did not."""
+        was = self.breaker.state
+        if not self.breaker.allow():
+            return None
+        health = check_health(self.llm.host, self.models, self.timeout_s)
+        self.last = health
+        if health.ok:
+            self.breaker.success()
+            for model in set(health.missing) - self._warned:
+                logger.warning(
+                    "model {} is not on {}: run `ollama pull {}`", model, self.llm.host, model
+                )
+            self._warned = set(health.missing)
+        else:
+            self.breaker.failure()
+            logger.warning("Ollama at {} did not answer: {}", self.llm.host, health.error)
+        if was is not State.CLOSED and self.available:
+            logger.info("Ollama at {} answers again", self.llm.host)
+            self.on_available()
+        return health
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="ollama-health", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout_s + 5)
+
+    def _loop(self) -> None:
+        if self.warm_model and self.available:
+            try:
+                self.llm.warm(self.warm_model)
+                logger.info("warmed {}", self.warm_model)
+            except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as e:  # a courtesy
+                logger.warning("could not warm {}: {}", self.warm_model, e)
+        while not self._stop.wait(self._next_wait()):
+            self.check_now()
+
+    def _next_wait(self) -> float:
+        due = self.breaker.retry_in()
+        return min(self.interval_s, due + 0.01) if due > 0 else self.interval_s

@@ -1,0 +1,322 @@
+"""One ticket's run on a worker thread: history, per-ticket log, the pipeline, and where
+the ticket goes after: ``done/``, ``failed/`` (with ``.error.json``) or back to ``todo/``.
+
+A run cut off by the daemon stopping, or by an Ollama outage, goes back to ``todo/``:
+neither says anything about the ticket. Every other error is recorded on the ticket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from daemon import checks, failures, logs, pipeline, tickets
+from daemon import config as configuration
+from daemon.agent import builtin
+from daemon.backlog import LEASE_ENV, Backlog, Lease
+from daemon.errors import Interrupted, TicketdError
+from daemon.llm.breaker import State
+from daemon.llm.client import Ollama
+from daemon.redact import Redactor
+from daemon.store import Store
+
+OUTAGE_CODES = ("OLLAMA_UNAVAILABLE", "LLM_TIMEOUT")
+
+
+def settings(cfg: configuration.Config, redact: Redactor) -> pipeline.Settings:
+    def command(c: configuration.CheckCommand | configuration.AnalysisCommand) -> checks.Command:
+        return checks.Command(
+            c.name if isinstance(c, configuration.CheckCommand) else c.glob,
+            c.run,
+            c.timeout_s,
+            getattr(c, "glob", "*"),
+        )
+
+    return pipeline.Settings(
+        repo=cfg.repo.path,
+        base_branch=cfg.repo.base_branch,
+        remote=cfg.repo.remote,
+        branch_prefix=cfg.repo.branch_prefix,
+        push_retries=cfg.repo.push_retries,
+        git_timeout_s=cfg.repo.git_timeout_s,
+        prompts=cfg.state_dir / "prompts",
+        logs=cfg.logging.dir / "tasks",
+        command=cfg.agent.command,
+        timeout_s=cfg.agent.timeout_s,
+        grace_s=cfg.agent.kill_grace_s,
+        exclude=cfg.agent.exclude,
+        env=cfg.agent_env(),
+        models=cfg.ollama.models,
+        redact=redact,
+        kind=cfg.agent.kind,
+        models_by_label=cfg.ollama.models_by_label,
+        builtin=builtin.Settings(
+            num_ctx=cfg.ollama.num_ctx,
+            num_predict=cfg.ollama.num_predict,
+            max_reflections=cfg.agent.max_reflections,
+            max_context_files=cfg.agent.max_context_files,
+            python_analysis=cfg.static_analysis.python,
+            analysis=tuple(command(c) for c in cfg.static_analysis.commands),
+            checks=tuple(command(c) for c in cfg.checks),
+            grace_s=cfg.agent.kill_grace_s,
+        ),
+    )
+
+
+@dataclass
+class Active:
+    ticket: tickets.Ticket
+    lease: Lease
+    started: float
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stage: str = "claimed"
+    future: Future[None] | None = None
+
+
+class Runner:
+    def __init__(
+        self,
+        cfg: configuration.Config,
+        backlog: Backlog,
+        store: Store,
+        redact: Redactor,
+        clock: Callable[[], datetime],
+        llm: Ollama | None,
+    ) -> None:
+        self.cfg = cfg
+        self.backlog = backlog
+        self.store = store
+        self.redact = redact
+        self.clock = clock
+        self.llm = llm
+        self.failed = 0  # tickets that ended in failed/ during this process's life
+
+    def worktree(self, ticket_name: str) -> Path:
+        return (
+            self.cfg.state_dir / "worktrees" / pipeline.safe_name(ticket_name.removesuffix(".md"))
+        )
+
+    def work(self, run: Active) -> None:
+        ticket, lease = run.ticket, run.lease
+        with (
+            logs.ticket_log(self._log_path(ticket.id), ticket.id),
+            logger.contextualize(ticket=ticket.id),
+        ):
+            snapshot = json.loads(self.redact(json.dumps(self.cfg.snapshot())))
+            run_id = self.store.start_run(
+                lease.info["claimId"],
+                lease.name,
+                ticket.id,
+                ticket.title,
+                failures.iso(self.clock()),
+                snapshot,
+            )
+            logger.info("claimed {} ({})", lease.name, ticket.title)
+            s = settings(self.cfg, self.redact)
+            s = dataclasses.replace(s, env={**s.env, LEASE_ENV: lease.marker})
+            chain = pipeline.model_chain(ticket, s.models, s.models_by_label)
+            try:
+                delivered = pipeline.run(
+                    ticket,
+                    lease.path,
+                    self.worktree(lease.name),
+                    s,
+                    stage=lambda name: self._stage(run, run_id, name),
+                    cancel=run.cancel,
+                    on_agent_start=lambda pid: lease.record(agentPgid=pid),
+                    llm=self.llm,
+                    log=logger.info,
+                )
+            except Interrupted as e:
+                self._requeue(run, run_id, e)
+            except builtin.AgentFailure as e:
+                self._record_agent(run_id, e.result)
+                if e.code in OUTAGE_CODES and self._outage(e.code):
+                    self._requeue(run, run_id, e)
+                else:
+                    tried = e.result.models_tried or chain[:1]
+                    self.fail(
+                        lease,
+                        ticket.id,
+                        e,
+                        stage=run.stage,
+                        models=tried,
+                        started=run.started,
+                        run_id=run_id,
+                    )
+            except TicketdError as e:
+                self.fail(
+                    lease,
+                    ticket.id,
+                    e,
+                    stage=run.stage,
+                    models=chain[:1],
+                    started=run.started,
+                    run_id=run_id,
+                )
+            except Exception as e:  # an unknown error is recorded on the ticket, never passed over
+                logger.opt(exception=e).error("unexpected error in stage {}", run.stage)
+                error = TicketdError(
+                    f"internal error in stage {run.stage}: {type(e).__name__}: {e}"
+                )
+                self.fail(
+                    lease,
+                    ticket.id,
+                    error,
+                    stage=run.stage,
+                    models=chain[:1],
+                    started=run.started,
+                    run_id=run_id,
+                )
+            else:
+                if delivered.agent is not None:
+                    self._record_agent(run_id, delivered.agent)
+                self._done(run, run_id, delivered)
+
+    def _outage(self, code: str) -> bool:
+        """Is this error Ollama being away, rather than something about the ticket?"""
+        return code == "OLLAMA_UNAVAILABLE" or (
+            self.llm is not None and self.llm.breaker.state is not State.CLOSED
+        )
+
+    def _record_agent(self, run_id: int, result: builtin.Result) -> None:
+        self.store.record_calls(run_id, result.calls, quality=result.quality)
+        prompt = sum(c.prompt_tokens for c in result.calls)
+        evals = sum(c.eval_tokens for c in result.calls)
+        logger.info(
+            "llm: {} calls, {} prompt + {} eval tokens; models tried {}; reflections {}; "
+            "auto-fixes {}; quality {}",
+            len(result.calls),
+            prompt,
+            evals,
+            result.models_tried,
+            result.reflections,
+            result.fixes,
+            result.quality,
+        )
+
+    @contextmanager
+    def _stage(self, run: Active, run_id: int, name: str) -> Iterator[None]:
+        run.stage = name
+        run.lease.record(stage=name)
+        self.store.start_stage(run_id, name, failures.iso(self.clock()))
+        start = time.monotonic()
+        with logger.contextualize(stage=name):
+            logger.info("stage {} started", name)
+            try:
+                yield
+            except BaseException:
+                took = time.monotonic() - start
+                self.store.end_stage(run_id, name, took, "failed")
+                logger.info("stage {} failed after {:.2f}s", name, took)
+                raise
+            took = time.monotonic() - start
+            self.store.end_stage(run_id, name, took, "ok")
+            logger.info("stage {} done in {:.2f}s", name, took)
+
+    def _done(self, run: Active, run_id: int, delivered: pipeline.Delivered) -> None:
+        branch, model = delivered.branch, delivered.model
+        dst = self._close(run, run_id, "done", "done", [branch], branch=branch, model=model)
+        logger.success(
+            "done: pushed {} ({}); ticket is {}",
+            delivered.branch,
+            delivered.commit[:12],
+            dst.relative_to(self.backlog.root),
+        )
+
+    def _requeue(self, run: Active, run_id: int, error: TicketdError) -> None:
+        self._close(run, run_id, "todo", "requeued", error_code=error.code, error=error.message)
+        logger.warning("{} in stage {}: back to todo/", error.message, run.stage)
+
+    def _close(
+        self,
+        run: Active,
+        run_id: int,
+        folder: str,
+        outcome: str,
+        references: Sequence[str] = (),
+        **result: str | None,
+    ) -> Path:
+        """Move the ticket to ``folder``, give up its lease, record the outcome."""
+        now = self.clock()
+        dst = self.backlog.move(run.lease.path, folder, now, references=references)
+        self.backlog.release(run.lease)
+        took = time.monotonic() - run.started
+        self.store.finish_run(run_id, failures.iso(now), outcome, took, **result)
+        return dst
+
+    def fail(
+        self,
+        lease: Lease,
+        task_id: str,
+        error: TicketdError,
+        *,
+        stage: str,
+        models: Sequence[str],
+        started: float,
+        run_id: int | None = None,
+    ) -> None:
+        """Write ``.error.json`` and move the ticket to failed/."""
+        now = self.clock()
+        message = self.redact(error.message)
+        model = models[-1] if models else None
+        if run_id is not None:
+            self.store.finish_run(
+                run_id,
+                failures.iso(now),
+                "failed",
+                time.monotonic() - started,
+                error_code=error.code,
+                error=message,
+                model=model,
+            )
+        dst = self.backlog.target("failed", lease.name)
+        attempts: list[dict[str, Any]] = self.store.attempts(lease.name)
+        if run_id is None:  # never started a run (invalid ticket): this failure is the attempt
+            attempts.append(
+                {
+                    "at": failures.iso(now),
+                    "stage": stage,
+                    "errorCode": error.code,
+                    "model": model,
+                    "durationS": 0.0,
+                }
+            )
+        record = failures.build(
+            task_id=task_id,
+            file=dst.name,
+            now=now,
+            stage=stage,
+            code=error.code,
+            message=message,
+            model=model,
+            models_tried=list(models),
+            log_file=_display(self._log_path(task_id)),
+            attempts=attempts,
+        )
+        failures.write(dst, record)
+        self.backlog.move(lease.path, "failed", now, dst=dst)
+        self.backlog.release(lease)
+        self.failed += 1
+        logger.error("failed in stage {} ({}): {}", stage, error.code, message)
+
+    def _log_path(self, task_id: str) -> Path:
+        return self.cfg.logging.dir / "tasks" / f"{pipeline.safe_name(task_id)}.log"
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
