@@ -121,12 +121,16 @@ def status(
     )
     _table(
         "Recent outcomes",
-        ["ticket", "outcome", "took", "detail"],
+        ["ticket", "outcome", "took", "model", "llm calls / tokens", "detail"],
         [
             [
                 r["task_id"],
                 r["outcome"],
                 _secs(r["duration_s"]),
+                r["model"] or "-",
+                f"{r['llm_calls']} / {r['prompt_tokens']}+{r['eval_tokens']}"
+                if r["llm_calls"]
+                else "-",
                 r["branch"] or (f"{r['error_code']}: {r['error']}" if r["error_code"] else ""),
             ]
             for r in report["recent"]

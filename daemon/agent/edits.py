@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import heapq
 import os
 import re
 import stat
@@ -51,13 +52,13 @@ _REPLACE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$", re.IGNORECASE)
 _FENCE = re.compile(r"^\s*(?:`{3,}|~{3,})\s*[\w+#.-]*\s*$")
 _PATH_PREFIX = re.compile(r"^(?:#+\s+|(?:file(?:name)?|path)\s*:\s*)", re.IGNORECASE)
 _LINE = re.compile(r"[^\n]*\n|[^\n]+\Z")
+_WORD = re.compile(r"\w+|[^\w\s]")
 _CONTEXT = 2  # lines shown around the closest match
 _SHOWN = 12  # at most this many lines shown
+_SCORED = 40  # SEARCH lines that rank the windows
+_CANDIDATES = 5  # best-ranked windows that difflib compares
 
 Shift = tuple[str, str]  # (indentation to add, indentation to remove) on REPLACE lines
-
-
-# -- parsing ------------------------------------------------------------------------------
 
 
 def parse(answer: str) -> list[Edit]:
@@ -112,26 +113,21 @@ def _next(
 
 def _path_before(lines: list[str], start: int, i: int) -> str | None:
     """The path on the last non-blank line before line ``i`` (or before its opening fence)."""
-    j = _previous_text(lines, start, i)
-    if j is not None and _FENCE.match(lines[j]):
-        j = _previous_text(lines, start, j)
-    return None if j is None else _as_path(lines[j])
-
-
-def _previous_text(lines: list[str], start: int, i: int) -> int | None:
-    return next((j for j in range(i - 1, start - 1, -1) if lines[j].strip()), None)
+    text = [line for line in lines[start:i] if line.strip()]
+    if text and _FENCE.match(text[-1]):
+        text.pop()
+    return _as_path(text[-1]) if text else None
 
 
 def _as_path(line: str) -> str | None:
     """``line`` as a file path without decorations (``**``, backticks, a trailing colon, a
     heading mark, ``File:``), or None when it reads as prose. A bare word with a trailing colon
     and no ``.`` or ``/`` ("Changes:") is a label, not a path."""
-    text, before = _PATH_PREFIX.sub("", line.strip()), ""
-    label = False
+    text, before, label = line.strip(), "", False
     while text != before:
         before = text
         label = label or text.endswith(":")
-        text = text.rstrip(":").strip("*`'\" \t")
+        text = _PATH_PREFIX.sub("", text).rstrip(":").strip("*`'\" \t")
     if not text or any(c.isspace() for c in text) or (label and not re.search(r"[./]", text)):
         return None
     return text
@@ -139,9 +135,6 @@ def _as_path(line: str) -> str | None:
 
 def _join(lines: list[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
-
-
-# -- paths --------------------------------------------------------------------------------
 
 
 def resolve(root: Path, rel: str) -> Path:
@@ -153,7 +146,7 @@ def resolve(root: Path, rel: str) -> Path:
 
     if "\x00" in rel:
         raise refuse("the path contains a NUL byte")
-    if rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", rel):
+    if rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[/\\]", rel):
         raise refuse("the path is absolute")
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     if not parts:
@@ -173,9 +166,6 @@ def resolve(root: Path, rel: str) -> Path:
     if not path.resolve().is_relative_to(base):  # unreachable after the checks above
         raise refuse("the path leaves the worktree")
     return path
-
-
-# -- applying -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -201,7 +191,9 @@ def apply(root: Path, edits: Sequence[Edit]) -> Applied:
     failures: list[Failure] = []
     fuzzy = 0
     for edit, target in zip(edits, targets, strict=True):
-        file = files.setdefault(target, _load(target))
+        if target not in files:
+            files[target] = _load(target)
+        file = files[target]
         creating = file.text is None and not edit.search.strip()
         outcome = _apply_one(edit, file, creating and _blocked(base, target, files))
         if isinstance(outcome, Failure):
@@ -228,9 +220,9 @@ def _load(path: Path) -> _File:
         return _File(None, None, error=f"cannot be read ({e.strerror})")
     bom = raw.startswith(codecs.BOM_UTF8)
     try:
-        text = raw[len(codecs.BOM_UTF8) if bom else 0 :].decode("utf-8")
+        text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
     except UnicodeDecodeError:
-        return _File(None, None, error="is not a text file")
+        text = "\x00"  # not UTF-8: binary
     if "\x00" in text:
         return _File(None, None, error="is not a text file")
     return _File(text, text, bom=bom, mode=mode)
@@ -255,8 +247,8 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
             if blocked:
                 return Failure(edit, f"cannot create {edit.path}: a file is in the way", "")
             return edit.replace, False
-        if file.text in ("", edit.replace) or file.text.replace("\r\n", "\n") == edit.replace:
-            return (edit.replace if not file.text else file.text), False
+        if not file.text or file.text.replace("\r\n", "\n") == edit.replace:
+            return file.text or edit.replace, False
         lines = _LINE.findall(file.text)
         return Failure(
             edit,
@@ -287,30 +279,22 @@ def _find(lines: list[str], search: list[str]) -> tuple[list[tuple[int, Shift]],
     """Where ``search`` matches at the strictest level that matches at all (line-for-line;
     ignoring trailing whitespace; under a uniform indentation shift), and whether that level
     was a tolerant one."""
-    starts = range(len(lines) - len(search) + 1)
-    exact = [i for i in starts if all(map(_same, lines[i : i + len(search)], search))]
-    if exact:
-        return [(i, ("", "")) for i in exact], False
-    loose = [i for i in starts if all(map(_alike, lines[i : i + len(search)], search))]
-    if loose:
-        return [(i, ("", "")) for i in loose], True
-    shifted = [(i, _shift(lines[i : i + len(search)], search)) for i in starts]
+    size = len(search)
+    starts = range(len(lines) - size + 1)
+    for key, fuzzy in ((_body, False), (str.rstrip, True)):
+        pairs = [(i, zip(lines[i : i + size], search, strict=True)) for i in starts]
+        found = [i for i, p in pairs if all(key(line) == key(want) for line, want in p)]
+        if found:
+            return [(i, ("", "")) for i in found], fuzzy
+    shifted = [(i, _shift(lines[i : i + size], search)) for i in starts]
     return [(i, s) for i, s in shifted if s is not None], True
-
-
-def _same(line: str, want: str) -> bool:
-    return _body(line) == want
-
-
-def _alike(line: str, want: str) -> bool:
-    return line.rstrip() == want.rstrip()
 
 
 def _shift(window: list[str], search: list[str]) -> Shift | None:
     """The one indentation change that turns every ``search`` line into its ``window`` line."""
     shift: Shift | None = None
-    for line, want in zip(window, search, strict=True):
-        have, want = line.rstrip(), want.rstrip()
+    for line, wanted in zip(window, search, strict=True):
+        have, want = line.rstrip(), wanted.rstrip()
         if not have or not want:
             if have or want:
                 return None
@@ -339,20 +323,26 @@ def _reindent(line: str, shift: Shift) -> str:
 
 
 def _closest(lines: list[str], search: list[str]) -> str:
-    """The window of ``lines`` most like ``search`` (ignoring indentation), numbered, with a
-    little context; "" for an empty file."""
+    """The window of ``lines`` most like ``search``, numbered, with a little context; "" for an
+    empty file. Shared words rank the windows; difflib picks among the best few."""
     if not lines:
         return ""
     size = min(len(search), len(lines))
-    matcher = difflib.SequenceMatcher(None, autojunk=False)
-    matcher.set_seq2("\n".join(s.strip() for s in search))
-    best, at = -1.0, 0
-    for i in range(len(lines) - size + 1):
+    have = [frozenset(_WORD.findall(line)) for line in lines]
+    want = [frozenset(_WORD.findall(line)) for line in search[: min(size, _SCORED)]]
+
+    def overlap(i: int) -> float:
+        pairs = zip(have[i : i + len(want)], want, strict=True)
+        return sum(2 * len(a & b) / (len(a) + len(b) or 1) for a, b in pairs)
+
+    top = heapq.nlargest(_CANDIDATES, range(len(lines) - size + 1), key=overlap)
+    matcher = difflib.SequenceMatcher(None, "", "\n".join(s.strip() for s in search), False)
+
+    def ratio(i: int) -> float:
         matcher.set_seq1("\n".join(s.strip() for s in lines[i : i + size]))
-        if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best:
-            ratio = matcher.ratio()
-            if ratio > best:
-                best, at = ratio, i
+        return matcher.ratio()
+
+    at = max(top, key=ratio)
     lo = max(0, at - _CONTEXT)
     return _numbered(lines, lo, min(len(lines), at + size + _CONTEXT, lo + _SHOWN))
 
@@ -360,7 +350,8 @@ def _closest(lines: list[str], search: list[str]) -> str:
 def _numbered(lines: list[str], lo: int, hi: int) -> str:
     hi = min(hi, len(lines))
     width = len(str(hi))
-    return "\n".join(f"{n + 1:>{width}} | {_body(lines[n])}" for n in range(lo, hi))
+    shown = ((f"{n + 1:>{width}} |", _body(lines[n])) for n in range(lo, hi))
+    return "\n".join(f"{number} {text}" if text else number for number, text in shown)
 
 
 def _body(line: str) -> str:
@@ -390,9 +381,6 @@ def _write(target: Path, text: str, file: _File) -> None:
         raise TicketdError(
             f"cannot write {target}: {e.strerror or e}", code="EDIT_APPLY_FAILED"
         ) from e
-
-
-# -- feedback -----------------------------------------------------------------------------
 
 
 def describe_failures(failures: Sequence[Failure]) -> str:

@@ -1,0 +1,260 @@
+"""The builtin agent against a fake Ollama that the real client talks to over HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from conftest import PY, Project, git, ticketd, wait_until
+from fake_ollama import FakeOllama
+
+from daemon import config as configuration
+from daemon.supervisor import Supervisor
+
+MODEL = "qwen2.5-coder:7b"
+
+
+def block(path: str, search: str, replace: str) -> str:
+    edit = f"<<<<<<< SEARCH\n{search}=======\n{replace}>>>>>>> REPLACE\n"
+    return f"I will change {path}.\n\n{path}\n```\n{edit}```\n"
+
+
+def builtin_config(project: Project, fake: FakeOllama, **sections: object) -> None:
+    ollama = {
+        "host": fake.url,
+        "models": [MODEL],
+        "num_ctx": 8192,
+        "num_predict": 1024,
+        "keep_alive": "7m",
+        "retries": 0,
+        "health_check": {"interval_s": 0.2, "timeout_s": 2},
+        "circuit_breaker": {"failure_threshold": 1, "reset_timeout_s": 0.3},
+    }
+    ollama.update(sections.pop("ollama", {}))  # type: ignore[arg-type]
+    agent = {"kind": "builtin", "max_reflections": 2, **sections.pop("agent", {})}  # type: ignore[dict-item]
+    project.write_config(agent=agent, ollama=ollama, **sections)
+
+
+def run_once(project: Project) -> int:
+    return Supervisor(configuration.load(project.config_path), once=True, log_to_stderr=False).run()
+
+
+def error_json(project: Project, name: str) -> dict:
+    return json.loads((project.folder("failed") / name.replace(".md", ".error.json")).read_text())
+
+
+def chats(fake: FakeOllama) -> list:
+    return fake.requests_to("/api/chat")
+
+
+def test_first_try_success_and_every_request_sends_num_ctx(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-1 - Greet.md", body="Change the greeting in README.md to say hello world.")
+    fake_ollama.reply(block("README.md", "hello\n", "hello world\n"))
+
+    assert run_once(project) == 0
+
+    assert project.where() == {"done": ["task-1 - Greet.md"]}
+    assert git(project.remote, "show", "ticketd/task-1-greet:README.md") == "hello world"
+    assert len(chats(fake_ollama)) == 1
+    for request in fake_ollama.requests_to("/api/chat") + fake_ollama.requests_to("/api/generate"):
+        assert request.options["num_ctx"] == 8192, request
+        assert request.keep_alive == "7m"
+    messages = chats(fake_ollama)[0].messages
+    assert messages[0]["role"] == "system" and "SEARCH/REPLACE" in messages[0]["content"]
+    assert "Change the greeting" in messages[1]["content"]
+    assert "README.md\n```\nhello\n```" in messages[1]["content"]  # the named file, whole
+    log = (project.root / "logs" / "tasks" / "task-1.log").read_text()
+    assert "llm: 1 calls" in log and "quality 1.0" in log
+
+
+def test_malformed_edit_is_fixed_on_reflection(project: Project, fake_ollama: FakeOllama) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-2 - Greet.md", body="Change README.md to say hi.")
+    fake_ollama.reply("README.md\n<<<<<<< SEARCH\nhello\n>>>>>>> REPLACE\n")  # no =======
+    fake_ollama.reply(block("README.md", "helo\n", "hi\n"))  # does not match
+    fake_ollama.reply(block("README.md", "hello\n", "hi\n"))
+
+    assert run_once(project) == 0
+
+    assert git(project.remote, "show", "ticketd/task-2-greet:README.md") == "hi"
+    requests = chats(fake_ollama)
+    assert len(requests) == 3
+    second = requests[1].messages
+    assert second[-2]["role"] == "assistant" and second[-1]["role"] == "user"
+    assert "could not be read" in second[-1]["content"]
+    third = requests[2].messages[-1]["content"]
+    assert "Block 1 (README.md): SEARCH text not found" in third
+    assert "1 | hello" in third  # the closest real lines, numbered
+    assert requests[0].messages[:2] == requests[2].messages[:2]  # a stable prefix
+
+
+def test_failing_checks_go_back_to_the_model(project: Project, fake_ollama: FakeOllama) -> None:
+    check = [
+        PY,
+        "-c",
+        "import sys; t = open('README.md').read();"
+        " sys.exit(0 if 'ok' in t else 'README must say ok')",
+    ]
+    builtin_config(project, fake_ollama, checks=[{"name": "readme", "run": check}])
+    project.ticket("task-3 - Ok.md", body="Make README.md pass the check.")
+    fake_ollama.reply(block("README.md", "hello\n", "bye\n"))
+    fake_ollama.reply(block("README.md", "bye\n", "ok\n"))
+
+    assert run_once(project) == 0
+
+    assert git(project.remote, "show", "ticketd/task-3-ok:README.md") == "ok"
+    feedback = chats(fake_ollama)[1].messages[-1]["content"]
+    assert "check 'readme' failed" in feedback and "README must say ok" in feedback
+
+
+def test_checks_still_failing_after_all_reflections_fail_the_ticket(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(
+        project, fake_ollama, checks=[{"name": "never", "run": [PY, "-c", "raise SystemExit(3)"]}]
+    )
+    project.ticket("task-4 - Never.md")
+    for word in ("a", "b", "c"):
+        fake_ollama.reply(
+            block("README.md", "hello\n" if word == "a" else f"{chr(ord(word) - 1)}\n", f"{word}\n")
+        )
+
+    assert run_once(project) == 1
+
+    err = error_json(project, "task-4 - Never.md")
+    assert err["errorCode"] == "CHECKS_FAILED" and err["stage"] == "agent"
+    assert err["model"] == MODEL and err["modelsTried"] == [MODEL]
+    assert len(chats(fake_ollama)) == 3  # first answer + max_reflections (2)
+
+
+def test_missing_first_model_moves_on_at_once(project: Project, fake_ollama: FakeOllama) -> None:
+    builtin_config(project, fake_ollama, ollama={"models": ["missing:1b", MODEL]})
+    project.ticket("task-5 - Fallback.md", body="Edit README.md.")
+    fake_ollama.reply(block("README.md", "hello\n", "fallback\n"), model=MODEL)
+
+    assert run_once(project) == 0
+
+    assert [r.model for r in chats(fake_ollama)] == ["missing:1b", MODEL]
+    log = (project.root / "logs" / "tasks" / "task-5.log").read_text()
+    assert "models tried ['missing:1b', 'qwen2.5-coder:7b']" in log
+
+
+def test_ticket_model_and_label_map_choose_the_chain(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.models.append("docs:3b")
+    builtin_config(project, fake_ollama, ollama={"models_by_label": {"docs": ["docs:3b"]}})
+    project.ticket("task-6 - Docs.md", labels=["docs"], body="Edit README.md.")
+    fake_ollama.reply(block("README.md", "hello\n", "docs\n"))
+    assert run_once(project) == 0
+    assert [r.model for r in chats(fake_ollama)] == ["docs:3b"]
+
+
+def test_unsafe_edit_is_refused_and_nothing_is_written(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-7 - Escape.md")
+    fake_ollama.reply(block("README.md", "hello\n", "x\n") + block("../outside.txt", "", "pwned\n"))
+
+    assert run_once(project) == 1
+
+    err = error_json(project, "task-7 - Escape.md")
+    assert err["errorCode"] == "UNSAFE_EDIT" and err["retryable"] is False
+    assert not (project.root / "state" / "outside.txt").exists()
+    assert not list(project.root.rglob("outside.txt"))
+
+
+def test_a_ticket_too_large_for_num_ctx_fails_before_any_request(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama, ollama={"num_ctx": 2048, "num_predict": 512})
+    project.ticket("task-8 - Huge.md", body="word " * 3000)
+
+    assert run_once(project) == 1
+
+    err = error_json(project, "task-8 - Huge.md")
+    assert err["errorCode"] == "CONTEXT_TOO_LARGE" and "ollama.num_ctx (2048)" in err["error"]
+    assert chats(fake_ollama) == []
+
+
+def test_a_silently_truncated_prompt_is_caught(project: Project, fake_ollama: FakeOllama) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-9 - Big.md", body="Edit README.md. " + "context " * 400)
+    fake_ollama.reply(block("README.md", "hello\n", "x\n"), prompt_eval_count=120)
+
+    assert run_once(project) == 1
+
+    err = error_json(project, "task-9 - Big.md")
+    assert err["errorCode"] == "CONTEXT_TOO_LARGE" and "truncated" in err["error"]
+
+
+def test_once_with_ollama_down_names_the_waiting_tickets_and_exits_1(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-10 - Wait.md")
+    fake_ollama.stop()
+    result = ticketd("run", "--once", "--config", str(project.config_path), timeout=30)
+    assert result.returncode == 1
+    assert f"Ollama at {fake_ollama.url} is unavailable; waiting: task-10" in result.stderr
+    assert project.where() == {"todo": ["task-10 - Wait.md"]}
+
+
+def test_outage_mid_run_requeues_then_resumes_by_itself(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama)
+    name = "task-11 - Outage.md"
+    project.ticket(name, body="Edit README.md.")
+    fake_ollama.hang(30, path="/api/chat")
+    supervisor = Supervisor(configuration.load(project.config_path), log_to_stderr=False)
+    thread = threading.Thread(target=supervisor.run)
+    thread.start()
+    try:
+        fake_ollama.wait_for_requests(1, path="/api/chat")
+        fake_ollama.stop()  # Ollama dies while the model is thinking
+        wait_until(lambda: project.where() == {"todo": [name]}, what="the ticket back in todo/")
+        assert supervisor.monitor is not None and not supervisor.monitor.available
+        assert not (project.folder("failed") / name.replace(".md", ".error.json")).exists()
+
+        fake_ollama.reply(block("README.md", "hello\n", "back\n"))
+        fake_ollama.start()
+        wait_until(lambda: project.where() == {"done": [name]}, what="done after recovery")
+    finally:
+        supervisor.signals = 1
+        supervisor.wake.set()
+        thread.join(timeout=30)
+    assert git(project.remote, "show", "ticketd/task-11-outage:README.md") == "back"
+
+
+def test_command_agent_runs_checks_too(project: Project) -> None:
+    agent = [PY, "-c", "open('README.md', 'w').write('bad\\n')"]
+    check = [
+        PY,
+        "-c",
+        "import sys; sys.exit('README is bad' if 'bad' in open('README.md').read() else 0)",
+    ]
+    project.write_config(agent={"command": agent}, checks=[{"name": "readme", "run": check}])
+    project.ticket("task-12 - Checked.md")
+    assert run_once(project) == 1
+    err = error_json(project, "task-12 - Checked.md")
+    assert (err["errorCode"], err["stage"]) == ("CHECKS_FAILED", "checks")
+    assert "README is bad" in err["error"]
+
+
+@pytest.mark.parametrize("bad", [b"def f(:\n    pass\n"])
+def test_python_syntax_errors_are_caught_by_static_analysis(
+    project: Project, fake_ollama: FakeOllama, bad: bytes
+) -> None:
+    builtin_config(project, fake_ollama, agent={"kind": "builtin", "max_reflections": 1})
+    project.ticket("task-13 - Py.md", body="Add app.py.")
+    fake_ollama.reply(block("app.py", "", bad.decode()))
+    fake_ollama.reply(block("app.py", bad.decode(), "def f():\n    pass\n"))
+    assert run_once(project) == 0
+    feedback = chats(fake_ollama)[1].messages[-1]["content"]
+    assert "syntax error in app.py line 1" in feedback

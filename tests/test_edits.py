@@ -1,0 +1,450 @@
+"""SEARCH/REPLACE blocks: tolerant parsing, matching levels, refusing unsafe paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from daemon.agent.edits import Applied, Edit, Failure, apply, describe_failures, parse, resolve
+from daemon.errors import TicketdError
+
+APP = "def total(items):\n    return sum(items)\n"
+
+
+def block(search: str, replace: str, *, marks: tuple[int, int, int] = (7, 7, 7)) -> str:
+    s, d, r = marks
+    return f"{'<' * s} SEARCH\n{search}{'=' * d}\n{replace}{'>' * r} REPLACE\n"
+
+
+AB = block("a\n", "b\n")
+
+
+def edit(path: str, search: str, replace: str, index: int = 1) -> Edit:
+    return Edit(path=path, search=search, replace=replace, index=index)
+
+
+def parse_error(answer: str) -> str:
+    with pytest.raises(TicketdError) as info:
+        parse(answer)
+    assert info.value.code == "EDIT_PARSE_FAILED"
+    return info.value.message
+
+
+def tree(root: Path) -> dict[str, str | bytes]:
+    """Every file (its bytes), symlink (its target) and folder under ``root``."""
+    found: dict[str, str | bytes] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder, name)
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                found[rel] = "-> " + os.readlink(path)
+            elif path.is_dir():
+                found[rel] = "dir"
+            else:
+                found[rel] = path.read_bytes()
+    return found
+
+
+# -- parse --------------------------------------------------------------------------------
+
+
+def test_parse_fenced_block() -> None:
+    answer = "Here is the fix.\n\nsrc/app.py\n```python\n" + block("a = 1\n", "a = 2\n") + "```\n"
+    assert parse(answer) == [edit("src/app.py", "a = 1\n", "a = 2\n")]
+
+
+def test_parse_unfenced_block_and_tilde_fence() -> None:
+    assert parse(f"src/app.py\n{AB}") == [edit("src/app.py", "a\n", "b\n")]
+    assert parse(f"src/app.py\n~~~\n{AB}~~~\n") == [edit("src/app.py", "a\n", "b\n")]
+    assert parse(f"src/app.py\n~~~ python\n{AB}~~~\n") == [edit("src/app.py", "a\n", "b\n")]
+
+
+@pytest.mark.parametrize("marks", [(5, 5, 5), (7, 7, 7), (9, 9, 9), (5, 9, 7)])
+def test_parse_marker_lengths(marks: tuple[int, int, int]) -> None:
+    answer = "x.py\n" + block("a\n", "b\n", marks=marks)
+    assert parse(answer) == [edit("x.py", "a\n", "b\n")]
+
+
+def test_parse_lowercase_markers_with_spaces() -> None:
+    answer = "x.py\n  <<<<<<<search  \n a\n =======\t\n b\n>>>>>>>   replace\n"
+    assert parse(answer) == [edit("x.py", " a\n", " b\n")]
+
+
+def test_parse_too_few_or_many_marker_chars_are_text() -> None:
+    assert parse("x.py\n<<<< SEARCH\na\n====\nb\n>>>> REPLACE\n") == []
+    assert parse("x.py\n<<<<<<<<<< SEARCH\n") == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "src/app.py",
+        "`src/app.py`",
+        "**src/app.py**",
+        "src/app.py:",
+        "**`src/app.py`**:",
+        "**src/app.py:**",
+        "### src/app.py",
+        "File: src/app.py",
+        "**File:** `src/app.py`",
+        "  src/app.py  ",
+    ],
+)
+def test_parse_path_decorations(line: str) -> None:
+    answer = f"{line}\n```python\n{AB}```\n"
+    assert parse(answer) == [edit("src/app.py", "a\n", "b\n")]
+
+
+def test_parse_path_inside_the_fence_and_blank_lines() -> None:
+    assert parse(f"```python\nsrc/app.py\n\n{AB}```\n") == [edit("src/app.py", "a\n", "b\n")]
+    assert parse(f"src/app.py\n\n```\n\n{AB}```\n") == [edit("src/app.py", "a\n", "b\n")]
+
+
+def test_parse_several_blocks_files_and_prose() -> None:
+    one, two, three = block("1\n", "2\n"), block("3\n", "4\n"), block("5\n", "6\n")
+    docs = block("old\n", "new\nmore\n")
+    answer = (
+        "I will change two files.\n\n"
+        f"a.py\n```python\n{one}```\n\n"
+        f"Then the second place in the same file:\n\n```python\n{two}```\n"
+        f"{three}\n"
+        "And the docs, `b.md`, need a line:\n\n"
+        f"**docs/b.md**\n{docs}"
+        "That is all.\n"
+    )
+    assert parse(answer) == [
+        edit("a.py", "1\n", "2\n", 1),
+        edit("a.py", "3\n", "4\n", 2),
+        edit("a.py", "5\n", "6\n", 3),
+        edit("docs/b.md", "old\n", "new\nmore\n", 4),
+    ]
+
+
+def test_parse_label_line_is_not_a_path() -> None:
+    answer = f"a.py\n{AB}\nChanges:\n```\n{AB}```\n"
+    assert [e.path for e in parse(answer)] == ["a.py", "a.py"]
+    assert parse(f"Makefile\n{AB}")[0].path == "Makefile"
+
+
+def test_parse_create_and_delete_blocks() -> None:
+    answer = "new/mod.py\n" + block("", "x = 1\n") + "\nold.py\n" + block("gone\n", "")
+    assert parse(answer) == [edit("new/mod.py", "", "x = 1\n", 1), edit("old.py", "gone\n", "", 2)]
+
+
+def test_parse_keeps_blank_lines_and_crlf_answer() -> None:
+    answer = "x.py\r\n<<<<<<< SEARCH\r\na\r\n\r\nb\r\n=======\r\n\r\n>>>>>>> REPLACE\r\n"
+    assert parse(answer) == [edit("x.py", "a\n\nb\n", "\n")]
+
+
+def test_parse_no_blocks() -> None:
+    assert parse("") == []
+    assert parse("I could not find anything to change.\n```python\nx = 1\n```\n") == []
+
+
+def test_parse_missing_divider() -> None:
+    answer = f"a.py\n{AB}\nb.py\n<<<<<<< SEARCH\nold\n>>>>>>> REPLACE\n"
+    assert parse_error(answer) == (
+        "block 2 (line 9 of the answer): missing '=======' between SEARCH and REPLACE"
+    )
+    assert parse_error("a.py\n<<<<<<< SEARCH\nold\n") == (
+        "block 1 (line 2 of the answer): missing '=======' between SEARCH and REPLACE"
+    )
+
+
+def test_parse_missing_replace() -> None:
+    answer = "a.py\n<<<<<<< SEARCH\nold\n=======\nnew\n```\n"
+    assert parse_error(answer) == (
+        "block 1 (line 2 of the answer): missing '>>>>>>> REPLACE' at its end"
+    )
+    answer = "a.py\n<<<<<<< SEARCH\n1\n=======\n2\n<<<<<<< SEARCH\n3\n=======\n4\n>>>>>>> REPLACE\n"
+    assert parse_error(answer) == (
+        "block 1 (line 2 of the answer): missing '>>>>>>> REPLACE' at its end"
+    )
+
+
+def test_parse_block_without_path() -> None:
+    assert parse_error(f"Here you go:\n\n```python\n{AB}```\n") == (
+        "block 1 (line 4 of the answer): no file path before it; put the path on its own line"
+    )
+
+
+def test_parse_replace_without_search() -> None:
+    answer = f"a.py\n{AB}b.py\nold\n=======\nnew\n>>>>>>> REPLACE\n"
+    assert parse_error(answer) == (
+        "block 2 (line 11 of the answer): '>>>>>>> REPLACE' without '<<<<<<< SEARCH' before it"
+    )
+
+
+# -- apply --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "wt" / "src").mkdir(parents=True)
+    (tmp_path / "wt" / "src" / "app.py").write_text(APP)
+    return tmp_path / "wt"
+
+
+def test_apply_exact(root: Path) -> None:
+    result = apply(root, [edit("src/app.py", "    return sum(items)\n", "    return 0\n")])
+    assert result == Applied(changed=("src/app.py",), failures=(), fuzzy=0)
+    assert (root / "src/app.py").read_text() == "def total(items):\n    return 0\n"
+
+
+def test_apply_trailing_whitespace_tolerated(root: Path) -> None:
+    (root / "src/app.py").write_text("def total(items):  \n    return sum(items)\t\n")
+    result = apply(root, [edit("./src/app.py", APP, "def total(items):\n    return 1\n")])
+    assert result == Applied(changed=("src/app.py",), failures=(), fuzzy=1)
+    assert (root / "src/app.py").read_text() == "def total(items):\n    return 1\n"
+
+
+def test_apply_crlf_file_stays_crlf(root: Path) -> None:
+    (root / "src/app.py").write_bytes(b"a\r\nb\r\nc\r\n")
+    result = apply(root, [edit("src/app.py", "b\n", "B\nB2\n")])
+    assert result == Applied(changed=("src/app.py",), failures=(), fuzzy=0)
+    assert (root / "src/app.py").read_bytes() == b"a\r\nB\r\nB2\r\nc\r\n"
+
+
+def test_apply_keeps_missing_final_newline(root: Path) -> None:
+    (root / "src/app.py").write_text("a\nb")
+    apply(root, [edit("src/app.py", "b\n", "c\nd\n")])
+    assert (root / "src/app.py").read_text() == "a\nc\nd"
+    apply(root, [edit("src/app.py", "d\n", "")])
+    assert (root / "src/app.py").read_text() == "a\nc"
+
+
+def test_apply_uniform_indent_shift_reindents_replace(root: Path) -> None:
+    source = (
+        "class Cart:\n    def total(self):\n        return 1\n"
+        "\n    def n(self):\n        return 2\n"
+    )
+    (root / "cart.py").write_text(source)
+    search = "def total(self):\n    return 1\n"
+    replace = "def total(self):\n    # all of it\n\n    return 10\n"
+    result = apply(root, [edit("cart.py", search, replace)])
+    assert result == Applied(changed=("cart.py",), failures=(), fuzzy=1)
+    assert (root / "cart.py").read_text() == (
+        "class Cart:\n    def total(self):\n        # all of it\n\n        return 10\n"
+        "\n    def n(self):\n        return 2\n"
+    )
+
+
+def test_apply_search_indented_too_far(root: Path) -> None:
+    search = "        def total(items):\n            return sum(items)\n"
+    replace = "        def total(items):\n            return len(items)\n"
+    assert apply(root, [edit("src/app.py", search, replace)]).fuzzy == 1
+    assert (root / "src/app.py").read_text() == "def total(items):\n    return len(items)\n"
+
+
+def test_apply_indent_shift_with_trailing_whitespace_and_tabs(root: Path) -> None:
+    (root / "t.py").write_text("if x:\n\tif y:  \n\t\tgo()\n")
+    result = apply(root, [edit("t.py", "if y:\n\tgo()\n", "if y:\n\tstop()\n\tgo()\n")])
+    assert result == Applied(changed=("t.py",), failures=(), fuzzy=1)
+    assert (root / "t.py").read_text() == "if x:\n\tif y:\n\t\tstop()\n\t\tgo()\n"
+
+
+def test_apply_counts_fuzzy_blocks(root: Path) -> None:
+    edits = [
+        edit("src/app.py", "def total(items):\n", "def total(things):\n", 1),
+        edit("src/app.py", "return sum(items)\n", "return sum(things)\n", 2),
+    ]
+    assert apply(root, edits) == Applied(changed=("src/app.py",), failures=(), fuzzy=1)
+    assert (root / "src/app.py").read_text() == "def total(things):\n    return sum(things)\n"
+
+
+def test_apply_mixed_indent_shift_is_not_a_match(root: Path) -> None:
+    search = "  def total(items):\n return sum(items)\n"
+    result = apply(root, [edit("src/app.py", search, "x\n")])
+    assert [f.reason for f in result.failures] == ["SEARCH text not found in src/app.py"]
+
+
+def test_apply_ambiguous_match_refused(root: Path) -> None:
+    (root / "f.py").write_text("x = 1\ny = 2\nx = 1\nz = 3\nx = 1\n")
+    e = edit("f.py", "x = 1\n", "x = 9\n")
+    result = apply(root, [e])
+    reason = "SEARCH matches 3 places in f.py (lines 1, 3, 5); include more lines so it matches one"
+    assert result == Applied(changed=(), failures=(Failure(e, reason, ""),), fuzzy=0)
+    assert (root / "f.py").read_text() == "x = 1\ny = 2\nx = 1\nz = 3\nx = 1\n"
+
+
+def test_apply_not_found_shows_closest_lines(root: Path) -> None:
+    lines = [f"line {n}" for n in range(1, 31)]
+    lines[19:22] = ["def compute(a, b):", "    return a + b", ""]
+    (root / "m.py").write_text("\n".join(lines) + "\n")
+    e = edit("m.py", "def compute(a, b):\n    return a - b\n", "x\n", 3)
+    result = apply(root, [e])
+    closest = (
+        "18 | line 18\n19 | line 19\n20 | def compute(a, b):\n21 |     return a + b\n"
+        "22 |\n23 | line 23"
+    )
+    assert result.failures == (Failure(e, "SEARCH text not found in m.py", closest),)
+    assert result.changed == ()
+
+
+def test_apply_sequential_blocks_on_one_file(root: Path) -> None:
+    edits = [
+        edit("src/app.py", "    return sum(items)\n", "    return sum(items) * 2\n", 1),
+        edit("src/app.py", "    return sum(items) * 2\n", "    return sum(items) * 3\n", 2),
+        edit("src/app.py", "def total(items):\n", "def total(items: list[int]) -> int:\n", 3),
+    ]
+    assert apply(root, edits) == Applied(changed=("src/app.py",), failures=(), fuzzy=0)
+    assert (root / "src/app.py").read_text() == (
+        "def total(items: list[int]) -> int:\n    return sum(items) * 3\n"
+    )
+
+
+def test_apply_failed_block_does_not_stop_the_others(root: Path) -> None:
+    bad = edit("src/app.py", "nothing like it\n", "x\n", 1)
+    good = edit("src/app.py", "    return sum(items)\n", "    return 0\n", 2)
+    result = apply(root, [bad, good])
+    assert [f.edit.index for f in result.failures] == [1]
+    assert result.changed == ("src/app.py",)
+    assert (root / "src/app.py").read_text() == "def total(items):\n    return 0\n"
+
+
+def test_apply_creates_a_file_in_new_folders(root: Path) -> None:
+    result = apply(root, [edit("pkg/sub/new.py", "", "X = 1\n")])
+    assert result == Applied(changed=("pkg/sub/new.py",), failures=(), fuzzy=0)
+    assert (root / "pkg/sub/new.py").read_text() == "X = 1\n"
+
+
+def test_apply_create_over_existing_file(root: Path) -> None:
+    (root / "empty.py").write_text("")
+    same = edit("src/app.py", "", APP, 1)
+    fill = edit("empty.py", "", "A = 1\n", 2)
+    clash = edit("src/app.py", "", "other\n", 3)
+    result = apply(root, [same, fill, clash])
+    reason = "src/app.py already exists; copy lines from it into SEARCH to change it"
+    closest = "1 | def total(items):\n2 |     return sum(items)"
+    assert result == Applied(("empty.py",), (Failure(clash, reason, closest),), 0)
+    assert (root / "empty.py").read_text() == "A = 1\n"
+    assert (root / "src/app.py").read_text() == APP
+
+
+def test_apply_file_problems(root: Path) -> None:
+    (root / "blob.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (root / "latin.txt").write_bytes("café\n".encode("latin-1"))
+    (root / "plain.py").write_text("a\n")
+    edits = [
+        edit("missing.py", "a\n", "b\n", 1),
+        edit("blob.bin", "a\n", "b\n", 2),
+        edit("latin.txt", "caf\n", "b\n", 3),
+        edit("src", "a\n", "b\n", 4),
+        edit("plain.py/inner.py", "", "b\n", 5),
+        edit("empty.py", "a\n", "b\n", 6),
+    ]
+    result = apply(root, edits)
+    assert [(f.edit.index, f.reason, f.closest) for f in result.failures] == [
+        (1, "missing.py does not exist; an empty SEARCH creates a file", ""),
+        (2, "blob.bin is not a text file", ""),
+        (3, "latin.txt is not a text file", ""),
+        (4, "src is a folder", ""),
+        (5, "cannot create plain.py/inner.py: a file is in the way", ""),
+        (6, "empty.py does not exist; an empty SEARCH creates a file", ""),
+    ]
+    assert result.changed == ()
+
+
+def test_apply_keeps_bom_and_executable_bit(root: Path) -> None:
+    script = root / "run.sh"
+    script.write_bytes(b"\xef\xbb\xbf#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    apply(root, [edit("run.sh", "echo hi\n", "echo bye\n")])
+    assert script.read_bytes() == b"\xef\xbb\xbf#!/bin/sh\necho bye\n"
+    assert script.stat().st_mode & 0o777 == 0o755
+
+
+def test_apply_unchanged_file_is_not_written(root: Path) -> None:
+    result = apply(root, [edit("src/app.py", "    return sum(items)\n", "    return sum(items)\n")])
+    assert result == Applied(changed=(), failures=(), fuzzy=0)
+
+
+# -- unsafe paths -------------------------------------------------------------------------
+
+
+UNSAFE = [
+    ("../x", "the path goes up with .."),
+    ("a/../../x", "the path goes up with .."),
+    ("src/../src/app.py", "the path goes up with .."),
+    ("/etc/passwd", "the path is absolute"),
+    ("C:/x", "the path is absolute"),
+    ("\\\\server\\x", "the path is absolute"),
+    (".git/config", "files under .git are not editable"),
+    ("sub/.git/hooks/x", "files under .git are not editable"),
+    (".GIT/config", "files under .git are not editable"),
+    (".git", "files under .git are not editable"),
+    ("~/x", "a path may not start with ~"),
+    ("a\x00b", "the path contains a NUL byte"),
+    ("out/x.py", "out is a symbolic link"),
+    ("link.py", "link.py is a symbolic link"),
+    ("src/inner/deep.py", "src/inner is a symbolic link"),
+    (".", "the path names no file"),
+]
+
+
+@pytest.fixture
+def unsafe_root(root: Path) -> Path:
+    outside = root.parent / "outside"
+    outside.mkdir()
+    (outside / "x.py").write_text("secret\n")
+    (root / ".git").write_text("gitdir: /somewhere/.git/worktrees/wt\n")
+    (root / "out").symlink_to(outside)
+    (root / "link.py").symlink_to(root / "src" / "app.py")
+    (root / "src" / "inner").symlink_to(root / "src")
+    return root
+
+
+@pytest.mark.parametrize(("path", "why"), UNSAFE)
+def test_resolve_refuses(unsafe_root: Path, path: str, why: str) -> None:
+    with pytest.raises(TicketdError) as info:
+        resolve(unsafe_root, path)
+    assert info.value.code == "UNSAFE_EDIT"
+    assert info.value.message == f"refusing to edit {path!r}: {why}"
+
+
+@pytest.mark.parametrize(("path", "why"), UNSAFE)
+def test_apply_unsafe_path_writes_nothing(unsafe_root: Path, path: str, why: str) -> None:
+    before = tree(unsafe_root.parent)
+    edits = [
+        edit("src/app.py", "    return sum(items)\n", "    return 0\n", 1),
+        edit("fresh/new.py", "", "x = 1\n", 2),
+        edit(path, "", "pwned\n", 3),
+        edit("src/app.py", "def total(items):\n", "def t(items):\n", 4),
+    ]
+    with pytest.raises(TicketdError) as info:
+        apply(unsafe_root, edits)
+    assert info.value.code == "UNSAFE_EDIT"
+    assert info.value.message == f"block 3: refusing to edit {path!r}: {why}"
+    assert tree(unsafe_root.parent) == before
+
+
+def test_resolve_accepts_paths_inside(root: Path) -> None:
+    real = root.resolve()
+    assert resolve(root, "src/app.py") == real / "src" / "app.py"
+    assert resolve(root, "./src//app.py") == real / "src" / "app.py"
+    assert resolve(root, "new/dir/file.py") == real / "new" / "dir" / "file.py"
+    assert resolve(root, ".github/workflows/ci.yml") == real / ".github" / "workflows" / "ci.yml"
+    assert resolve(root, "notes~") == real / "notes~"
+    assert resolve(root, "a:b.txt") == real / "a:b.txt"
+
+
+# -- describe_failures --------------------------------------------------------------------
+
+
+def test_describe_failures() -> None:
+    missing = Failure(edit("a.py", "x\n", "y\n", 2), "SEARCH text not found in a.py", "3 | z")
+    ambiguous = Failure(edit("b.py", "q\n", "r\n", 5), "SEARCH matches 2 places in b.py", "")
+    assert describe_failures([missing, ambiguous]) == (
+        "These edit blocks could not be applied (blocks not listed here were applied):\n\n"
+        "Block 2 (a.py): SEARCH text not found in a.py\n"
+        "Lines of a.py as they are now (the numbers are not part of the file):\n"
+        "3 | z\n\n"
+        "Block 5 (b.py): SEARCH matches 2 places in b.py\n\n"
+        "Answer with corrected blocks for these only. SEARCH must copy the file's current "
+        "lines exactly, with the same indentation, comments and blank lines, and enough of "
+        "them to match one place."
+    )
+    assert describe_failures([]) == ""
