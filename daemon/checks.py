@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ def analyse(
             except SyntaxError as e:
                 out.ok = False
                 out.failures.append(f"syntax error in {rel} line {e.lineno}: {e.msg}")
-        ruff = shutil.which("ruff")
+        ruff = _ruff()
         if out.ok and ruff:
             before = {rel: (worktree / rel).read_bytes() for rel in py}
             _run(
@@ -95,6 +96,12 @@ def run_checks(worktree: Path, commands: Sequence[Command], grace_s: float = 5) 
             _run(worktree, command.name, list(command.run), command.timeout_s, grace_s),
         )
     return out
+
+
+def _ruff() -> str | None:
+    """ruff from PATH, or installed beside the Python running ticketd (its virtualenv)."""
+    beside = Path(sys.executable).parent / "ruff"
+    return shutil.which("ruff") or (str(beside) if beside.is_file() else None)
 
 
 def _record(out: Outcome, name: str, failure: str | None) -> None:

@@ -137,7 +137,9 @@ class Supervisor:
         self.recover(startup=True)
         self.next_reconcile = time.monotonic() + self.cfg.intake.reconcile_interval_s
         if self.monitor is not None:
-            self.monitor.check_now()
+            health = self.monitor.check_now()
+            if health is not None and not health.ok:
+                self.monitor.breaker.trip()  # down at start: wait for it, do not try tickets
             self.monitor.start()
         self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
         self._watcher.start()

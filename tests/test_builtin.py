@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import PY, Project, git, ticketd, wait_until
@@ -186,17 +187,30 @@ def test_a_silently_truncated_prompt_is_caught(project: Project, fake_ollama: Fa
     builtin_config(project, fake_ollama)
     project.ticket("task-9 - Big.md", body="Edit README.md. " + "context " * 400)
     fake_ollama.reply(block("README.md", "hello\n", "x\n"), prompt_eval_count=120)
+    fake_ollama.reply(block("README.md", "hello\n", "x\n"), prompt_eval_count=100)
 
     assert run_once(project) == 1
 
     err = error_json(project, "task-9 - Big.md")
     assert err["errorCode"] == "CONTEXT_TOO_LARGE" and "truncated" in err["error"]
+    assert len(chats(fake_ollama)) == 2  # once more with half the context, then it gives up
+
+
+def test_a_truncated_prompt_is_retried_with_less_context(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-16 - Retry.md", body="Edit README.md. " + "context " * 400)
+    fake_ollama.reply(block("README.md", "hello\n", "x\n"), prompt_eval_count=120)
+    fake_ollama.reply(block("README.md", "hello\n", "shorter\n"))
+    assert run_once(project) == 0
+    assert git(project.remote, "show", "ticketd/task-16-retry:README.md") == "shorter"
 
 
 def test_once_with_ollama_down_names_the_waiting_tickets_and_exits_1(
     project: Project, fake_ollama: FakeOllama
 ) -> None:
-    builtin_config(project, fake_ollama)
+    builtin_config(project, fake_ollama, ollama={"circuit_breaker": {"failure_threshold": 3}})
     project.ticket("task-10 - Wait.md")
     fake_ollama.stop()
     result = ticketd("run", "--once", "--config", str(project.config_path), timeout=30)
@@ -258,3 +272,47 @@ def test_python_syntax_errors_are_caught_by_static_analysis(
     assert run_once(project) == 0
     feedback = chats(fake_ollama)[1].messages[-1]["content"]
     assert "syntax error in app.py line 1" in feedback
+
+
+def test_first_model_is_warmed_and_missing_models_are_named(
+    project: Project, fake_ollama: FakeOllama, daemons: list
+) -> None:
+    from conftest import Daemon
+
+    builtin_config(project, fake_ollama, ollama={"models": [MODEL, "absent:1b"]})
+    daemons.append(d := Daemon(project))
+    wait_until(lambda: fake_ollama.requests_to("/api/generate"), what="the warm-up request")
+    warm = fake_ollama.requests_to("/api/generate")[0]
+    assert warm.model == MODEL and warm.body["prompt"] == "" and warm.keep_alive == "7m"
+    wait_until(lambda: "model absent:1b is not on" in d.text(), what="the warning")
+    assert "run `ollama pull absent:1b`" in d.text()
+
+
+def test_ruff_fixes_what_the_model_left(project: Project, fake_ollama: FakeOllama) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-14 - Tool.md", body="Add tool.py.")
+    fake_ollama.reply(block("tool.py", "", "import os\nimport sys\n\nprint(sys.argv)\n"))
+    assert run_once(project) == 0
+    assert (
+        git(project.remote, "show", "ticketd/task-14-tool:tool.py")
+        == "import sys\n\nprint(sys.argv)"
+    )
+    assert "auto-fixes 1" in (project.root / "logs" / "tasks" / "task-14.log").read_text()
+
+
+def test_static_analysis_commands_get_the_changed_files(
+    project: Project, fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    seen = tmp_path / "seen"
+    lint = [
+        PY,
+        "-c",
+        f"import sys; open({str(seen)!r}, 'w').write(' '.join(sys.argv[1:]))",
+        "{files}",
+    ]
+    builtin_config(project, fake_ollama,
+                   static_analysis={"commands": [{"glob": "*.txt", "run": lint}]})  # fmt: skip
+    project.ticket("task-15 - Txt.md", body="Add notes.")
+    fake_ollama.reply(block("a.txt", "", "a\n") + block("b.md", "", "b\n"))
+    assert run_once(project) == 0
+    assert seen.read_text() == "a.txt"

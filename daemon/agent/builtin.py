@@ -90,6 +90,12 @@ class AgentFailure(TicketdError):
         self.result = result
 
 
+class _Truncated(Exception):
+    def __init__(self, tokens: int) -> None:
+        super().__init__(tokens)
+        self.tokens = tokens
+
+
 def run(
     ticket: Ticket,
     worktree: Path,
@@ -118,7 +124,20 @@ def run(
             result.changed.clear()
         result.models_tried.append(model)
         try:
-            _attempt(ticket, task, worktree, model, llm, s, budget, result, last, log)
+            try:
+                _attempt(ticket, task, worktree, model, llm, s, budget, result, last, log)
+            except _Truncated:
+                log(f"{model}: Ollama truncated the prompt; trying again with half the context")
+                reset()
+                result.changed.clear()
+                _attempt(ticket, task, worktree, model, llm, s, budget // 2, result, last, log)
+        except _Truncated as e:
+            raise AgentFailure(
+                f"Ollama truncated the prompt for {model} (evaluated {e.tokens} tokens) even "
+                "with half the context; lower agent.max_context_files or raise ollama.num_ctx",
+                code="CONTEXT_TOO_LARGE",
+                result=result,
+            ) from None
         except LLMError as e:
             if e.code != "MODEL_NOT_FOUND":
                 raise AgentFailure(e.message, code=e.code, result=result) from None
@@ -171,12 +190,7 @@ def _attempt(
             f"{call.duration_s:.1f}s, {call.outcome}"
         )
         if reply.truncated:
-            raise AgentFailure(
-                f"Ollama truncated the prompt for {model} (evaluated {call.prompt_tokens} tokens);"
-                " lower agent.max_context_files or raise ollama.num_ctx",
-                code="CONTEXT_TOO_LARGE",
-                result=result,
-            )
+            raise _Truncated(call.prompt_tokens)
         failure = _apply_and_check(reply.content, worktree, s, result)
         if failure is None:
             result.first_try = result.first_try or (turn == 0 and len(result.models_tried) == 1)

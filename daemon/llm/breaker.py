@@ -80,6 +80,11 @@ class CircuitBreaker:
                 if self._successes >= self.success_threshold:
                     self._state = State.CLOSED
 
+    def trip(self) -> None:
+        """Open now, whatever the count (Ollama was found down at start-up)."""
+        with self._lock:
+            self._state, self._opened_at, self._failures = State.OPEN, self.clock(), 0
+
     def failure(self) -> None:
         with self._lock:
             state = self._current()
