@@ -47,6 +47,7 @@ def build(
     message: str,
     model: str | None,
     models_tried: Sequence[str],
+    model_outcomes: dict[str, str],
     log_file: str,
     attempts: Sequence[dict[str, Any]],
 ) -> dict[str, Any]:
@@ -65,6 +66,7 @@ def build(
         "retryCount": retry_count,
         "model": model,
         "modelsTried": list(models_tried),
+        "modelOutcomes": dict(model_outcomes),
         "nextRetryAt": iso(next_retry_at(retry_count, now)) if kind.retryable else None,
         "logFile": log_file,
         "attempts": list(attempts),

@@ -154,6 +154,7 @@ class Runner:
                         models=tried,
                         started=run.started,
                         run_id=run_id,
+                        outcomes=e.result.outcomes,
                     )
             except TicketdError as e:
                 self.fail(
@@ -191,7 +192,9 @@ class Runner:
         )
 
     def _record_agent(self, run_id: int, result: builtin.Result) -> None:
-        self.store.record_calls(run_id, result.calls, quality=result.quality)
+        self.store.record_calls(
+            run_id, result.calls, quality=result.quality, outcomes=result.outcomes
+        )
         prompt = sum(c.prompt_tokens for c in result.calls)
         evals = sum(c.eval_tokens for c in result.calls)
         logger.info(
@@ -266,6 +269,7 @@ class Runner:
         models: Sequence[str],
         started: float,
         run_id: int | None = None,
+        outcomes: dict[str, str] | None = None,
     ) -> None:
         """Write ``.error.json`` and move the ticket to failed/."""
         now = self.clock()
@@ -302,6 +306,7 @@ class Runner:
             message=message,
             model=model,
             models_tried=list(models),
+            model_outcomes=outcomes or {},
             log_file=_display(self._log_path(task_id)),
             attempts=attempts,
         )

@@ -61,6 +61,7 @@ MIGRATIONS = [
     ("runs", "prompt_tokens", "INTEGER"),
     ("runs", "eval_tokens", "INTEGER"),
     ("runs", "quality", "REAL"),
+    ("runs", "model_outcomes", "TEXT"),  # JSON {model: ok | not_found | failed}
 ]
 
 
@@ -139,8 +140,9 @@ class Store:
                 (at, outcome, duration_s, error_code, error, branch, model, run_id),
             )
 
-    def record_calls(self, run_id: int, calls: Sequence[Call], *, quality: float) -> None:
-        """Each LLM request of a run, and the run's totals and quality score."""
+    def record_calls(self, run_id: int, calls: Sequence[Call], *, quality: float,
+                     outcomes: dict[str, str]) -> None:  # fmt: skip
+        """Each LLM request of a run, its totals, each model's outcome and the quality score."""
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO llm_calls (run_id, model, prompt_tokens, eval_tokens, duration_s,"
@@ -151,13 +153,14 @@ class Store:
                 ],
             )
             db.execute(
-                "UPDATE runs SET llm_calls = ?, prompt_tokens = ?, eval_tokens = ?, quality = ?"
-                " WHERE id = ?",
+                "UPDATE runs SET llm_calls = ?, prompt_tokens = ?, eval_tokens = ?, quality = ?,"
+                " model_outcomes = ? WHERE id = ?",
                 (
                     len(calls),
                     sum(c.prompt_tokens for c in calls),
                     sum(c.eval_tokens for c in calls),
                     quality,
+                    json.dumps(outcomes),
                     run_id,
                 ),
             )

@@ -129,6 +129,7 @@ def test_checks_still_failing_after_all_reflections_fail_the_ticket(
     err = error_json(project, "task-4 - Never.md")
     assert err["errorCode"] == "CHECKS_FAILED" and err["stage"] == "agent"
     assert err["model"] == MODEL and err["modelsTried"] == [MODEL]
+    assert err["modelOutcomes"] == {MODEL: "failed"}
     assert len(chats(fake_ollama)) == 3  # first answer + max_reflections (2)
 
 

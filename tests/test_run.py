@@ -77,6 +77,7 @@ def test_failing_agent_goes_to_failed_with_error_json(project: Project) -> None:
         "retryCount",
         "model",
         "modelsTried",
+        "modelOutcomes",
         "nextRetryAt",
         "logFile",
         "attempts",
