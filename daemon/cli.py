@@ -72,11 +72,11 @@ def run(
 
     cfg = _load(config)
     try:
-        preflight(cfg)
+        repo_name = preflight(cfg)
     except ConfigError as e:
         err.print(f"ticketd: bad configuration: {e.message}", markup=False)
         raise typer.Exit(2) from None
-    code = Supervisor(cfg, once=once).run()
+    code = Supervisor(cfg, once=once, repo_name=repo_name).run()
     raise typer.Exit(code)
 
 
@@ -242,6 +242,54 @@ def new(
         err.print(f"ticketd: {path} already exists", markup=False)
         raise typer.Exit(1) from None
     out.print(str(path), markup=False)
+
+
+secrets_app = typer.Typer(
+    help="Secret scanning: the same scan the daemon runs on each change before committing.",
+    no_args_is_help=True,
+)
+app.add_typer(secrets_app, name="secrets")
+
+
+@secrets_app.command("scan")
+def secrets_scan(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to scan (recursively).")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {"findings": [{file, line, rule, redacted}]}.')
+    ] = False,
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="Ignore the findings listed in this file.")
+    ] = None,
+    write_baseline: Annotated[
+        Path | None,
+        typer.Option("--write-baseline", help="Write the findings to this file as a baseline."),
+    ] = None,
+) -> None:
+    """Scan files for secrets; exit 1 when anything is found.
+
+    Values are shown redacted (at most their first 4 characters). Lines with
+    `gitleaks:allow` or `pragma: allowlist secret` are skipped.
+    """
+    from daemon import secrets
+
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        err.print(f"ticketd: no such file or folder: {missing[0]}", markup=False)
+        raise typer.Exit(2)
+    findings = secrets.scan_paths(paths, baseline=baseline)
+    if write_baseline is not None:
+        secrets.write_baseline(write_baseline, findings)
+    if as_json:
+        rows = [
+            {"file": f.file, "line": f.line, "rule": f.rule, "redacted": f.redacted}
+            for f in findings
+        ]
+        out.print_json(json.dumps({"findings": rows}))
+    else:
+        for f in findings:
+            out.print(f"{f.file}:{f.line}: {f.rule}: {f.redacted}", markup=False)
+        out.print(f"{len(findings)} finding(s)")
+    raise typer.Exit(1 if findings and write_baseline is None else 0)
 
 
 def main() -> None:

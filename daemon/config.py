@@ -33,6 +33,7 @@ class RepoConfig(_Section):
     branch_prefix: str = "ticketd/"
     push_retries: int = Field(default=3, ge=0, le=20)
     git_timeout_s: float = Field(default=120, gt=0)
+    sign_commits: bool = False
 
 
 class Statuses(_Section):
@@ -169,9 +170,35 @@ class ShutdownConfig(_Section):
     grace_s: float = Field(default=60, ge=0)
 
 
+class SecretsConfig(_Section):
+    enabled: bool = True
+    on_finding: Literal["review", "fail"] = "review"
+    baseline: Path | None = None
+
+
+class ReviewConfig(_Section):
+    enabled: bool = False
+    strictness: Literal["low", "normal", "high"] = "normal"
+    check_for: tuple[Literal["security", "bugs", "performance", "style"], ...] = (
+        "security",
+        "bugs",
+        "performance",
+        "style",
+    )
+    block_on_critical: bool = True
+    on_block: Literal["review", "draft_pr"] = "review"
+    on_error: Literal["fail", "allow"] = "fail"
+
+
 class GithubConfig(_Section):
     enabled: bool = False
     token_env: str = "GITHUB_TOKEN"  # noqa: S105 - the name of a variable
+    repo: str | None = None  # owner/name; default: parsed from the remote's URL
+    base_url: str | None = None  # GitHub Enterprise: https://HOST/api/v3
+    draft: bool = False
+    labels: tuple[str, ...] = ()
+    retries: int = Field(default=3, ge=0, le=10)
+    max_rate_limit_wait_s: float = Field(default=120, ge=0)
 
 
 class ServerConfig(_Section):
@@ -195,6 +222,8 @@ class Config(_Section):
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     intake: IntakeConfig = IntakeConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    secrets: SecretsConfig = SecretsConfig()
+    review: ReviewConfig = ReviewConfig()
     github: GithubConfig = GithubConfig()
     server: ServerConfig = ServerConfig()
 
@@ -202,6 +231,9 @@ class Config(_Section):
         """The effective configuration as plain data, secrets masked, for the run history."""
         masked: dict[str, Any] = _mask(self.model_dump(mode="json", by_alias=True))
         return masked
+
+    def github_token(self) -> str | None:
+        return os.environ.get(self.github.token_env) or None
 
     def secret_values(self) -> list[str]:
         """Values that must never reach a log, a commit or an ``.error.json``."""
@@ -272,6 +304,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             "repo": config.repo.model_copy(update={"path": resolve(config.repo.path)}),
             "backlog": config.backlog.model_copy(update={"dir": resolve(config.backlog.dir)}),
             "state_dir": resolve(config.state_dir),
+            "secrets": config.secrets.model_copy(
+                update={"baseline": resolve(config.secrets.baseline)}
+                if config.secrets.baseline
+                else {}
+            ),
             "logging": config.logging.model_copy(update={"dir": resolve(config.logging.dir)}),
         }
     )

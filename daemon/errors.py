@@ -41,6 +41,7 @@ CODES: dict[str, Kind] = {
     "AGENT_TIMEOUT": Kind(transient=True, retryable=True),
     "SECRET_DETECTED": Kind(transient=False, retryable=False),
     "REVIEW_BLOCKED": Kind(transient=False, retryable=False),
+    "REVIEW_FAILED": Kind(transient=True, retryable=True),
     "GIT_FAILED": Kind(transient=False, retryable=True),
     "PUSH_FAILED": Kind(transient=True, retryable=True),
     "PR_FAILED": Kind(transient=True, retryable=True),

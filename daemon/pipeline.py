@@ -14,10 +14,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import checks, tickets
+from daemon import checks, gates, review, tickets
 from daemon.agent import builtin, command
-from daemon.errors import AgentError
-from daemon.llm.client import Ollama
+from daemon.errors import AgentError, GitError
+from daemon.forge import Forge
+from daemon.llm.client import Call, Ollama
 from daemon.repo import Repo
 
 StageHook = Callable[[str], AbstractContextManager[None]]
@@ -45,6 +46,20 @@ class Settings:
     kind: str
     models_by_label: Mapping[str, Sequence[str]]
     builtin: builtin.Settings
+    sign_commits: bool = False
+    secrets: bool = True
+    secrets_on_finding: str = "review"
+    secrets_baseline: Path | None = None
+    review: review.Policy | None = None  # None: no review
+    review_model: str = ""
+    review_on_block: str = "review"
+    pr: PRSettings | None = None  # None: no pull request
+
+
+@dataclass(frozen=True)
+class PRSettings:
+    draft: bool
+    labels: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,8 @@ class Delivered:
     commit: str
     model: str
     agent: builtin.Result | None = None
+    review: review.Review | None = None
+    pr_url: str | None = None
 
 
 def branch_name(prefix: str, ticket: tickets.Ticket) -> str:
@@ -91,6 +108,7 @@ def run(
     cancel: threading.Event,
     on_agent_start: Callable[[int], None],
     llm: Ollama | None = None,
+    forge: Forge | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> Delivered:
     repo = Repo(s.repo, timeout_s=s.git_timeout_s)
@@ -118,16 +136,132 @@ def run(
         if s.kind == "command" and (s.builtin.checks or s.builtin.analysis):
             with stage("checks"):
                 _check(repo, worktree, s)
-        with stage("commit"):
+        with stage("changes"):
             if not repo.stage_all(worktree, s.exclude):
                 raise AgentError("the agent finished without changing any file", code="NO_CHANGES")
-            commit = repo.commit(worktree, commit_message(ticket))
+            diff = repo.staged_diff(worktree)
+            diffstat = repo.staged_diff(worktree, stat=True)
+        if s.secrets:
+            with stage("secrets"):
+                gates.scan_secrets(
+                    diff, baseline=s.secrets_baseline, on_finding=s.secrets_on_finding
+                )
+        verdict: review.Review | None = None
+        draft = s.pr.draft if s.pr else False
+        if s.review is not None:
+            with stage("review"):
+                assert llm is not None
+                verdict = review.review(
+                    llm,
+                    s.review_model,
+                    command.render_ticket(ticket),
+                    review.split_diff(diff),
+                    s.review,
+                    num_ctx=s.builtin.num_ctx,
+                    num_predict=s.builtin.num_predict,
+                    log=log,
+                )
+                draft = gates.check_review(verdict, s.review_on_block) or draft
+        with stage("commit"):
+            commit = repo.commit(worktree, commit_message(ticket), sign=s.sign_commits)
         with stage("push"):
             repo.push(worktree, s.remote, branch, attempts=s.push_retries)
     finally:
         repo.remove_worktree(worktree)
     model = agent.model if agent is not None and agent.model else chain[0]
-    return Delivered(branch=branch, commit=commit, model=model, agent=agent)
+    pr_url = None
+    if s.pr is not None and forge is not None:
+        calls = (agent.calls if agent else []) + (verdict.calls if verdict else [])
+        with stage("pr"):
+            pr_url = open_pr(
+                ticket,
+                branch,
+                s,
+                forge,
+                log,
+                diffstat=diffstat,
+                verdict=verdict,
+                model=model,
+                calls=calls,
+                draft=draft,
+            )
+    return Delivered(branch, commit, model, agent, verdict, pr_url)
+
+
+def open_pr(
+    ticket: tickets.Ticket,
+    branch: str,
+    s: Settings,
+    forge: Forge,
+    log: Callable[[str], None],
+    *,
+    diffstat: str,
+    verdict: review.Review | None,
+    model: str,
+    calls: Sequence[Call],
+    draft: bool,
+) -> str:
+    """Open (or update) the pull request for ``branch``; returns its URL."""
+    assert s.pr is not None
+    tokens = (
+        (len(calls), sum(c.prompt_tokens for c in calls), sum(c.eval_tokens for c in calls))
+        if calls
+        else None
+    )
+    body = gates.pr_body(
+        ticket,
+        diffstat=diffstat,
+        checks=checks_passed(s),
+        result=verdict,
+        model=model,
+        tokens=tokens,
+    )
+    pr = forge.open_or_update(
+        branch=branch,
+        base=s.base_branch,
+        title=" ".join(ticket.title.split()),
+        body=s.redact(body),
+        draft=draft,
+        labels=list(dict.fromkeys([*s.pr.labels, *ticket.labels])),
+    )
+    log(f"pull request {'opened' if pr.created else 'updated'}: {pr.url}")
+    return pr.url
+
+
+def resume_pr(
+    ticket: tickets.Ticket,
+    s: Settings,
+    forge: Forge,
+    *,
+    stage: StageHook,
+    log: Callable[[str], None],
+) -> Delivered:
+    """After PR_FAILED: the branch is pushed already; open the pull request only."""
+    repo = Repo(s.repo, timeout_s=s.git_timeout_s)
+    branch = branch_name(s.branch_prefix, ticket)
+    with stage("pr"):
+        commit = repo.remote_head(s.remote, branch)
+        if commit is None:
+            raise GitError(f"branch {branch} is not on {s.remote} any more; run the ticket afresh")
+        log(f"resuming at the pull request for {branch} ({commit[:12]}); the agent does not run")
+        url = open_pr(
+            ticket,
+            branch,
+            s,
+            forge,
+            log,
+            diffstat="(see the branch)",
+            verdict=None,
+            model="(earlier run)",
+            calls=(),
+            draft=s.pr.draft if s.pr else False,
+        )
+    return Delivered(branch, commit, "(earlier run)", None, None, url)
+
+
+def checks_passed(s: Settings) -> list[str]:
+    names = [c.name for c in s.builtin.checks]
+    return [f"{n}: passed" for n in names]
 
 
 def _command_agent(

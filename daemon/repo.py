@@ -129,10 +129,24 @@ class Repo:
         self._git("reset", "--hard", "--quiet", cwd=worktree)
         self._git("clean", "-fd", "--quiet", cwd=worktree)
 
-    def commit(self, worktree: Path, message: str) -> str:
-        """Commit what is staged (the repository's hooks run); returns the commit id."""
-        self._git("commit", "--quiet", "-m", message, cwd=worktree)
+    def staged_diff(self, worktree: Path, *, stat: bool = False) -> str:
+        """The staged change as a unified diff (or ``--stat``), new files whole."""
+        flags = ["--stat"] if stat else ["--no-color", "--no-ext-diff", "--text"]
+        return self._git("diff", "--cached", *flags, cwd=worktree)
+
+    def commit(self, worktree: Path, message: str, *, sign: bool = False) -> str:
+        """Commit what is staged (the repository's hooks run; ``sign``: with the user's GPG
+        key, ``git commit -S``); returns the commit id."""
+        self._git("commit", "--quiet", *(["-S"] if sign else []), "-m", message, cwd=worktree)
         return self._git("rev-parse", "HEAD", cwd=worktree)
+
+    def remote_head(self, remote: str, branch: str) -> str | None:
+        """The commit ``branch`` points to on ``remote``, or None when it is not there."""
+        out = self._git("ls-remote", "--heads", remote, f"refs/heads/{branch}", code="PUSH_FAILED")
+        return out.split()[0] if out.strip() else None
+
+    def remote_url(self, remote: str) -> str:
+        return self._git("remote", "get-url", remote)
 
     def push(self, worktree: Path, remote: str, branch: str, *, attempts: int) -> None:
         """Push ``branch`` (ticketd owns it, so force) retrying transient failures."""

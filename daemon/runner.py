@@ -21,17 +21,24 @@ from typing import Any
 
 from loguru import logger
 
-from daemon import checks, failures, logs, pipeline, tickets
+from daemon import checks, failures, gates, logs, pipeline, review, tickets
 from daemon import config as configuration
 from daemon.agent import builtin
 from daemon.backlog import LEASE_ENV, Backlog, Lease
 from daemon.errors import Interrupted, TicketdError
+from daemon.files import atomic_write
+from daemon.forge import Forge
 from daemon.llm.breaker import State
 from daemon.llm.client import Ollama
 from daemon.redact import Redactor
 from daemon.store import Store
 
 OUTAGE_CODES = ("OLLAMA_UNAVAILABLE", "LLM_TIMEOUT")
+
+
+def review_path(ticket: Path) -> Path:
+    """``review/X.md`` -> ``review/X.review.json``."""
+    return ticket.with_name(ticket.name.removesuffix(".md") + ".review.json")
 
 
 def settings(cfg: configuration.Config, redact: Redactor) -> pipeline.Settings:
@@ -71,6 +78,16 @@ def settings(cfg: configuration.Config, redact: Redactor) -> pipeline.Settings:
             checks=tuple(command(c) for c in cfg.checks),
             grace_s=cfg.agent.kill_grace_s,
         ),
+        sign_commits=cfg.repo.sign_commits,
+        secrets=cfg.secrets.enabled,
+        secrets_on_finding=cfg.secrets.on_finding,
+        secrets_baseline=cfg.secrets.baseline,
+        review=review.Policy(r.strictness, r.check_for, r.block_on_critical, r.on_error)
+        if (r := cfg.review).enabled
+        else None,
+        review_model=cfg.ollama.review_model or cfg.ollama.models[0],
+        review_on_block=cfg.review.on_block,
+        pr=pipeline.PRSettings(cfg.github.draft, cfg.github.labels) if cfg.github.enabled else None,
     )
 
 
@@ -93,6 +110,7 @@ class Runner:
         redact: Redactor,
         clock: Callable[[], datetime],
         llm: Ollama | None,
+        repo_name: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.backlog = backlog
@@ -100,6 +118,7 @@ class Runner:
         self.redact = redact
         self.clock = clock
         self.llm = llm
+        self.repo_name = repo_name
         self.failed = 0  # tickets that ended in failed/ during this process's life
 
     def worktree(self, ticket_name: str) -> Path:
@@ -126,46 +145,50 @@ class Runner:
             s = settings(self.cfg, self.redact)
             s = dataclasses.replace(s, env={**s.env, LEASE_ENV: lease.marker})
             chain = pipeline.model_chain(ticket, s.models, s.models_by_label)
+            forge = self.forge()
+            previous = self.store.last_run(lease.name)
             try:
-                delivered = pipeline.run(
-                    ticket,
-                    lease.path,
-                    self.worktree(lease.name),
-                    s,
-                    stage=lambda name: self._stage(run, run_id, name),
-                    cancel=run.cancel,
-                    on_agent_start=lambda pid: lease.record(agentPgid=pid),
-                    llm=self.llm,
-                    log=logger.info,
-                )
+                if forge is not None and previous and previous["error_code"] == "PR_FAILED":
+                    delivered = pipeline.resume_pr(
+                        ticket,
+                        s,
+                        forge,
+                        stage=lambda name: self._stage(run, run_id, name),
+                        log=logger.info,
+                    )
+                else:
+                    delivered = pipeline.run(
+                        ticket,
+                        lease.path,
+                        self.worktree(lease.name),
+                        s,
+                        stage=lambda name: self._stage(run, run_id, name),
+                        cancel=run.cancel,
+                        on_agent_start=lambda pid: lease.record(agentPgid=pid),
+                        llm=self.llm,
+                        forge=forge,
+                        log=logger.info,
+                    )
             except Interrupted as e:
                 self._requeue(run, run_id, e)
-            except builtin.AgentFailure as e:
-                self._record_agent(run_id, e.result)
+            except gates.Held as e:
+                self._hold(run, run_id, e)
+            except TicketdError as e:
+                result: builtin.Result | None = getattr(e, "result", None)
+                self._record_agent(run_id, result, None)
                 if e.code in OUTAGE_CODES and self._outage(e.code):
                     self._requeue(run, run_id, e)
                 else:
-                    tried = e.result.models_tried or chain[:1]
                     self.fail(
                         lease,
                         ticket.id,
                         e,
                         stage=run.stage,
-                        models=tried,
+                        models=(result.models_tried if result else None) or chain[:1],
                         started=run.started,
                         run_id=run_id,
-                        outcomes=e.result.outcomes,
+                        outcomes=result.outcomes if result else None,
                     )
-            except TicketdError as e:
-                self.fail(
-                    lease,
-                    ticket.id,
-                    e,
-                    stage=run.stage,
-                    models=chain[:1],
-                    started=run.started,
-                    run_id=run_id,
-                )
             except Exception as e:  # an unknown error is recorded on the ticket, never passed over
                 logger.opt(exception=e).error("unexpected error in stage {}", run.stage)
                 error = TicketdError(
@@ -181,9 +204,68 @@ class Runner:
                     run_id=run_id,
                 )
             else:
-                if delivered.agent is not None:
-                    self._record_agent(run_id, delivered.agent)
+                self._record_agent(run_id, delivered.agent, delivered.review)
                 self._done(run, run_id, delivered)
+            finally:
+                if forge is not None:
+                    forge.close()
+
+    def forge(self) -> Forge | None:
+        """A client for the pull requests, when ``github.enabled`` (checked by preflight)."""
+        g = self.cfg.github
+        token = self.cfg.github_token()
+        if not g.enabled or token is None or self.repo_name is None:
+            return None
+        return Forge(
+            self.repo_name,
+            token,
+            base_url=g.base_url,
+            retries=g.retries,
+            max_rate_limit_wait_s=g.max_rate_limit_wait_s,
+        )
+
+    def _hold(self, run: Active, run_id: int, held: gates.Held) -> None:
+        """A gate stopped the change: to review/ with ``.review.json`` (or to failed/)."""
+        if held.folder == "failed":
+            self.fail(
+                run.lease,
+                run.ticket.id,
+                held,
+                stage=run.stage,
+                models=[],
+                started=run.started,
+                run_id=run_id,
+            )
+            return
+        now = self.clock()
+        dst = self.backlog.target("review", run.lease.name)
+        record = {
+            "taskId": run.ticket.id,
+            "file": dst.name,
+            "timestamp": failures.iso(now),
+            "stage": run.stage,
+            "reason": held.code,
+            "message": self.redact(held.message),
+            **held.details,
+        }
+        atomic_write(review_path(dst), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        self.backlog.move(run.lease.path, "review", now, dst=dst)
+        self.backlog.release(run.lease)
+        took = time.monotonic() - run.started
+        self.store.finish_run(
+            run_id,
+            failures.iso(now),
+            "review",
+            took,
+            error_code=held.code,
+            error=self.redact(held.message),
+        )
+        logger.warning(
+            "held for a person ({}): {}; ticket is review/{}",
+            held.code,
+            self.redact(held.message),
+            dst.name,
+        )
 
     def _outage(self, code: str) -> bool:
         """Is this error Ollama being away, rather than something about the ticket?"""
@@ -191,23 +273,30 @@ class Runner:
             self.llm is not None and self.llm.breaker.state is not State.CLOSED
         )
 
-    def _record_agent(self, run_id: int, result: builtin.Result) -> None:
+    def _record_agent(
+        self, run_id: int, result: builtin.Result | None, verdict: review.Review | None
+    ) -> None:
+        """The run's LLM calls (agent and review), totals, model outcomes and quality."""
+        calls = (result.calls if result else []) + (verdict.calls if verdict else [])
+        if result is None and not calls:
+            return
         self.store.record_calls(
-            run_id, result.calls, quality=result.quality, outcomes=result.outcomes
+            run_id,
+            calls,
+            quality=result.quality if result else None,
+            outcomes=result.outcomes if result else {},
         )
-        prompt = sum(c.prompt_tokens for c in result.calls)
-        evals = sum(c.eval_tokens for c in result.calls)
-        logger.info(
-            "llm: {} calls, {} prompt + {} eval tokens; models tried {}; reflections {}; "
-            "auto-fixes {}; quality {}",
-            len(result.calls),
-            prompt,
-            evals,
-            result.models_tried,
-            result.reflections,
-            result.fixes,
-            result.quality,
-        )
+        prompt = sum(c.prompt_tokens for c in calls)
+        evals = sum(c.eval_tokens for c in calls)
+        logger.info("llm: {} calls, {} prompt + {} eval tokens", len(calls), prompt, evals)
+        if result is not None:
+            logger.info(
+                "models tried {}; reflections {}; auto-fixes {}; quality {}",
+                result.models_tried,
+                result.reflections,
+                result.fixes,
+                result.quality,
+            )
 
     @contextmanager
     def _stage(self, run: Active, run_id: int, name: str) -> Iterator[None]:
@@ -230,7 +319,8 @@ class Runner:
 
     def _done(self, run: Active, run_id: int, delivered: pipeline.Delivered) -> None:
         branch, model = delivered.branch, delivered.model
-        dst = self._close(run, run_id, "done", "done", [branch], branch=branch, model=model)
+        refs = [branch, *([delivered.pr_url] if delivered.pr_url else [])]
+        dst = self._close(run, run_id, "done", "done", refs, branch=branch, model=model)
         logger.success(
             "done: pushed {} ({}); ticket is {}",
             delivered.branch,

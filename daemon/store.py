@@ -140,8 +140,9 @@ class Store:
                 (at, outcome, duration_s, error_code, error, branch, model, run_id),
             )
 
-    def record_calls(self, run_id: int, calls: Sequence[Call], *, quality: float,
-                     outcomes: dict[str, str]) -> None:  # fmt: skip
+    def record_calls(
+        self, run_id: int, calls: Sequence[Call], *, quality: float | None, outcomes: dict[str, str]
+    ) -> None:
         """Each LLM request of a run, its totals, each model's outcome and the quality score."""
         with self._tx() as db:
             db.executemany(
@@ -199,6 +200,15 @@ class Store:
             }
             for r in rows
         ]
+
+    def last_run(self, ticket: str) -> dict[str, Any] | None:
+        """The latest finished run of this ticket file."""
+        row = self._db.execute(
+            "SELECT outcome, error_code, stage, branch FROM runs WHERE ticket = ?"
+            " AND outcome != 'running' ORDER BY id DESC LIMIT 1",
+            (ticket,),
+        ).fetchone()
+        return dict(row) if row else None
 
     def running(self) -> dict[str, dict[str, Any]]:
         """Runs still marked running, by ticket file name, with their current stage."""

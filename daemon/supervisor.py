@@ -26,6 +26,7 @@ from daemon import config as configuration
 from daemon import failures, logs, procs, tickets
 from daemon.backlog import LEASE_ENV, Backlog
 from daemon.errors import ConfigError, InvalidTicket, TicketdError
+from daemon.forge import repo_from_remote
 from daemon.llm.breaker import CircuitBreaker
 from daemon.llm.client import Ollama
 from daemon.llm.health import Monitor
@@ -53,12 +54,32 @@ def statuses(cfg: configuration.Config) -> dict[str, str]:
     }
 
 
-def preflight(cfg: configuration.Config) -> None:
-    """Refuse to start on a repository the runs could not use (exit status 2)."""
+def preflight(cfg: configuration.Config) -> str | None:
+    """Refuse to start on a repository the runs could not use, or pull requests without a
+    token or a repository name (exit status 2). Returns the GitHub ``owner/name``."""
     try:
-        Repo(cfg.repo.path, timeout_s=cfg.repo.git_timeout_s).require_branch(cfg.repo.base_branch)
+        repo = Repo(cfg.repo.path, timeout_s=cfg.repo.git_timeout_s)
+        repo.require_branch(cfg.repo.base_branch)
     except TicketdError as e:
         raise ConfigError(f"{cfg.path}: repo: {e.message}") from None
+    if not cfg.github.enabled:
+        return None
+    if cfg.github_token() is None:
+        raise ConfigError(
+            f"{cfg.path}: github.enabled is true but ${cfg.github.token_env} is not set "
+            "(github.token_env names the variable holding the token)"
+        )
+    try:
+        url = repo.remote_url(cfg.repo.remote)
+    except TicketdError:
+        url = ""
+    name = cfg.github.repo or repo_from_remote(url)
+    if name is None:
+        raise ConfigError(
+            f"{cfg.path}: github.repo: cannot tell owner/name from remote {cfg.repo.remote!r}; "
+            "set github.repo"
+        )
+    return name
 
 
 class Supervisor:
@@ -69,6 +90,7 @@ class Supervisor:
         once: bool = False,
         clock: Clock = utcnow,
         log_to_stderr: bool = True,
+        repo_name: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.once = once
@@ -85,7 +107,7 @@ class Supervisor:
         self.waiting_for_ollama = False
         self.llm: Ollama | None = None
         self.monitor: Monitor | None = None
-        if cfg.agent.kind == "builtin":  # only then does a run need Ollama
+        if cfg.agent.kind == "builtin" or cfg.review.enabled:  # only then does a run need Ollama
             o = cfg.ollama
             b = o.circuit_breaker
             breaker = CircuitBreaker(
@@ -112,7 +134,9 @@ class Supervisor:
                 on_available=self.wake.set,
                 warm=o.models[0],
             )
-        self.runner = Runner(cfg, self.backlog, self.store, self.redact, clock, self.llm)
+        self.runner = Runner(
+            cfg, self.backlog, self.store, self.redact, clock, self.llm, repo_name=repo_name
+        )
         self._pool = ThreadPoolExecutor(cfg.concurrency.max_tickets, thread_name_prefix="ticket")
         self._watcher: Watcher | None = None
 

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from fake_github import fake_github  # noqa: F401  (the fixture)
 from fake_ollama import fake_ollama  # noqa: F401  (the fixture)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

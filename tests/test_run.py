@@ -11,12 +11,12 @@ import yaml
 from conftest import PY, Project, git
 
 from daemon import config as configuration
-from daemon.supervisor import Supervisor
+from daemon.supervisor import Supervisor, preflight
 
 
 def run_once(project: Project) -> int:
     cfg = configuration.load(project.config_path)
-    return Supervisor(cfg, once=True, log_to_stderr=False).run()
+    return Supervisor(cfg, once=True, log_to_stderr=False, repo_name=preflight(cfg)).run()
 
 
 def error_json(project: Project, name: str) -> dict:
@@ -103,7 +103,7 @@ def test_agent_that_changes_nothing_is_no_changes(project: Project) -> None:
     project.ticket("task-2 - Nothing.md")
     assert run_once(project) == 1
     err = error_json(project, "task-2 - Nothing.md")
-    assert (err["errorCode"], err["stage"]) == ("NO_CHANGES", "commit")
+    assert (err["errorCode"], err["stage"]) == ("NO_CHANGES", "changes")
 
 
 def test_agent_timeout_ends_the_whole_process_tree(project: Project, tmp_path: Path) -> None:

@@ -174,7 +174,7 @@ def _attempt(
     ctx = context.gather(worktree, task, budget, s.max_context_files)
     if ctx.dropped:
         log(f"context: {len(ctx.files)} files shown, over budget: {', '.join(ctx.dropped)}")
-    user = f"{task}\n## Repository\n\n{ctx.text}"
+    user = f"{ctx.tree}\n{task}\n## Files\n\n{ctx.text}"
     if previous is not None:
         user += f"\n## An earlier attempt failed\n\n{previous.message}\n"
     messages: list[Message] = [
@@ -183,7 +183,11 @@ def _attempt(
     ]
     failure: AgentFailure | None = None
     for turn in range(s.max_reflections + 1):
-        reply = llm.chat(model, _fit(messages, s), on_call=result.calls.append)
+        # a reflection shares most of its prompt with the call before; some Ollama versions
+        # count only the uncached part, so only a first call is judged by its shortfall
+        reply = llm.chat(
+            model, _fit(messages, s), on_call=result.calls.append, judge_shortfall=turn == 0
+        )
         call = reply.call
         log(
             f"llm {model}: {call.prompt_tokens} prompt + {call.eval_tokens} eval tokens, "

@@ -33,7 +33,8 @@ PATHLIKE = re.compile(r"[\w./-]+\.[A-Za-z0-9]{1,8}")
 
 @dataclass(frozen=True)
 class Context:
-    text: str
+    tree: str  # the file list: the same for every ticket on one base, so it goes first
+    text: str  # the files shown whole
     files: tuple[str, ...]  # shown whole
     dropped: tuple[str, ...]  # relevant but over the budget
     tokens: int
@@ -63,6 +64,8 @@ def gather(
             if path == token or path.endswith("/" + token) or Path(path).name == token:
                 ranked[path] += 100
     for word in keywords(ticket_text):
+        if PATHLIKE.fullmatch(word):
+            continue  # a file name: matched above, not a word to search for
         hits = _git(
             worktree,
             ["grep", "-I", "-c", "-F", "-w", "-e", word.split(".")[-1]],
@@ -77,7 +80,7 @@ def gather(
     used = estimate_tokens(tree)
     shown: list[str] = []
     dropped: list[str] = []
-    parts = [tree]
+    parts: list[str] = []
     for path, _ in ranked.most_common():
         if len(shown) >= max_files:
             break
@@ -96,7 +99,7 @@ def gather(
         shown.append(path)
         parts.append(block)
         used += cost
-    return Context("\n".join(parts), tuple(shown), tuple(dropped), used)
+    return Context(tree, "\n".join(parts), tuple(shown), tuple(dropped), used)
 
 
 def _file_tree(listing: list[str], budget_tokens: int) -> str:

@@ -39,10 +39,13 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 3)
 
 
-def looks_truncated(prompt_chars: int, prompt_eval_count: int) -> bool:
-    """True when Ollama evaluated far fewer tokens than the prompt holds (about one token
-    per 6 characters is the least any tokenizer gives for code or prose)."""
-    return prompt_chars > 1200 and prompt_eval_count < prompt_chars / 6
+def looks_truncated(prompt_chars: int, count: int, num_ctx: int, *, shortfall: bool) -> bool:
+    """Did Ollama cut the prompt? Yes when the prompt filled the whole context window, or
+    (``shortfall``) when Ollama evaluated far fewer tokens than the prompt holds: about one
+    token per 6 characters is the least any tokenizer gives for code or prose."""
+    if count >= num_ctx * 0.95:
+        return True
+    return shortfall and prompt_chars > 1200 and count < prompt_chars / 6
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class Ollama:
         *,
         format: dict[str, Any] | None = None,
         on_call: Callable[[Call], None] = lambda call: None,
+        judge_shortfall: bool = True,
     ) -> Reply:
         """Stream one chat completion; ``on_call`` hears of every request, failed or not.
         Raises ``LLMError`` with MODEL_NOT_FOUND, OLLAMA_UNAVAILABLE or LLM_TIMEOUT once
@@ -114,7 +118,7 @@ class Ollama:
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._chat_once(model, messages, format, on_call)
+                    return self._chat_once(model, messages, format, on_call, judge_shortfall)
         except _Transient as e:
             raise LLMError(e.message, code=e.code) from None
         raise AssertionError("unreachable")  # pragma: no cover
@@ -125,6 +129,7 @@ class Ollama:
         messages: Sequence[Message],
         format: dict[str, Any] | None,
         on_call: Callable[[Call], None],
+        judge_shortfall: bool,
     ) -> Reply:
         if not self.breaker.allow():
             raise LLMError(
@@ -155,7 +160,8 @@ class Ollama:
         text = "".join(content)
         prompt_tokens = int(getattr(final, "prompt_eval_count", 0) or 0)
         prompt_chars = sum(len(m.get("content", "")) for m in messages)
-        outcome = "truncated" if looks_truncated(prompt_chars, prompt_tokens) else "ok"
+        cut = looks_truncated(prompt_chars, prompt_tokens, self.num_ctx, shortfall=judge_shortfall)
+        outcome = "truncated" if cut else "ok"
         call = Call(
             model=model,
             prompt_tokens=prompt_tokens,

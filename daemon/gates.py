@@ -1,0 +1,90 @@
+"""The gates between a finished agent and the outside world, and the pull request text.
+
+A gate that wants a person raises ``Held``: the ticket goes to ``review/`` with a
+``.review.json`` saying why (or to ``failed/``, per configuration). Nothing is committed or
+pushed before the gates have passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon import review, secrets, tickets
+from daemon.errors import TicketdError
+
+
+class Held(TicketdError):
+    """The change must not go out as it is; ``folder`` is where the ticket goes."""
+
+    def __init__(self, message: str, *, code: str, folder: str, details: dict[str, Any]) -> None:
+        super().__init__(message, code=code)
+        self.folder = folder
+        self.details = details
+
+
+def scan_secrets(diff: str, *, baseline: Path | None, on_finding: str) -> None:
+    """Stop the run when the change adds a secret; only redacted values leave this function."""
+    known = secrets.load_baseline(baseline) if baseline is not None else set()
+    found = [f for f in secrets.scan_added(diff) if f.fingerprint not in known]
+    if not found:
+        return
+    listed = "; ".join(f"{f.file}:{f.line} {f.rule} ({f.redacted})" for f in found[:10])
+    raise Held(
+        f"the change adds {len(found)} secret(s): {listed}",
+        code="SECRET_DETECTED",
+        folder="review" if on_finding == "review" else "failed",
+        details={
+            "findings": [
+                {"file": f.file, "line": f.line, "rule": f.rule, "redacted": f.redacted}
+                for f in found
+            ]
+        },
+    )
+
+
+def check_review(result: review.Review, on_block: str) -> bool:
+    """True when the pull request must be a draft; raises ``Held`` when it must not open."""
+    if not result.blocked:
+        return False
+    if on_block == "draft_pr":
+        return True
+    worst = [i for i in result.issues if review.blocks(i, review.Policy(strictness="high"))]
+    raise Held(
+        f"the review blocks the change: {len(worst)} serious issue(s)"
+        + (f", first: {worst[0].file}:{worst[0].line} {worst[0].description}" if worst else ""),
+        code="REVIEW_BLOCKED",
+        folder="review",
+        details={"review": result.as_json()},
+    )
+
+
+def pr_body(
+    ticket: tickets.Ticket,
+    *,
+    diffstat: str,
+    checks: Sequence[str],
+    result: review.Review | None,
+    model: str,
+    tokens: tuple[int, int, int] | None,
+) -> str:
+    """Description, acceptance criteria, what changed, checks, review, model and tokens."""
+    parts = [f"Ticket **{ticket.id}**: {ticket.title}", ""]
+    if ticket.description:
+        parts += ["## Description", "", ticket.description, ""]
+    if ticket.acceptance_criteria:
+        parts += ["## Acceptance criteria", ""]
+        parts += [f"- [{'x' if c.checked else ' '}] {c.text}" for c in ticket.acceptance_criteria]
+        parts.append("")
+    parts += ["## What changed", "", "```", diffstat.strip() or "(no files)", "```", ""]
+    parts += ["## Checks", ""]
+    parts += [f"- {c}" for c in checks] or ["- none configured"]
+    parts.append("")
+    if result is not None:
+        parts += ["## Review", "", *review.summary_lines(result), ""]
+    used = f"Model: `{model}`"
+    if tokens is not None:
+        used += f"; {tokens[0]} LLM calls, {tokens[1]} prompt + {tokens[2]} eval tokens"
+    parts += ["---", f"Opened by ticketd. {used}.", ""]
+    return "\n".join(parts)
