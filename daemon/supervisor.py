@@ -128,7 +128,7 @@ class Supervisor:
             )
             self.monitor = Monitor(
                 self.llm,
-                o.models,
+                [*o.models, *([o.review_model] if cfg.review.enabled and o.review_model else [])],
                 interval_s=o.health_check.interval_s,
                 timeout_s=o.health_check.timeout_s,
                 on_available=self.wake.set,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import string
 import subprocess
 from collections.abc import Iterator
@@ -191,6 +192,7 @@ def test_a_blocked_review_can_open_a_draft_pr(
     assert pr["draft"] is True and "**CRITICAL** (security) `app.py:2`" in pr["body"]
 
 
+@pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg is not installed on this machine")
 def test_signed_commits(project: Project, tmp_path: Path) -> None:
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
@@ -231,3 +233,28 @@ def test_signed_commits(project: Project, tmp_path: Path) -> None:
         del os.environ["GNUPGHOME"]
         subprocess.run(["gpgconf", "--kill", "all"], env=env, capture_output=True, timeout=30)
     assert shown.startswith("G ") and "Ticketd Test" in shown
+
+
+def test_secrets_scan_cli(tmp_path: Path) -> None:
+    from conftest import ticketd
+
+    token = fake_pat()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "app.py").write_text(f'import os\nTOKEN = "{token}"\n')
+    (tmp_path / "src" / "ok.py").write_text(f'TOKEN = "{token}"  # gitleaks:allow\n')
+    (tmp_path / "src" / "blob.bin").write_bytes(b"\x00\x01" + token.encode())
+    result = ticketd("secrets", "scan", "--json", str(tmp_path / "src"))
+    assert result.returncode == 1, result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert [(f["file"].endswith("app.py"), f["line"]) for f in findings] == [(True, 2)]
+    assert token not in result.stdout + result.stderr
+    baseline = tmp_path / "baseline.json"
+    assert (
+        ticketd(
+            "secrets", "scan", "--write-baseline", str(baseline), str(tmp_path / "src")
+        ).returncode
+        == 0
+    )
+    again = ticketd("secrets", "scan", "--baseline", str(baseline), str(tmp_path / "src"))
+    assert again.returncode == 0 and again.stdout.strip() == "0 finding(s)"
+    assert token not in baseline.read_text()
