@@ -16,8 +16,9 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +31,11 @@ from daemon.files import atomic_write, free_name, is_temp, remove_stale_temp, re
 FOLDERS = ("todo", "in-progress", "review", "done", "failed")
 PRIORITY_RANK = {"high": 0, "medium": 1, None: 1, "low": 2}
 LEASE_ENV = "TICKETD_LEASE"
+
+
+def words(ticket: tickets.Ticket) -> set[str]:
+    """The distinct words of a ticket's title and description, for duplicate detection."""
+    return set(re.findall(r"\w+", f"{ticket.title} {ticket.description}".lower()))
 
 
 def is_ticket_name(name: str) -> bool:
@@ -124,9 +130,10 @@ class Backlog:
         return ids
 
     def plan(
-        self, candidates: Sequence[tickets.Ticket]
+        self, candidates: Sequence[tickets.Ticket], behind: Set[str] = frozenset()
     ) -> tuple[list[tickets.Ticket], list[Waiting]]:
-        """Split todo tickets into ready ones (by priority, then id) and waiting ones."""
+        """Split todo tickets into ready ones (by priority, then fresh before those named in
+        ``behind`` (retries), then id) and waiting ones."""
         ready = [t for t in candidates if not t.dependencies]
         waiting: list[Waiting] = []
         if len(ready) < len(candidates):  # only then read the other folders
@@ -140,7 +147,13 @@ class Backlog:
                 elif missing:
                     why = [f"{d} ({elsewhere.get(d.lower(), 'not found')})" for d in missing]
                     waiting.append(Waiting(t, "waits for " + ", ".join(why)))
-        ready.sort(key=lambda t: (PRIORITY_RANK.get(t.priority, 1), tickets.id_key(t.id)))
+        ready.sort(
+            key=lambda t: (
+                PRIORITY_RANK.get(t.priority, 1),
+                t.path.name in behind,
+                tickets.id_key(t.id),
+            )
+        )
         return ready, waiting
 
     def _ids_by_folder(self, folders: Sequence[str]) -> dict[str, str]:
@@ -150,6 +163,31 @@ class Backlog:
                 with contextlib.suppress(InvalidTicket, OSError):
                     found.setdefault(self.read(path).id.lower(), folder)
         return found
+
+    def duplicate_of(
+        self, ticket: tickets.Ticket, threshold: float, window_days: float, now: float
+    ) -> tickets.Ticket | None:
+        """An older ticket in todo/, a ticket in in-progress/, or one done within
+        ``window_days``, sharing at least ``threshold`` of its words with ``ticket``."""
+        mine = words(ticket)
+        if not mine:
+            return None
+        others = [("todo", p) for p in self.files("todo") if p != ticket.path]
+        others += [("in-progress", p) for p in self.files("in-progress")]
+        others += [("done", p) for p in self.files("done")]
+        for folder, path in others:
+            try:
+                if folder == "done" and now - path.stat().st_mtime > window_days * 86400:
+                    continue
+                other = self.read(path)
+            except (InvalidTicket, OSError):
+                continue
+            if folder == "todo" and tickets.id_key(other.id) >= tickets.id_key(ticket.id):
+                continue  # of two in todo/, the later one is the duplicate
+            theirs = words(other)
+            if theirs and len(mine & theirs) / len(mine | theirs) >= threshold:
+                return other
+        return None
 
     # -- claims ---------------------------------------------------------------------------
 

@@ -244,6 +244,74 @@ def new(
     out.print(str(path), markup=False)
 
 
+def retry_policy(cfg: configuration.Config, max_age_days: float | None = None) -> Any:
+    from daemon import failures
+
+    b = cfg.retry.backoff
+    return failures.Policy(
+        max_retries=cfg.retry.max_retries,
+        max_age_days=max_age_days if max_age_days is not None else cfg.retry.max_age_days,
+        backoff=failures.Backoff(b.base_s, b.factor, b.max_s),
+    )
+
+
+@app.command("retry-failed")
+def retry_failed(
+    config: ConfigOption = None,
+    task_id: Annotated[
+        str | None,
+        typer.Option("--task-id", help="Only this ticket (exit 1 if it is not in failed/)."),
+    ] = None,
+    max_age_days: Annotated[
+        float | None, typer.Option("--max-age-days", help="Override retry.max_age_days.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Ignore backoff, retry limit and age (an unchanged INVALID_TICKET still waits).",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help='Print {"tickets": [{taskId, eligible, reason, action}]}.'),
+    ] = False,
+) -> None:
+    """Move eligible tickets from failed/ back to todo/, and say for each why or why not.
+
+    Eligible: retryable, `retryCount` below `retry.max_retries`, `nextRetryAt` passed, failed
+    within `retry.max_age_days`; or edited since it failed, whatever the error.
+    """
+    from daemon import failures
+
+    cfg = _load(config)
+    backlog = _backlog(cfg)
+    backlog.ensure()
+    now = datetime.now(UTC)
+    decisions = failures.plan(
+        backlog.files("failed"), now, retry_policy(cfg, max_age_days), force=force, task_id=task_id
+    )
+    if task_id is not None and not decisions:
+        err.print(f"ticketd: no ticket {task_id} in {backlog.folder('failed')}", markup=False)
+        raise typer.Exit(1)
+    done = failures.apply(backlog, decisions, now, dry_run=dry_run)
+    if as_json:
+        rows = [
+            {"taskId": d.task_id, "eligible": d.eligible, "reason": d.reason, "action": d.action}
+            for d in done
+        ]
+        out.print_json(json.dumps({"tickets": rows}))
+        return
+    _table(
+        "Failed tickets",
+        ["ticket", "file", "eligible", "why", "action"],
+        [[d.task_id, d.file, "yes" if d.eligible else "no", d.reason, d.action] for d in done],
+    )
+
+
 secrets_app = typer.Typer(
     help="Secret scanning: the same scan the daemon runs on each change before committing.",
     no_args_is_help=True,

@@ -164,6 +164,22 @@ class ConcurrencyConfig(_Section):
 class IntakeConfig(_Section):
     reconcile_interval_s: float = Field(default=30, gt=0)
     settle_s: float = Field(default=1.0, ge=0)
+    duplicate_threshold: float = Field(default=0.8, gt=0, le=1)
+    duplicate_window_days: float = Field(default=30, ge=0)
+
+
+class BackoffConfig(_Section):
+    base_s: float = Field(default=300, gt=0)
+    factor: float = Field(default=2.0, ge=1)
+    max_s: float = Field(default=21600, gt=0)
+
+
+class RetryConfig(_Section):
+    enabled: bool = True
+    check_interval_s: float = Field(default=300, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    max_age_days: float = Field(default=7, gt=0)
+    backoff: BackoffConfig = BackoffConfig()
 
 
 class ShutdownConfig(_Section):
@@ -222,6 +238,7 @@ class Config(_Section):
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     intake: IntakeConfig = IntakeConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    retry: RetryConfig = RetryConfig()
     secrets: SecretsConfig = SecretsConfig()
     review: ReviewConfig = ReviewConfig()
     github: GithubConfig = GithubConfig()

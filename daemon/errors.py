@@ -47,6 +47,7 @@ CODES: dict[str, Kind] = {
     "PR_FAILED": Kind(transient=True, retryable=True),
     "INTERRUPTED": Kind(transient=True, retryable=True),
     "DEPENDENCY_FAILED": Kind(transient=False, retryable=False),
+    "DUPLICATE": Kind(transient=False, retryable=False),
     "INTERNAL_ERROR": Kind(transient=False, retryable=True),
 }
 

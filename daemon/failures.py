@@ -1,24 +1,36 @@
 """``failed/<name>.error.json``: what happened to a ticket and whether a retry can help.
 
 The format is a contract (README, "The .error.json file"); ``build`` is the one place that
-writes it.
+writes it. The retry rules are pure functions of the record, the ticket's content and ``now``:
+``eligibility`` for one ticket, ``plan`` for a folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from daemon.backlog import Backlog
 from daemon.errors import CODES
 from daemon.files import atomic_write
 
-BACKOFF_BASE_S = 300.0
-BACKOFF_FACTOR = 2.0
-BACKOFF_MAX_S = 6 * 3600.0
+
+@dataclass(frozen=True)
+class Backoff:
+    base_s: float = 300.0
+    factor: float = 2.0
+    max_s: float = 6 * 3600.0
+
+    def delay(self, retry_count: int) -> float:
+        """The longest wait before retry number ``retry_count + 1``: base * factor**n, capped."""
+        return min(self.max_s, self.base_s * self.factor ** min(retry_count, 64))
 
 
 def error_path(ticket: Path) -> Path:
@@ -26,11 +38,12 @@ def error_path(ticket: Path) -> Path:
     return ticket.with_name(ticket.name.removesuffix(".md") + ".error.json")
 
 
-def next_retry_at(retry_count: int, now: datetime, rng: random.Random | None = None) -> datetime:
-    """Exponential backoff with full jitter in its upper half: base * factor**n, capped."""
-    delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * BACKOFF_FACTOR**retry_count)
+def next_retry_at(
+    retry_count: int, now: datetime, backoff: Backoff = Backoff(), rng: random.Random | None = None
+) -> datetime:
+    """Exponential backoff with jitter in the upper half of each delay."""
     jitter = (rng or random.Random()).uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
-    return now + timedelta(seconds=delay * jitter)
+    return now + timedelta(seconds=backoff.delay(retry_count) * jitter)
 
 
 def iso(t: datetime) -> str:
@@ -50,6 +63,8 @@ def build(
     model_outcomes: dict[str, str],
     log_file: str,
     attempts: Sequence[dict[str, Any]],
+    content_sha256: str = "",
+    backoff: Backoff = Backoff(),
 ) -> dict[str, Any]:
     """The ``.error.json`` record. ``attempts`` holds every unsuccessful run, this one last."""
     kind = CODES.get(code, CODES["INTERNAL_ERROR"])
@@ -67,9 +82,10 @@ def build(
         "model": model,
         "modelsTried": list(models_tried),
         "modelOutcomes": dict(model_outcomes),
-        "nextRetryAt": iso(next_retry_at(retry_count, now)) if kind.retryable else None,
+        "nextRetryAt": iso(next_retry_at(retry_count, now, backoff)) if kind.retryable else None,
         "logFile": log_file,
         "attempts": list(attempts),
+        "contentSha256": content_sha256,
     }
 
 
@@ -77,3 +93,137 @@ def write(ticket_in_failed: Path, record: dict[str, Any]) -> Path:
     path = error_path(ticket_in_failed)
     atomic_write(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_retries: int = 3
+    max_age_days: float = 7
+    backoff: Backoff = Backoff()
+
+
+@dataclass(frozen=True)
+class Decision:
+    task_id: str
+    file: str
+    eligible: bool
+    reason: str
+    action: str = "none"
+    exhausted: bool = False  # past a limit for good: mark it not retryable
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    """The ``.error.json`` beside a failed ticket, or None when missing or unreadable."""
+    try:
+        data = json.loads(error_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _parse(value: object) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def eligibility(
+    record: dict[str, Any] | None,
+    content_sha256: str,
+    now: datetime,
+    policy: Policy,
+    *,
+    force: bool = False,
+) -> tuple[bool, str, bool]:
+    """May this failed ticket go back to ``todo/`` at ``now``? Returns (eligible, why,
+    exhausted). A ticket a person edited since it failed is always eligible; ``force``
+    ignores the backoff, the retry limit and the age, never an unchanged INVALID_TICKET."""
+    if record is None:
+        return (True, "no .error.json; forced", False) if force else (
+            False, "no readable .error.json beside it; use --force", False)  # fmt: skip
+    code = str(record.get("errorCode", "?"))
+    if record.get("contentSha256") and record["contentSha256"] != content_sha256:
+        return True, "edited since it failed", False
+    if code == "INVALID_TICKET":
+        return False, "INVALID_TICKET: fix the file first", False
+    if force:
+        return True, "forced", False
+    if not record.get("retryable", False):
+        note = record.get("retryNote") or f"{code} is permanent"
+        return False, f"{note}: edit the ticket or use --force", False
+    count = int(record.get("retryCount") or 0)
+    if count >= policy.max_retries:
+        return False, f"retry limit reached ({count} of {policy.max_retries})", True
+    failed_at = _parse(record.get("timestamp"))
+    if failed_at is not None and now - failed_at > timedelta(days=policy.max_age_days):
+        return False, f"failed more than {policy.max_age_days:g} days ago", True
+    due = _parse(record.get("nextRetryAt"))
+    if due is not None and now < due:
+        return False, f"backing off until {iso(due)}", False
+    return True, "due", False
+
+
+def plan(
+    failed: Sequence[Path],
+    now: datetime,
+    policy: Policy,
+    *,
+    force: bool = False,
+    task_id: str | None = None,
+) -> list[tuple[Path, Decision]]:
+    """A decision for each failed ticket file (only ``task_id``'s when given)."""
+    decisions = []
+    for path in failed:
+        record = read(path)
+        tid = str(record.get("taskId")) if record else path.name.split(" - ")[0].removesuffix(".md")
+        if task_id is not None and tid.lower() != task_id.lower():
+            continue
+        try:
+            content = sha256(path.read_bytes())
+        except FileNotFoundError:
+            continue
+        ok, why, exhausted = eligibility(record, content, now, policy, force=force)
+        decisions.append((path, Decision(tid, path.name, ok, why, exhausted=exhausted)))
+    return decisions
+
+
+def mark_exhausted(path: Path, reason: str) -> None:
+    """Past a limit: the ticket stays in failed/, its ``.error.json`` says it for good."""
+    record = read(path)
+    if record is not None and record.get("retryable"):
+        record.update(retryable=False, nextRetryAt=None, retryNote=reason)
+        write(path, record)
+
+
+def apply(
+    backlog: Backlog, decisions: Sequence[tuple[Path, Decision]], now: datetime, *, dry_run: bool
+) -> list[Decision]:
+    """Move the eligible tickets back to ``todo/`` (their ``.error.json`` goes; the attempts
+    stay in the history) and mark the exhausted ones not retryable. Returns what was done."""
+    done = []
+    for path, d in decisions:
+        action = "none"
+        if d.eligible:
+            action = "would retry" if dry_run else "retried"
+            if not dry_run:
+                try:
+                    backlog.move(path, "todo", now)
+                except FileNotFoundError:
+                    action = "gone"
+                else:
+                    error_path(path).unlink(missing_ok=True)
+        elif d.exhausted:
+            action = "would mark not retryable" if dry_run else "marked not retryable"
+            if not dry_run:
+                mark_exhausted(path, d.reason)
+        done.append(dataclasses.replace(d, action=action))
+    return done

@@ -237,30 +237,34 @@ class Runner:
                 run_id=run_id,
             )
             return
-        now = self.clock()
-        dst = self.backlog.target("review", run.lease.name)
-        record = {
-            "taskId": run.ticket.id,
-            "file": dst.name,
-            "timestamp": failures.iso(now),
-            "stage": run.stage,
-            "reason": held.code,
-            "message": self.redact(held.message),
-            **held.details,
-        }
-        atomic_write(review_path(dst), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        self.backlog.move(run.lease.path, "review", now, dst=dst)
-        self.backlog.release(run.lease)
+        self.hold(run.lease, run.ticket.id, held, stage=run.stage)
         took = time.monotonic() - run.started
         self.store.finish_run(
             run_id,
-            failures.iso(now),
+            failures.iso(self.clock()),
             "review",
             took,
             error_code=held.code,
             error=self.redact(held.message),
         )
-        logger.warning(
+
+    def hold(self, lease: Lease, task_id: str, held: gates.Held, *, stage: str) -> None:
+        """Write ``review/X.review.json`` and move the ticket to review/."""
+        now = self.clock()
+        dst = self.backlog.target("review", lease.name)
+        record = {
+            "taskId": task_id,
+            "file": dst.name,
+            "timestamp": failures.iso(now),
+            "stage": stage,
+            "reason": held.code,
+            "message": self.redact(held.message),
+            **held.details,
+        }
+        atomic_write(review_path(dst), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        self.backlog.move(lease.path, "review", now, dst=dst)
+        self.backlog.release(lease)
+        logger.bind(ticket=task_id).warning(
             "held for a person ({}): {}; ticket is review/{}",
             held.code,
             self.redact(held.message),
@@ -387,7 +391,11 @@ class Runner:
                     "durationS": 0.0,
                 }
             )
+        self.backlog.rewrite(lease.path, "failed", now)  # as it will read in failed/
+        b = self.cfg.retry.backoff
         record = failures.build(
+            content_sha256=failures.sha256(lease.path.read_bytes()),
+            backoff=failures.Backoff(b.base_s, b.factor, b.max_s),
             task_id=task_id,
             file=dst.name,
             now=now,

@@ -201,6 +201,17 @@ class Store:
             for r in rows
         ]
 
+    def known(self) -> set[str]:
+        """Ticket files that have run before (duplicate detection is for new ones)."""
+        return {r["ticket"] for r in self._db.execute("SELECT DISTINCT ticket FROM runs")}
+
+    def retried(self) -> set[str]:
+        """Ticket files with an unsuccessful run: retries queue behind fresh tickets."""
+        rows = self._db.execute(
+            "SELECT DISTINCT ticket FROM runs WHERE outcome IN ('failed', 'interrupted', 'review')"
+        ).fetchall()
+        return {r["ticket"] for r in rows}
+
     def last_run(self, ticket: str) -> dict[str, Any] | None:
         """The latest finished run of this ticket file."""
         row = self._db.execute(

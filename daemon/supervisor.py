@@ -20,10 +20,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 from loguru import logger
 
 from daemon import config as configuration
-from daemon import failures, logs, procs, tickets
+from daemon import failures, gates, logs, procs, tickets
 from daemon.backlog import LEASE_ENV, Backlog
 from daemon.errors import ConfigError, InvalidTicket, TicketdError
 from daemon.forge import repo_from_remote
@@ -139,6 +141,7 @@ class Supervisor:
         )
         self._pool = ThreadPoolExecutor(cfg.concurrency.max_tickets, thread_name_prefix="ticket")
         self._watcher: Watcher | None = None
+        self._scheduler = BackgroundScheduler(timezone=UTC)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -167,6 +170,17 @@ class Supervisor:
             self.monitor.start()
         self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
         self._watcher.start()
+        if self.cfg.retry.enabled and not self.once:
+            self._scheduler.add_job(
+                self.retry_due,
+                IntervalTrigger(seconds=self.cfg.retry.check_interval_s),
+                id="retry-failed",
+                replace_existing=True,
+                coalesce=True,
+                max_instances=1,
+                next_run_time=datetime.now(UTC),
+            )
+            self._scheduler.start()
         logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
         try:
             while self.signals == 0:
@@ -176,6 +190,8 @@ class Supervisor:
                 self.wake.wait(wait)
                 self.wake.clear()
         finally:
+            if self._scheduler.running:
+                self._scheduler.shutdown(wait=True)
             self._watcher.stop()
             if self.monitor is not None:
                 self.monitor.stop()
@@ -274,7 +290,7 @@ class Supervisor:
                 continue
             except InvalidTicket as e:
                 self._reject(path, e)
-        ready, _ = self.backlog.plan(candidates)
+        ready, _ = self.backlog.plan(candidates, self.store.retried())
         free = self.cfg.concurrency.max_tickets - len(self.active)
         if self.signals:
             return wait, 0
@@ -287,9 +303,12 @@ class Supervisor:
             self.waiting_for_ollama = True
             return wait, len(ready)
         self.waiting_for_ollama = False
+        known = self.store.known()
         for ticket in ready:
             if free <= 0:
                 break
+            if ticket.path.name not in known and self._duplicate(ticket):
+                continue
             if self._start(ticket):
                 free -= 1
         return wait, len(ready)
@@ -303,6 +322,26 @@ class Supervisor:
         task_id = tickets.id_from_filename(path)
         logger.bind(ticket=task_id).warning("{}: invalid ticket: {}", path.name, error.message)
         self.runner.fail(lease, task_id, error, stage="intake", models=[], started=time.monotonic())
+
+    def _duplicate(self, ticket: tickets.Ticket) -> bool:
+        """A new ticket that repeats another goes to review/ instead of running."""
+        i = self.cfg.intake
+        other = self.backlog.duplicate_of(
+            ticket, i.duplicate_threshold, i.duplicate_window_days, time.time()
+        )
+        if other is None:
+            return False
+        lease = self.backlog.claim(ticket.path.name, self.clock(), uuid.uuid4().hex)
+        if lease is None:
+            return True
+        held = gates.Held(
+            f"duplicate of {other.id} ({other.path.parent.name}/{other.path.name})",
+            code="DUPLICATE",
+            folder="review",
+            details={"duplicateOf": other.id},
+        )
+        self.runner.hold(lease, ticket.id, held, stage="intake")
+        return True
 
     def _start(self, ticket: tickets.Ticket) -> bool:
         now = self.clock()
@@ -359,6 +398,23 @@ class Supervisor:
                 logger.info("removed stale worktree {}", path)
         except TicketdError as e:
             logger.error("cannot prune worktrees: {}", e.message)
+
+    def retry_due(self) -> None:
+        """The scheduled job: failed tickets whose retry is due go back to todo/."""
+        b = self.cfg.retry
+        policy = failures.Policy(
+            b.max_retries,
+            b.max_age_days,
+            failures.Backoff(b.backoff.base_s, b.backoff.factor, b.backoff.max_s),
+        )
+        now = self.clock()
+        decisions = failures.plan(self.backlog.files("failed"), now, policy)
+        for d in failures.apply(self.backlog, decisions, now, dry_run=False):
+            if d.action == "retried":
+                logger.info("retrying {} ({})", d.file, d.reason)
+                self.wake.set()
+            elif d.action == "marked not retryable":
+                logger.warning("{} stays in failed/: {}", d.file, d.reason)
 
     def reload(self) -> None:
         try:

@@ -78,6 +78,7 @@ def test_failing_agent_goes_to_failed_with_error_json(project: Project) -> None:
         "model",
         "modelsTried",
         "modelOutcomes",
+        "contentSha256",
         "nextRetryAt",
         "logFile",
         "attempts",

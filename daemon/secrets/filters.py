@@ -117,7 +117,9 @@ def is_lookalike(value: str, line: str) -> bool:
         return True
     if _QUALIFIED_NAME.match(value):
         return True
-    computed = bool(_ENV_LOOKUP.search(line)) or (len(line) <= 1000 and bool(_INDIRECT.search(line)))
+    computed = bool(_ENV_LOOKUP.search(line)) or (
+        len(line) <= 1000 and bool(_INDIRECT.search(line))
+    )
     return computed and value not in _literals(line)
 
 

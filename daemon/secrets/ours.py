@@ -27,27 +27,29 @@ URL_CREDENTIALS = rule(
     group=2,
 )
 
-_SECRET_WORD = (
-    r"passw(?:or)?d|passphrase|pass(?![a-z])|pwd|secret|token|api[_.-]?key|apikey|access[_.-]?key"
+# A name is secret-sounding when it holds one of these: ``DB_PASSWORD``, ``stripeApiKey``.
+SECRET_NAME = re.compile(
+    r"(?i)passw(?:or)?d|passphrase|pass(?![a-z])|pwd|secret|token|api[_.-]?key|access[_.-]?key"
     r"|private[_.-]?key|auth[_.-]?key|credentials?|creds|(?:session|signing|encryption|master)[_.-]?key"
 )
-# A name made of the secret word and what surrounds it: ``DB_PASSWORD``, ``stripeApiKey``.
-_NAME = rf"[A-Za-z0-9_.-]*?(?:{_SECRET_WORD})[A-Za-z0-9_.-]*"
-# The name stands alone or is a quoted key ("password": …), never a word inside a string.
-_KEY = rf"""(?:(?<![A-Za-z0-9"'])(?:{_NAME})|(?<=["'])(?:{_NAME})["'])\]?[ \t]*"""
-_QUOTED = r"""(?:=|:=|::=|:|=>|->|\?=|\|\|=|==|!=|,|\()[ \t]*(?:"([^"\s\\]{8,200})"|'([^'\s\\]{8,200})'|`([^`\s\\]{8,200})`)"""
+# Any name, standing alone or as a quoted key ("password": …) but never a word inside a
+# string; the name is checked against SECRET_NAME afterwards (faster than in the pattern).
+_KEY = r"""(?<![A-Za-z0-9_.\-"'])(["'])?[A-Za-z0-9_.-]+(?(1)\1)\]?[ \t]*"""
+_QUOTED = r"""(?:=|:=|::=|:|=>|->|\?=|\|\|=|==|!=|,|\()[ \t]*(["'`])((?:(?!\2)[^\s\\]){8,200})\2"""
 _BARE = r"""(?:=|:=|::=|:|=>|\?=)[ \t]*([^\s"'`,;=:<][^\s"'`,;=<]{7,199}={0,2})(?=[\s,;]|$)"""
 
 GENERIC_SECRET_QUOTED = rule(
     "generic-secret",
-    rf"(?i){_KEY}{_QUOTED}",
+    _KEY + _QUOTED,
     "pass,pwd,secret,token,key,cred",
+    group=3,
     generic=True,
 )
 GENERIC_SECRET_BARE = rule(
     "generic-secret",
-    rf"(?i){_KEY}{_BARE}",
+    _KEY + _BARE,
     "pass,pwd,secret,token,key,cred",
+    group=2,
     generic=True,
 )
 
@@ -93,7 +95,8 @@ def accept_generic_secret(name: str, value: str) -> bool:
     bar (entropy above 3.5, no stopword), so the two generic rules agree on it."""
     entropy = shannon_entropy(value)
     if (
-        _NOT_A_SECRET_NAME.search(name)
+        not SECRET_NAME.search(name)
+        or _NOT_A_SECRET_NAME.search(name)
         or GENERIC_NAME_ALLOW.search(name)
         or _LETTERS_ONLY.match(value)
         or not re.search(r"[A-Za-z]", value)

@@ -21,7 +21,7 @@ MAX_FILE_BYTES = 1024 * 1024
 DS_MIN_ENTROPY = 3.2
 _ALLOW_COMMENT = re.compile(r"gitleaks:allow|pragma: ?allowlist[ -]secret|trufflehog:ignore", re.I)
 _ALLOW_NEXT_LINE = re.compile(r"pragma: ?allowlist[ -]nextline[ -]secret", re.I)
-_OPERATOR_TAIL = re.compile(r"""[\s"'\]=:>,(|?!-]+$""")
+_OPERATOR_TAIL = re.compile(r"""[\s"'`\]=:>,(|?!-]+$""")
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _accept(c: Candidate, text: str) -> bool:
     if filters.is_lookalike(c.secret, line):
         return False
     if c.rule.id == "generic-secret":
-        name = _OPERATOR_TAIL.sub("", text[c.match_start : c.start])
+        name = _OPERATOR_TAIL.sub("", text[c.match_start : c.start]).lstrip("\"'")
         return ours.accept_generic_secret(name, c.secret)
     return True
 
@@ -256,7 +256,9 @@ def load_baseline(path: Path) -> set[str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"secrets baseline {path}: cannot read it ({e.__class__.__name__})") from e
+        raise ConfigError(
+            f"secrets baseline {path}: cannot read it ({e.__class__.__name__})"
+        ) from e
     if not isinstance(data, list) or not all(
         isinstance(x, str) and re.fullmatch(r"[0-9a-f]{64}", x) for x in data
     ):
