@@ -148,8 +148,11 @@ def eligibility(
     exhausted). A ticket a person edited since it failed is always eligible; ``force``
     ignores the backoff, the retry limit and the age, never an unchanged INVALID_TICKET."""
     if record is None:
-        return (True, "no .error.json; forced", False) if force else (
-            False, "no readable .error.json beside it; use --force", False)  # fmt: skip
+        return (
+            (True, "no .error.json; forced", False)
+            if force
+            else (False, "no readable .error.json beside it; use --force", False)
+        )
     code = str(record.get("errorCode", "?"))
     if record.get("contentSha256") and record["contentSha256"] != content_sha256:
         return True, "edited since it failed", False

@@ -110,6 +110,7 @@ def run(
     llm: Ollama | None = None,
     forge: Forge | None = None,
     log: Callable[[str], None] = lambda message: None,
+    previous: str | None = None,
 ) -> Delivered:
     repo = Repo(s.repo, timeout_s=s.git_timeout_s)
     branch = branch_name(s.branch_prefix, ticket)
@@ -130,9 +131,12 @@ def run(
                     s.builtin,
                     reset=lambda: repo.reset(worktree),
                     log=log,
+                    previous=previous,
                 )
             else:
-                _command_agent(ticket, ticket_file, worktree, chain[0], s, cancel, on_agent_start)
+                _command_agent(
+                    ticket, ticket_file, worktree, chain[0], s, cancel, on_agent_start, previous
+                )
         if s.kind == "command" and (s.builtin.checks or s.builtin.analysis):
             with stage("checks"):
                 _check(repo, worktree, s)
@@ -228,34 +232,46 @@ def open_pr(
     return pr.url
 
 
-def resume_pr(
+def resume(
     ticket: tickets.Ticket,
     s: Settings,
-    forge: Forge,
+    forge: Forge | None,
     *,
+    after: str,
     stage: StageHook,
     log: Callable[[str], None],
 ) -> Delivered:
-    """After PR_FAILED: the branch is pushed already; open the pull request only."""
+    """Continue a run that failed at the push (``after="PUSH_FAILED"``: the commit is on the
+    local branch) or at the pull request (``"PR_FAILED"``: the branch is pushed). The agent
+    does not run again."""
     repo = Repo(s.repo, timeout_s=s.git_timeout_s)
     branch = branch_name(s.branch_prefix, ticket)
-    with stage("pr"):
-        commit = repo.remote_head(s.remote, branch)
-        if commit is None:
+    log(f"resuming after {after} with {branch}; the agent does not run again")
+    if after == "PUSH_FAILED":
+        with stage("push"):
+            commit = repo.ticket_commit(branch, ticket.id)
+            if commit is None:
+                raise GitError(f"branch {branch} holds no commit for {ticket.id}; run it afresh")
+            repo.push(s.repo, s.remote, branch, attempts=s.push_retries, source=branch)
+    else:
+        commit = repo.remote_head(s.remote, branch) or ""
+        if not commit:
             raise GitError(f"branch {branch} is not on {s.remote} any more; run the ticket afresh")
-        log(f"resuming at the pull request for {branch} ({commit[:12]}); the agent does not run")
-        url = open_pr(
-            ticket,
-            branch,
-            s,
-            forge,
-            log,
-            diffstat="(see the branch)",
-            verdict=None,
-            model="(earlier run)",
-            calls=(),
-            draft=s.pr.draft if s.pr else False,
-        )
+    url = None
+    if s.pr is not None and forge is not None:
+        with stage("pr"):
+            url = open_pr(
+                ticket,
+                branch,
+                s,
+                forge,
+                log,
+                diffstat="(see the branch)",
+                verdict=None,
+                model="(earlier run)",
+                calls=(),
+                draft=s.pr.draft,
+            )
     return Delivered(branch, commit, "(earlier run)", None, None, url)
 
 
@@ -272,10 +288,11 @@ def _command_agent(
     s: Settings,
     cancel: threading.Event,
     on_agent_start: Callable[[int], None],
+    previous: str | None,
 ) -> None:
     prompt = s.prompts / f"{safe_name(ticket.id)}.prompt.md"
     prompt.parent.mkdir(parents=True, exist_ok=True)
-    prompt.write_text(command.render_prompt(ticket), encoding="utf-8")
+    prompt.write_text(command.render_prompt(ticket, previous), encoding="utf-8")
     values = {
         "prompt_file": str(prompt),
         "worktree": str(worktree),

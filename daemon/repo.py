@@ -148,7 +148,18 @@ class Repo:
     def remote_url(self, remote: str) -> str:
         return self._git("remote", "get-url", remote)
 
-    def push(self, worktree: Path, remote: str, branch: str, *, attempts: int) -> None:
+    def ticket_commit(self, branch: str, ticket_id: str) -> str | None:
+        """The tip of the local ``branch`` when it is a commit for ``ticket_id``."""
+        try:
+            message = self._git("log", "-1", "--format=%H%n%B", f"refs/heads/{branch}")
+        except GitError:
+            return None
+        sha, _, body = message.partition("\n")
+        return sha if f"Ticket: {ticket_id}" in body else None
+
+    def push(
+        self, worktree: Path, remote: str, branch: str, *, attempts: int, source: str = "HEAD"
+    ) -> None:
         """Push ``branch`` (ticketd owns it, so force) retrying transient failures."""
         for attempt in Retrying(
             retry=retry_if_exception(lambda e: isinstance(e, PushTransient)),
@@ -157,15 +168,15 @@ class Repo:
             reraise=True,
         ):
             with attempt:
-                self._push_once(worktree, remote, branch)
+                self._push_once(worktree, remote, branch, source)
 
-    def _push_once(self, worktree: Path, remote: str, branch: str) -> None:
+    def _push_once(self, worktree: Path, remote: str, branch: str, source: str) -> None:
         try:
             self._git(
                 "push",
                 "--force",
                 remote,
-                f"HEAD:refs/heads/{branch}",
+                f"{source}:refs/heads/{branch}",
                 cwd=worktree,
                 code="PUSH_FAILED",
             )

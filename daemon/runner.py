@@ -148,15 +148,21 @@ class Runner:
             forge = self.forge()
             previous = self.store.last_run(lease.name)
             try:
-                if forge is not None and previous and previous["error_code"] == "PR_FAILED":
-                    delivered = pipeline.resume_pr(
+                after = previous["error_code"] if previous else None
+                if after == "PUSH_FAILED" or (after == "PR_FAILED" and forge is not None):
+                    delivered = pipeline.resume(
                         ticket,
                         s,
                         forge,
+                        after=str(after),
                         stage=lambda name: self._stage(run, run_id, name),
                         log=logger.info,
                     )
                 else:
+                    summary = None
+                    if previous and previous["outcome"] == "failed":
+                        p = previous
+                        summary = f"{p['error_code']} in stage {p['stage']}: {p['error']}"
                     delivered = pipeline.run(
                         ticket,
                         lease.path,
@@ -168,6 +174,7 @@ class Runner:
                         llm=self.llm,
                         forge=forge,
                         log=logger.info,
+                        previous=summary,
                     )
             except Interrupted as e:
                 self._requeue(run, run_id, e)

@@ -215,7 +215,7 @@ class Store:
     def last_run(self, ticket: str) -> dict[str, Any] | None:
         """The latest finished run of this ticket file."""
         row = self._db.execute(
-            "SELECT outcome, error_code, stage, branch FROM runs WHERE ticket = ?"
+            "SELECT outcome, error_code, error, stage, branch FROM runs WHERE ticket = ?"
             " AND outcome != 'running' ORDER BY id DESC LIMIT 1",
             (ticket,),
         ).fetchone()

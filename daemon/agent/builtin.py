@@ -105,6 +105,7 @@ def run(
     *,
     reset: Callable[[], None],
     log: Callable[[str], None],
+    previous: str | None = None,
 ) -> Result:
     result = Result()
     task = render_ticket(ticket)
@@ -118,6 +119,7 @@ def run(
             result=result,
         )
     last: TicketdError | None = None
+    earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
     for model in chain:
         if last is not None and result.changed:
             reset()
@@ -125,12 +127,16 @@ def run(
         result.models_tried.append(model)
         try:
             try:
-                _attempt(ticket, task, worktree, model, llm, s, budget, result, last, log)
+                _attempt(
+                    ticket, task, worktree, model, llm, s, budget, result, last or earlier, log
+                )
             except _Truncated:
                 log(f"{model}: Ollama truncated the prompt; trying again with half the context")
                 reset()
                 result.changed.clear()
-                _attempt(ticket, task, worktree, model, llm, s, budget // 2, result, last, log)
+                _attempt(
+                    ticket, task, worktree, model, llm, s, budget // 2, result, last or earlier, log
+                )
         except _Truncated as e:
             raise AgentFailure(
                 f"Ollama truncated the prompt for {model} (evaluated {e.tokens} tokens) even "

@@ -33,10 +33,11 @@ def render_ticket(ticket: Ticket) -> str:
     return "\n".join(parts)
 
 
-def render_prompt(ticket: Ticket) -> str:
-    """The prompt file for a command agent: the ticket and what to do with it."""
+def render_prompt(ticket: Ticket, previous: str | None = None) -> str:
+    """The prompt file for a command agent: the ticket, what failed last time, what to do."""
     parts = [
         render_ticket(ticket),
+        *(["## A previous attempt failed", "", previous, ""] if previous else []),
         "## Instructions",
         "",
         "Make the change this ticket asks for in the current repository. Edit files only",

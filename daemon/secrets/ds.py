@@ -1,12 +1,12 @@
-"""detect-secrets' plugins, run in-process on one line at a time.
+"""detect-secrets' plugins, run in-process.
 
-The plugins' patterns are run directly over the whole text rather than through
+The plugins' patterns run directly over the whole text rather than through
 ``detect_secrets.core.scan``, whose settings are process-global; the look-alike filters of
 this package replace detect-secrets' own. Left out as too noisy for a gate: the two
-high-entropy-string plugins (any long random-looking literal, hashes included), the public IP
-plugin, the basic auth plugin (``url-credentials`` filters its placeholders), the private key plugin (the ``private-key`` rule wants the key body, not a header
-mentioned in code) and the keyword plugin (``generic-secret`` covers its cases with an entropy
-threshold).
+high-entropy-string plugins (any random-looking literal, hashes included), the public IP
+plugin, the basic auth plugin (``url-credentials`` filters its placeholders), the private key
+plugin (the ``private-key`` rule wants the key body, not a header mentioned in code) and the
+keyword plugin (``generic-secret`` covers its cases, with an entropy threshold).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ HIGH_SIGNAL = (
     TelegramBotTokenDetector,
     TwilioKeyDetector,
 )
+
+# Plugins whose tokens are UUIDs (npm's legacy auth tokens): the UUID filter spares them.
+UUID_TOKENS = frozenset({NpmDetector.__name__})
 
 
 @cache

@@ -10,6 +10,7 @@ context, UUIDs, variable references and values read from the environment.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 
@@ -54,7 +55,7 @@ def _ascending_share(value: str) -> float:
         return 0.0
     covered = 0
     run = 1
-    for prev, cur in zip(chars, chars[1:], strict=False):
+    for prev, cur in itertools.pairwise(chars):
         if _ALPHABET.index(cur) == _ALPHABET.index(prev) + 1:
             run += 1
             continue
@@ -68,10 +69,7 @@ def _repeats_unit(value: str) -> bool:
     """``abcd1234abcd1234…``: the value is one short unit repeated three times or more."""
     core = re.sub(r"[^0-9A-Za-z]", "", value)
     n = len(core)
-    for size in range(1, n // 3 + 1):
-        if n % size == 0 and core[:size] * (n // size) == core:
-            return True
-    return False
+    return any(n % size == 0 and core[:size] * (n // size) == core for size in range(1, n // 3 + 1))
 
 
 def is_low_diversity(value: str) -> bool:
@@ -111,9 +109,13 @@ def is_hash_like(value: str, line: str) -> bool:
     )
 
 
+def is_uuid(value: str) -> bool:
+    return bool(_UUID.match(value))
+
+
 def is_lookalike(value: str, line: str) -> bool:
     """For generic findings: hashes, git SHAs, UUIDs, references and environment lookups."""
-    if is_hash_like(value, line) or _UUID.match(value) or value.startswith("$"):
+    if is_hash_like(value, line) or is_uuid(value) or value.startswith("$"):
         return True
     if _QUALIFIED_NAME.match(value):
         return True

@@ -81,8 +81,10 @@ GENERIC_NAME_ALLOW = compile_go(_GENERIC_MATCH_ALLOW)
 GENERIC_API_KEY = rule(
     "generic-api-key",
     semi(
-        ["access", "auth", "(?-i:[Aa]pi|API)", "credential", "creds", "key", "passw(?:or)?d"]
-        + ["secret", "token"],
+        [
+            *("access", "auth", "(?-i:[Aa]pi|API)", "credential", "creds", "key"),
+            *("passw(?:or)?d", "secret", "token"),
+        ],
         r"[\w.=-]{10,150}|[a-z0-9][a-z0-9+/]{11,}={0,3}",
     ),
     "access,api,auth,key,credential,creds,passwd,password,secret,token",
@@ -116,7 +118,7 @@ _KUBE_VALUE = (
     r"""([\w.-]+:(?:[ \t]*(?:\||>[-+]?)\s+)?[ \t]*(?:["']?[a-z0-9+/]{10,}={0,3}["']?"""
     r"""|\{\{[ \t\w"|$:=,.-]+}}|""|''))"""
 )
-_KIND_SECRET = r"""\bkind:[ \t]*["']?\bsecret\b["']?"""
+_K8S_KIND = r"""\bkind:[ \t]*["']?\bsecret\b["']?"""
 
 # fmt: off
 RULES: tuple[Rule, ...] = (
@@ -297,8 +299,8 @@ RULES: tuple[Rule, ...] = (
          "zxlk", entropy=2),
     _vendor("kraken-access-token", ["kraken"], r"[a-z0-9\/=_\+\-]{80,90}"),
     rule("kubernetes-secret-yaml",
-         rf"(?i)(?:{_KIND_SECRET}(?s:.){{0,200}}?\bdata:(?s:.){{0,100}}?\s+{_KUBE_VALUE}"
-         rf"|\bdata:(?s:.){{0,100}}?\s+{_KUBE_VALUE}(?s:.){{0,200}}?{_KIND_SECRET})",
+         rf"(?i)(?:{_K8S_KIND}(?s:.){{0,200}}?\bdata:(?s:.){{0,100}}?\s+{_KUBE_VALUE}"
+         rf"|\bdata:(?s:.){{0,100}}?\s+{_KUBE_VALUE}(?s:.){{0,200}}?{_K8S_KIND})",
          "secret", path=r"(?i)\.ya?ml$",
          allowlists=[
              allow(r"""[\w.-]+:(?:[ \t]*(?:\||>[-+]?)\s+)?[ \t]*(?:\{\{[ \t\w"|$:=,.-]+}}|""|'')"""),

@@ -28,13 +28,18 @@ URL_CREDENTIALS = rule(
 )
 
 # A name is secret-sounding when it holds one of these: ``DB_PASSWORD``, ``stripeApiKey``.
-SECRET_NAME = re.compile(
-    r"(?i)passw(?:or)?d|passphrase|pass(?![a-z])|pwd|secret|token|api[_.-]?key|access[_.-]?key"
+_SENSITIVE_WORDS = (
+    r"passw(?:or)?d|passphrase|pass(?![a-z])|pwd|secret|token|api[_.-]?key|access[_.-]?key"
     r"|private[_.-]?key|auth[_.-]?key|credentials?|creds|(?:session|signing|encryption|master)[_.-]?key"
 )
-# Any name, standing alone or as a quoted key ("password": …) but never a word inside a
-# string; the name is checked against SECRET_NAME afterwards (faster than in the pattern).
-_KEY = r"""(?<![A-Za-z0-9_.\-"'])(["'])?[A-Za-z0-9_.-]+(?(1)\1)\]?[ \t]*"""
+SECRET_NAME = re.compile(f"(?i){_SENSITIVE_WORDS}")
+# A secret-sounding name, standing alone or as a quoted key ("password": …) but never a word
+# inside a string.
+_KEY = (
+    r"""(?<![A-Za-z0-9_.\-"'])(["'])?(?=[A-Za-z0-9_.-]*?(?i:"""
+    + _SENSITIVE_WORDS
+    + r"""))[A-Za-z0-9_.-]+(?(1)\1)\]?[ \t]*"""
+)
 _QUOTED = r"""(?:=|:=|::=|:|=>|->|\?=|\|\|=|==|!=|,|\()[ \t]*(["'`])((?:(?!\2)[^\s\\]){8,200})\2"""
 _BARE = r"""(?:=|:=|::=|:|=>|\?=)[ \t]*([^\s"'`,;=:<][^\s"'`,;=<]{7,199}={0,2})(?=[\s,;]|$)"""
 

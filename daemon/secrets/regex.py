@@ -27,8 +27,8 @@ _FLAG_GROUP = re.compile(r"\(\?([a-z]+)\)")
 
 # Pieces of gitleaks' generated patterns (cmd/generate/config/utils/generate.go).
 _OPERATOR = r"(?:=|>|:{1,3}=|\|\||:|=>|\?=|,)"
-_SECRET_PREFIX = r"[\x60'\"\s=]{0,5}("
-_SECRET_SUFFIX = r")(?:[\x60'\"\s;]|\\[nr]|$)"
+_VALUE_HEAD = r"[\x60'\"\s=]{0,5}("
+_VALUE_TAIL = r")(?:[\x60'\"\s;]|\\[nr]|$)"
 
 
 def _group_end(pattern: str, start: int) -> tuple[int, list[int]]:
@@ -99,12 +99,12 @@ def semi_generic(identifiers: Sequence[str], secret: str, *, case_insensitive: b
     """gitleaks' ``GenerateSemiGenericRegex``: ``<identifier> <operator> <secret>``."""
     names = r"[\w.-]{0,50}?(?:" + "|".join(identifiers) + r")(?:[ \t\w.-]{0,20})[\s'\"]{0,3}"
     head = "(?i)" + names if case_insensitive else r"[\w.-]{0,50}?(?i:" + names + ")"
-    return head + _OPERATOR + _SECRET_PREFIX + secret + _SECRET_SUFFIX
+    return head + _OPERATOR + _VALUE_HEAD + secret + _VALUE_TAIL
 
 
 def unique_token(secret: str, *, case_insensitive: bool = False) -> str:
     """gitleaks' ``GenerateUniqueTokenRegex``: a token with a distinctive prefix."""
-    return ("(?i)" if case_insensitive else "") + r"\b(" + secret + _SECRET_SUFFIX
+    return ("(?i)" if case_insensitive else "") + r"\b(" + secret + _VALUE_TAIL
 
 
 def shannon_entropy(value: str) -> float:

@@ -107,16 +107,25 @@ def _embedded(text: str, start: int) -> bool:
     return start > 0 and text[start - 1].isalnum()
 
 
+def _accept_plugin_value(plugin: str, text: str, start: int, end: int) -> bool:
+    """detect-secrets' patterns carry no entropy threshold nor allowlists: a value must be
+    random enough, mix in digits, start on a word boundary and be no look-alike."""
+    secret = text[start:end]
+    line = line_span(text, start, end)
+    return not (
+        _embedded(text, start)
+        or shannon_entropy(secret) < DS_MIN_ENTROPY
+        or not any(c.isdigit() for c in secret)
+        or filters.is_placeholder(secret, line)
+        or filters.is_hash_like(secret, line)
+        or (plugin not in ds.UUID_TOKENS and filters.is_uuid(secret))
+    )
+
+
 def _plugin_hits(text: str) -> Iterator[_Hit]:
     for name, start, end in ds.scan(text):
-        secret = text[start:end]
-        if (
-            _embedded(text, start)
-            or shannon_entropy(secret) < DS_MIN_ENTROPY
-            or filters.is_placeholder(secret, line_span(text, start, end))
-        ):
-            continue
-        yield _Hit(name, secret, start, end)
+        if _accept_plugin_value(name, text, start, end):
+            yield _Hit(name, text[start:end], start, end)
 
 
 def _overlaps(a: _Hit, kept: Iterable[_Hit]) -> bool:
