@@ -76,7 +76,11 @@ def run(
     except ConfigError as e:
         err.print(f"ticketd: bad configuration: {e.message}", markup=False)
         raise typer.Exit(2) from None
-    code = Supervisor(cfg, once=once, repo_name=repo_name).run()
+    try:
+        code = Supervisor(cfg, once=once, repo_name=repo_name).run()
+    except ConfigError as e:
+        err.print(f"ticketd: bad configuration: {e.message}", markup=False)
+        raise typer.Exit(2) from None
     raise typer.Exit(code)
 
 

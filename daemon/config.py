@@ -82,6 +82,7 @@ class AgentConfig(_Section):
     env: dict[str, str] = {}
     exclude: tuple[str, ...] = (".aider*",)
     max_reflections: int = Field(default=3, ge=0, le=20)
+    max_memory_mb: float = Field(default=0, ge=0)  # the agent's process tree; 0: no limit
     max_context_files: int = Field(default=12, ge=0, le=200)
 
     @field_validator("command")
@@ -159,6 +160,8 @@ class StaticAnalysisConfig(_Section):
 
 class ConcurrencyConfig(_Section):
     max_tickets: int = Field(default=1, ge=1, le=64)
+    min_free_memory_mb: float = Field(default=0, ge=0)  # 0: no guard
+    max_load: float = Field(default=0, ge=0)  # 1-minute load average; 0: no guard
 
 
 class IntakeConfig(_Section):
@@ -221,6 +224,7 @@ class ServerConfig(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
+    token_env: str | None = None  # a variable holding a bearer token the endpoints require
 
 
 class Config(_Section):
@@ -252,10 +256,13 @@ class Config(_Section):
     def github_token(self) -> str | None:
         return os.environ.get(self.github.token_env) or None
 
+    def server_token(self) -> str | None:
+        return os.environ.get(self.server.token_env) or None if self.server.token_env else None
+
     def secret_values(self) -> list[str]:
         """Values that must never reach a log, a commit or an ``.error.json``."""
-        token = os.environ.get(self.github.token_env, "")
-        return [token] if len(token) >= 4 else []
+        tokens = [os.environ.get(self.github.token_env, ""), self.server_token() or ""]
+        return [t for t in tokens if len(t) >= 4]
 
     def agent_env(self) -> dict[str, str]:
         """The agents' environment: the daemon's, less the forge token, plus agent.env."""

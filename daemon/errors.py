@@ -39,6 +39,7 @@ CODES: dict[str, Kind] = {
     "CHECKS_FAILED": Kind(transient=False, retryable=True),
     "AGENT_FAILED": Kind(transient=False, retryable=True),
     "AGENT_TIMEOUT": Kind(transient=True, retryable=True),
+    "AGENT_OOM": Kind(transient=True, retryable=True),
     "SECRET_DETECTED": Kind(transient=False, retryable=False),
     "REVIEW_BLOCKED": Kind(transient=False, retryable=False),
     "REVIEW_FAILED": Kind(transient=True, retryable=True),

@@ -47,6 +47,7 @@ class Settings:
     models_by_label: Mapping[str, Sequence[str]]
     builtin: builtin.Settings
     sign_commits: bool = False
+    max_memory_mb: float = 0
     secrets: bool = True
     secrets_on_finding: str = "review"
     secrets_baseline: Path | None = None
@@ -311,6 +312,7 @@ def _command_agent(
         cancel=cancel,
         on_start=on_agent_start,
         redact=s.redact,
+        max_memory_mb=s.max_memory_mb,
     )
 
 

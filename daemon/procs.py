@@ -29,6 +29,7 @@ class Result:
     timed_out: bool
     cancelled: bool
     duration_s: float
+    out_of_memory: bool = False
 
 
 def run(
@@ -41,10 +42,12 @@ def run(
     grace_s: float = 5.0,
     cancel: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
+    max_memory_mb: float = 0,
 ) -> Result:
     """Run ``argv`` to completion, its stdout and stderr appended to ``output``.
 
-    Ends the whole process tree when ``timeout_s`` passes or ``cancel`` is set. Raises
+    Ends the whole process tree when ``timeout_s`` passes, ``cancel`` is set, or (with
+    ``max_memory_mb``) the tree's resident memory grows past it (checked each second). Raises
     ``FileNotFoundError``/``PermissionError`` when the program cannot be started.
     """
     start = time.monotonic()
@@ -63,6 +66,7 @@ def run(
         if on_start is not None:
             on_start(proc.pid)
         deadline = start + timeout_s
+        next_memory_check = start
         while True:
             try:
                 code = proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
@@ -71,10 +75,16 @@ def run(
             except subprocess.TimeoutExpired:
                 pass
             cancelled = cancel is not None and cancel.is_set()
-            if cancelled or time.monotonic() >= deadline:
+            now = time.monotonic()
+            oom = False
+            if max_memory_mb and now >= next_memory_check:
+                next_memory_check = now + 1.0
+                oom = tree_memory_mb(proc.pid) > max_memory_mb
+            if cancelled or oom or now >= deadline:
                 end_tree(proc.pid, grace_s)
                 proc.wait()
-                return Result(None, not cancelled, cancelled, time.monotonic() - start)
+                timed_out = not cancelled and not oom
+                return Result(None, timed_out, cancelled, time.monotonic() - start, oom)
     finally:
         if proc.returncode is None:  # an exception (StopNow) got us here: leave no orphan
             end_tree(proc.pid, grace_s=0)
@@ -90,6 +100,20 @@ def end_tree(pid: int, grace_s: float) -> int:
         procs = []
     procs += group_members(pid)
     return terminate(procs, grace_s)
+
+
+def tree_memory_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MiB."""
+    try:
+        leader = psutil.Process(pid)
+        procs = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total / (1024 * 1024)
 
 
 def group_members(pgid: int, marker: tuple[str, str] | None = None) -> list[psutil.Process]:

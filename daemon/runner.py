@@ -30,6 +30,7 @@ from daemon.files import atomic_write
 from daemon.forge import Forge
 from daemon.llm.breaker import State
 from daemon.llm.client import Ollama
+from daemon.metrics import Metrics
 from daemon.redact import Redactor
 from daemon.store import Store
 
@@ -79,6 +80,7 @@ def settings(cfg: configuration.Config, redact: Redactor) -> pipeline.Settings:
             grace_s=cfg.agent.kill_grace_s,
         ),
         sign_commits=cfg.repo.sign_commits,
+        max_memory_mb=cfg.agent.max_memory_mb,
         secrets=cfg.secrets.enabled,
         secrets_on_finding=cfg.secrets.on_finding,
         secrets_baseline=cfg.secrets.baseline,
@@ -111,6 +113,7 @@ class Runner:
         clock: Callable[[], datetime],
         llm: Ollama | None,
         repo_name: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.backlog = backlog
@@ -119,6 +122,7 @@ class Runner:
         self.clock = clock
         self.llm = llm
         self.repo_name = repo_name
+        self.metrics = metrics
         self.failed = 0  # tickets that ended in failed/ during this process's life
 
     def worktree(self, ticket_name: str) -> Path:
@@ -246,6 +250,7 @@ class Runner:
             return
         self.hold(run.lease, run.ticket.id, held, stage=run.stage)
         took = time.monotonic() - run.started
+        self._observe_outcome("review", took)
         self.store.finish_run(
             run_id,
             failures.iso(self.clock()),
@@ -254,6 +259,14 @@ class Runner:
             error_code=held.code,
             error=self.redact(held.message),
         )
+
+    def _observe_stage(self, stage: str, took: float) -> None:
+        if self.metrics is not None:
+            self.metrics.stage(stage, took)
+
+    def _observe_outcome(self, outcome: str, took: float) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(outcome, took)
 
     def hold(self, lease: Lease, task_id: str, held: gates.Held, *, stage: str) -> None:
         """Write ``review/X.review.json`` and move the ticket to review/."""
@@ -291,6 +304,8 @@ class Runner:
         calls = (result.calls if result else []) + (verdict.calls if verdict else [])
         if result is None and not calls:
             return
+        if self.metrics is not None:
+            self.metrics.calls(calls)
         self.store.record_calls(
             run_id,
             calls,
@@ -322,10 +337,12 @@ class Runner:
             except BaseException:
                 took = time.monotonic() - start
                 self.store.end_stage(run_id, name, took, "failed")
+                self._observe_stage(name, took)
                 logger.info("stage {} failed after {:.2f}s", name, took)
                 raise
             took = time.monotonic() - start
             self.store.end_stage(run_id, name, took, "ok")
+            self._observe_stage(name, took)
             logger.info("stage {} done in {:.2f}s", name, took)
 
     def _done(self, run: Active, run_id: int, delivered: pipeline.Delivered) -> None:
@@ -357,6 +374,8 @@ class Runner:
         dst = self.backlog.move(run.lease.path, folder, now, references=references)
         self.backlog.release(run.lease)
         took = time.monotonic() - run.started
+        if outcome != "requeued":
+            self._observe_outcome(outcome, took)
         self.store.finish_run(run_id, failures.iso(now), outcome, took, **result)
         return dst
 
@@ -419,6 +438,7 @@ class Runner:
         self.backlog.move(lease.path, "failed", now, dst=dst)
         self.backlog.release(lease)
         self.failed += 1
+        self._observe_outcome("failed", time.monotonic() - started)
         logger.error("failed in stage {} ({}): {}", stage, error.code, message)
 
     def _log_path(self, task_id: str) -> Path:

@@ -20,21 +20,25 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from loguru import logger
 
 from daemon import config as configuration
 from daemon import failures, gates, logs, procs, tickets
-from daemon.backlog import LEASE_ENV, Backlog
+from daemon.backlog import FOLDERS, LEASE_ENV, Backlog
 from daemon.errors import ConfigError, InvalidTicket, TicketdError
 from daemon.forge import repo_from_remote
-from daemon.llm.breaker import CircuitBreaker
+from daemon.llm.breaker import CircuitBreaker, State
 from daemon.llm.client import Ollama
 from daemon.llm.health import Monitor
+from daemon.metrics import Metrics
 from daemon.redact import Redactor
 from daemon.repo import Repo
 from daemon.runner import Active, Runner
+from daemon.server import Probes, Server
+from daemon.status import collect
 from daemon.store import Store
 from daemon.watcher import Watcher, ignore_lease_breaks, settle_delay
 
@@ -136,9 +140,20 @@ class Supervisor:
                 on_available=self.wake.set,
                 warm=o.models[0],
             )
+        self.metrics = Metrics(self._depth, self._circuit)
         self.runner = Runner(
-            cfg, self.backlog, self.store, self.redact, clock, self.llm, repo_name=repo_name
+            cfg,
+            self.backlog,
+            self.store,
+            self.redact,
+            clock,
+            self.llm,
+            repo_name=repo_name,
+            metrics=self.metrics,
         )
+        self.last_loop = time.monotonic()
+        self.resources_short = ""
+        self._server: Server | None = None
         self._pool = ThreadPoolExecutor(cfg.concurrency.max_tickets, thread_name_prefix="ticket")
         self._watcher: Watcher | None = None
         self._scheduler = BackgroundScheduler(timezone=UTC)
@@ -181,15 +196,20 @@ class Supervisor:
                 next_run_time=datetime.now(UTC),
             )
             self._scheduler.start()
+        if self.cfg.server.enabled:
+            self._start_server()
         logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
         try:
             while self.signals == 0:
+                self.last_loop = time.monotonic()
                 wait = self.run_once()
                 if wait is None:
                     break
                 self.wake.wait(wait)
                 self.wake.clear()
         finally:
+            if self._server is not None:
+                self._server.stop()
             if self._scheduler.running:
                 self._scheduler.shutdown(wait=True)
             self._watcher.stop()
@@ -203,6 +223,91 @@ class Supervisor:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return 1 if self.once and (self.runner.failed or self.waiting_for_ollama) else 0
+
+    # -- operations -------------------------------------------------------------------------
+
+    def _start_server(self) -> None:
+        c = self.cfg.server
+        probes = Probes(
+            self._probe_health, self._probe_ready, self._probe_ollama, self._probe_status
+        )
+        try:
+            self._server = Server(
+                c.host, c.port, probes, self.metrics.registry, token=self.cfg.server_token()
+            )
+        except OSError as e:
+            raise ConfigError(
+                f"{self.cfg.path}: server: cannot listen on {c.host}:{c.port}: {e}"
+            ) from e
+        self._server.start()
+        logger.info(
+            "serving /health, /ready, /health/ollama, /status, /metrics on {}", self._server.url
+        )
+
+    def _depth(self) -> dict[str, int]:
+        return {folder: len(self.backlog.files(folder)) for folder in FOLDERS}
+
+    def _circuit(self) -> int:
+        return self.monitor.breaker.state.value if self.monitor is not None else 0
+
+    def _probe_health(self) -> tuple[int, dict[str, Any]]:
+        """Alive while the main loop turns: it wakes at least every reconcile interval."""
+        age = time.monotonic() - self.last_loop
+        ok = age < 2 * self.cfg.intake.reconcile_interval_s + 30 and self.signals == 0
+        return (200 if ok else 503), {
+            "ok": ok,
+            "loopAgeS": round(age, 1),
+            "running": len(self.active),
+        }
+
+    def _probe_ready(self) -> tuple[int, dict[str, Any]]:
+        checks = {
+            "watcher": self._watcher is not None and self._watcher.alive(),
+            "scheduler": self._scheduler.running or not self.cfg.retry.enabled or self.once,
+            "stateDir": os.access(self.cfg.state_dir, os.W_OK),
+            "backlog": os.access(self.backlog.folder("todo"), os.W_OK),
+        }
+        ok = all(checks.values())
+        return (200 if ok else 503), {"ok": ok, **checks}
+
+    def _probe_ollama(self) -> tuple[int, dict[str, Any]]:
+        if self.monitor is None:
+            return 200, {"enabled": False}
+        last = self.monitor.last
+        state = self.monitor.breaker.state
+        body = {
+            "enabled": True,
+            "host": self.monitor.llm.host,
+            "breaker": state.name,
+            "version": last.version if last else None,
+            "models": {m: m not in (last.missing if last else ()) for m in self.monitor.models},
+            "lastCheck": self.monitor.last_at,
+            "latencyS": round(last.latency_s, 4) if last else None,
+            "error": last.error if last else None,
+        }
+        return (503 if state is State.OPEN else 200), body
+
+    def _probe_status(self) -> tuple[int, dict[str, Any]]:
+        store = Store(self.cfg.state_dir / "history.sqlite3")
+        try:
+            report = collect(Backlog(self.cfg.backlog.dir, statuses(self.cfg)), store, self.clock())
+        finally:
+            store.close()
+        return 200, report
+
+    def _short_of_resources(self) -> str:
+        """Why not to claim now (memory or load over the configured guards), or ""."""
+        c = self.cfg.concurrency
+        if c.min_free_memory_mb:
+            free = psutil.virtual_memory().available / (1024 * 1024)
+            if free < c.min_free_memory_mb:
+                limit = c.min_free_memory_mb
+                return f"{free:.0f} MiB free, under concurrency.min_free_memory_mb ({limit:g})"
+        if c.max_load:
+            load = os.getloadavg()[0]
+            if load > c.max_load:
+                return f"load {load:.2f}, over concurrency.max_load ({c.max_load:g})"
+        return ""
 
     def _install_signals(self) -> dict[int, Any]:
         """Handlers that only set flags; returns the previous ones to restore at exit."""
@@ -303,6 +408,12 @@ class Supervisor:
             self.waiting_for_ollama = True
             return wait, len(ready)
         self.waiting_for_ollama = False
+        short = self._short_of_resources() if ready and free > 0 else ""
+        if short and short != self.resources_short:
+            logger.warning("not claiming: {}", short)
+        self.resources_short = short
+        if short:
+            return wait if wait is not None else 5.0, len(ready)
         known = self.store.known()
         for ticket in ready:
             if free <= 0:

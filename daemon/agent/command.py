@@ -64,6 +64,7 @@ def run(
     cancel: threading.Event,
     on_start: Callable[[int], None],
     redact: Callable[[str], str],
+    max_memory_mb: float = 0,
 ) -> None:
     """Run the agent; its output goes to ``output`` with secrets masked once it ends."""
     argv = build_argv(template, values)
@@ -77,6 +78,7 @@ def run(
             grace_s=grace_s,
             cancel=cancel,
             on_start=on_start,
+            max_memory_mb=max_memory_mb,
         )
     except (FileNotFoundError, PermissionError) as e:
         raise AgentError(
@@ -87,6 +89,12 @@ def run(
         atomic_write(output, clean)
     if result.cancelled:
         raise Interrupted("the daemon is stopping; the agent was ended")
+    if result.out_of_memory:
+        raise AgentError(
+            f"the agent's processes grew past agent.max_memory_mb ({max_memory_mb:g} MiB) "
+            "and were ended",
+            code="AGENT_OOM",
+        )
     if result.timed_out:
         raise AgentError(
             f"agent ran past agent.timeout_s ({timeout_s:g}s) and was ended", code="AGENT_TIMEOUT"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 import httpx
 import ollama
@@ -39,6 +40,7 @@ class Monitor:
         self.on_available = on_available
         self.warm_model = warm
         self.last: Health | None = None
+        self.last_at: str | None = None  # ISO time of the last check
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned: set[str] = set()
@@ -54,6 +56,7 @@ class Monitor:
             return None
         health = check_health(self.llm.host, self.models, self.timeout_s)
         self.last = health
+        self.last_at = datetime.now(UTC).isoformat(timespec="seconds")
         if health.ok:
             self.breaker.success()
             for model in set(health.missing) - self._warned:

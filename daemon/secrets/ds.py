@@ -5,8 +5,11 @@ The plugins' patterns run directly over the whole text rather than through
 this package replace detect-secrets' own. Left out as too noisy for a gate: the two
 high-entropy-string plugins (any random-looking literal, hashes included), the public IP
 plugin, the basic auth plugin (``url-credentials`` filters its placeholders), the private key
-plugin (the ``private-key`` rule wants the key body, not a header mentioned in code) and the
-keyword plugin (``generic-secret`` covers its cases, with an entropy threshold).
+plugin (the ``private-key`` rule wants the key body, not a header mentioned in code).
+
+The keyword plugin's patterns (per file type, as the plugin picks them) only propose
+candidates: a secret-sounding name and its value, which must then pass the same checks as
+``generic-secret`` (entropy, look-alikes, names that describe rather than hold a secret).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
 from detect_secrets.plugins.ibm_cloud_iam import IbmCloudIamDetector
 from detect_secrets.plugins.ibm_cos_hmac import IbmCosHmacDetector
 from detect_secrets.plugins.jwt import JwtTokenDetector
+from detect_secrets.plugins.keyword import (
+    PRECEDED_BY_EQUAL_COMPARISON_SIGNS_QUOTES_REQUIRED_REGEX,
+    QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP,
+    REGEX_BY_FILETYPE,
+    KeywordDetector,
+)
 from detect_secrets.plugins.mailchimp import MailchimpDetector
 from detect_secrets.plugins.npm import NpmDetector
 from detect_secrets.plugins.openai import OpenAIDetector
@@ -36,6 +45,7 @@ from detect_secrets.plugins.square_oauth import SquareOAuthDetector
 from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.plugins.telegram_token import TelegramBotTokenDetector
 from detect_secrets.plugins.twilio import TwilioKeyDetector
+from detect_secrets.util.filetype import determine_file_type
 
 HIGH_SIGNAL = (
     ArtifactoryDetector,
@@ -91,3 +101,38 @@ def scan(text: str) -> Iterator[tuple[str, int, int]]:
                     start, end = m.span(best)
             if end > start:
                 yield name, start, end
+
+
+KEYWORD = KeywordDetector.__name__
+_KEYWORD_HINTS = ("key", "pass", "pwd", "secret", "contrase")
+
+
+def _name_char(c: str) -> bool:
+    return c.isalnum() or c in "_.-"
+
+
+def _name_around(line: str, at: int) -> str:
+    """The identifier of ``line`` that contains position ``at``."""
+    start = end = at
+    while start > 0 and _name_char(line[start - 1]):
+        start -= 1
+    while end < len(line) and _name_char(line[end]):
+        end += 1
+    return line[start:end]
+
+
+def keyword_candidates(text: str, path: str) -> Iterator[tuple[int, int, str]]:
+    """``(start, end, name)`` of each value detect-secrets' keyword patterns assign to a
+    secret-sounding name in ``text`` (a file named ``path``), one line at a time."""
+    regexes = REGEX_BY_FILETYPE.get(determine_file_type(path), QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP)
+    offset = 0
+    for line in text.split("\n"):
+        low = line.lower()
+        if any(hint in low for hint in _KEYWORD_HINTS):
+            for regex, group in regexes.items():
+                for m in regex.finditer(line):
+                    if m.group(group):
+                        reverse = regex is PRECEDED_BY_EQUAL_COMPARISON_SIGNS_QUOTES_REQUIRED_REGEX
+                        name = _name_around(line, m.end() - 1 if reverse else m.start(1))
+                        yield offset + m.start(group), offset + m.end(group), name
+        offset += len(line) + 1

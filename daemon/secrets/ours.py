@@ -29,31 +29,43 @@ URL_CREDENTIALS = rule(
 
 # A name is secret-sounding when it holds one of these: ``DB_PASSWORD``, ``stripeApiKey``.
 _SENSITIVE_WORDS = (
-    r"passw(?:or)?d|passphrase|pass(?![a-z])|pwd|secret|token|api[_.-]?key|access[_.-]?key"
-    r"|private[_.-]?key|auth[_.-]?key|credentials?|creds|(?:session|signing|encryption|master)[_.-]?key"
+    r"passw(?:or)?d|passphrase|pass(?![a-z])|pwd|secret|token|contrase(?:ñ|n)a|api[_.-]?key"
+    r"|(?:access|private|priv|auth|service|account|client|db|database|session|signing|encryption"
+    r"|master)[_.-]?key|credentials?|creds"
 )
 SECRET_NAME = re.compile(f"(?i){_SENSITIVE_WORDS}")
 # A secret-sounding name, standing alone or as a quoted key ("password": …) but never a word
-# inside a string.
+# inside a string, then maybe a type (``password: str =``, ``var password string =``).
 _KEY = (
-    r"""(?<![A-Za-z0-9_.\-"'])(["'])?(?=[A-Za-z0-9_.-]*?(?i:"""
+    r"""(?<![\w.\-"'])(["'])?(?=[\w.-]*?(?i:"""
     + _SENSITIVE_WORDS
-    + r"""))[A-Za-z0-9_.-]+(?(1)\1)\]?[ \t]*"""
+    + r"""))[\w.-]+(?(1)\1)\]?[ \t]*"""
+    + r"""(?(1)|(?:(?::[ \t]*|[ \t]+)[A-Za-z_][\w.\[\]<>|]*[ \t]*(?==))?)"""
 )
-_QUOTED = r"""(?:=|:=|::=|:|=>|->|\?=|\|\|=|==|!=|,|\()[ \t]*(["'`])((?:(?!\2)[^\s\\]){8,200})\2"""
+_QUOTED = (
+    r"""(?:=|:=|::=|:|=>|->|\?=|\|\|=|==|!=|,|\()[ \t]*@?(["'`])((?:(?!\2)[^\s\\]){8,200})\2"""
+)
 _BARE = r"""(?:=|:=|::=|:|=>|\?=)[ \t]*([^\s"'`,;=:<][^\s"'`,;=<]{7,199}={0,2})(?=[\s,;]|$)"""
+_XML = (
+    r"""<(?=[\w.:-]*?(?i:"""
+    + _SENSITIVE_WORDS
+    + r"""))([\w.:-]+)(?:[ \t][^>]*)?>([^<\s]{8,200})</\1>"""
+)
 
 GENERIC_SECRET_QUOTED = rule(
     "generic-secret",
     _KEY + _QUOTED,
-    "pass,pwd,secret,token,key,cred",
+    "pass,pwd,secret,token,key,cred,contrase",
     group=3,
     generic=True,
+)
+GENERIC_SECRET_XML = rule(
+    "generic-secret", _XML, "pass,pwd,secret,token,key,cred,contrase", group=2, generic=True
 )
 GENERIC_SECRET_BARE = rule(
     "generic-secret",
     _KEY + _BARE,
-    "pass,pwd,secret,token,key,cred",
+    "pass,pwd,secret,token,key,cred,contrase",
     group=2,
     generic=True,
 )
@@ -88,8 +100,8 @@ def is_source_file(path: str) -> bool:
 
 def generic_rules(path: str) -> tuple[Rule, ...]:
     if is_source_file(path):
-        return (GENERIC_SECRET_QUOTED,)
-    return (GENERIC_SECRET_QUOTED, GENERIC_SECRET_BARE)
+        return (GENERIC_SECRET_QUOTED, GENERIC_SECRET_XML)
+    return (GENERIC_SECRET_QUOTED, GENERIC_SECRET_XML, GENERIC_SECRET_BARE)
 
 
 def accept_generic_secret(name: str, value: str) -> bool:

@@ -21,7 +21,7 @@ MAX_FILE_BYTES = 1024 * 1024
 DS_MIN_ENTROPY = 3.2
 _ALLOW_COMMENT = re.compile(r"gitleaks:allow|pragma: ?allowlist[ -]secret|trufflehog:ignore", re.I)
 _ALLOW_NEXT_LINE = re.compile(r"pragma: ?allowlist[ -]nextline[ -]secret", re.I)
-_OPERATOR_TAIL = re.compile(r"""[\s"'`\]=:>,(|?!-]+$""")
+_NAME_IN_MATCH = re.compile(r"[\w.:-]+")
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ def _accept(c: Candidate, text: str) -> bool:
     if filters.is_lookalike(c.secret, line):
         return False
     if c.rule.id == "generic-secret":
-        name = _OPERATOR_TAIL.sub("", text[c.match_start : c.start]).lstrip("\"'")
-        return ours.accept_generic_secret(name, c.secret)
+        name = _NAME_IN_MATCH.search(text[c.match_start : c.start])
+        return name is not None and ours.accept_generic_secret(name.group(0), c.secret)
     return True
 
 
@@ -128,6 +128,19 @@ def _plugin_hits(text: str) -> Iterator[_Hit]:
             yield _Hit(name, text[start:end], start, end)
 
 
+def _keyword_hits(text: str, path: str) -> Iterator[_Hit]:
+    for start, end, name in ds.keyword_candidates(text, path):
+        value = text[start:end]
+        line = line_span(text, start, end)
+        if (
+            not any(c.isspace() for c in value)
+            and not filters.is_placeholder(value, line)
+            and not filters.is_lookalike(value, line)
+            and ours.accept_generic_secret(name, value)
+        ):
+            yield _Hit(ds.KEYWORD, value, start, end)
+
+
 def _overlaps(a: _Hit, kept: Iterable[_Hit]) -> bool:
     return any(a.start < b.end and b.start < a.end for b in kept)
 
@@ -138,7 +151,8 @@ def scan_text(text: str, path: str, *, first_line: int = 1) -> list[Finding]:
     starts = _line_starts(text)
     lines = text.split("\n")
     kept: list[_Hit] = []
-    for hit in (*_rule_hits(text, path), *_plugin_hits(text)):
+    hits = (*_rule_hits(text, path), *_keyword_hits(text, path), *_plugin_hits(text))
+    for hit in hits:
         first = _line_index(starts, hit.start)
         last = _line_index(starts, max(hit.start, hit.end - 1))
         if _overlaps(hit, kept) or _allowed_inline(lines, first, last):

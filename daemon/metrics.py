@@ -1,0 +1,84 @@
+"""Prometheus metrics of one daemon (its own registry: no module-level state).
+
+Counters and histograms are updated by the runner as tickets finish; the queue depth and
+the circuit state are read when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from daemon.llm.client import Call
+
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
+
+
+class _Live(Collector):
+    """Gauges computed at scrape time from callables."""
+
+    def __init__(self, depth: Callable[[], Mapping[str, int]], circuit: Callable[[], int]) -> None:
+        self.depth = depth
+        self.circuit = circuit
+
+    def collect(self) -> Iterator[Metric]:
+        queue = GaugeMetricFamily(
+            "ticketd_queue_depth", "Ticket files in each backlog folder.", labels=["folder"]
+        )
+        for folder, count in self.depth().items():
+            queue.add_metric([folder], count)
+        yield queue
+        yield GaugeMetricFamily(
+            "ticketd_ollama_circuit_state",
+            "Ollama circuit breaker: 0 closed, 1 half-open, 2 open (0 when Ollama is not used).",
+            value=self.circuit(),
+        )
+
+
+class Metrics:
+    def __init__(self, depth: Callable[[], Mapping[str, int]], circuit: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tickets = Counter(
+            "ticketd_tickets", "Tickets finished, by outcome.", ["outcome"], registry=r
+        )
+        self.ticket_duration = Histogram(
+            "ticketd_ticket_duration_seconds",
+            "Claim to outcome, per ticket run.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "ticketd_stage_duration_seconds",
+            "Each stage of a run.",
+            ["stage"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.llm_requests = Counter(
+            "ticketd_llm_requests",
+            "LLM requests, by model and outcome.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.llm_tokens = Counter(
+            "ticketd_llm_tokens", "LLM tokens, by model and kind.", ["model", "kind"], registry=r
+        )
+        ProcessCollector(registry=r)
+        r.register(_Live(depth, circuit))
+
+    def finished(self, outcome: str, duration_s: float) -> None:
+        self.tickets.labels(outcome).inc()
+        self.ticket_duration.observe(duration_s)
+
+    def stage(self, stage: str, duration_s: float) -> None:
+        self.stage_duration.labels(stage).observe(duration_s)
+
+    def calls(self, calls: list[Call]) -> None:
+        for c in calls:
+            self.llm_requests.labels(c.model, c.outcome).inc()
+            self.llm_tokens.labels(c.model, "prompt").inc(c.prompt_tokens)
+            self.llm_tokens.labels(c.model, "eval").inc(c.eval_tokens)
