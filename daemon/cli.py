@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,6 +68,7 @@ def run(
     go back to todo/); a second signal stops at once. SIGHUP reloads config.yaml. With --once,
     exits 1 if any ticket failed.
     """
+    from daemon.sdnotify import Notifier
     from daemon.supervisor import Supervisor, preflight
 
     cfg = _load(config)
@@ -77,7 +78,8 @@ def run(
         err.print(f"ticketd: bad configuration: {e.message}", markup=False)
         raise typer.Exit(2) from None
     try:
-        code = Supervisor(cfg, once=once, repo_name=repo_name).run()
+        notifier = Notifier.from_env(configuration.notify_env())
+        code = Supervisor(cfg, once=once, repo_name=repo_name, notifier=notifier).run()
     except ConfigError as e:
         err.print(f"ticketd: bad configuration: {e.message}", markup=False)
         raise typer.Exit(2) from None
@@ -313,6 +315,125 @@ def retry_failed(
         "Failed tickets",
         ["ticket", "file", "eligible", "why", "action"],
         [[d.task_id, d.file, "yes" if d.eligible else "no", d.reason, d.action] for d in done],
+    )
+
+
+@app.command()
+def stats(
+    config: ConfigOption = None,
+    days: Annotated[float, typer.Option("--days", help="The window: the last N days.")] = 14,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Success rates by model, label and error code; stage durations p50/p95; tokens per
+    ticket; first-try and escalation rates; over the last --days days."""
+    from daemon import stats as statistics
+    from daemon.store import Store
+
+    cfg = _load(config)
+    store = Store(cfg.state_dir / "history.sqlite3")
+    try:
+        now = datetime.now(UTC)
+        until = now + timedelta(seconds=1)  # the window's end is exclusive, to the second
+        report = statistics.collect(store, since=now - timedelta(days=days), until=until)
+    finally:
+        store.close()
+    _report(report, statistics.rows(report), as_json)
+
+
+@app.command()
+def insights(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """What the learning loop changed: model chains per label with their evidence, prompt
+    lessons with their version, status and success before/after, and its log."""
+    from daemon import insights as learning
+    from daemon.store import Store
+
+    cfg = _load(config)
+    store = Store(cfg.state_dir / "history.sqlite3")
+    try:
+        report = learning.report(store, window_days=cfg.insights.window_days)
+    finally:
+        store.close()
+    _report(report, learning.rows(report), as_json)
+
+
+def _report(report: Any, tables: dict[str, list[list[str]]], as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(report, default=str))
+        return
+    for title, rows in tables.items():
+        _table(title, rows[0], rows[1:])
+
+
+@app.command("install-service")
+def install_service(
+    config: ConfigOption = None,
+    user: Annotated[
+        bool,
+        typer.Option("--user", help="A user unit (systemctl --user) instead of a system unit."),
+    ] = False,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="Print the unit; install nothing.")
+    ] = False,
+    run_as: Annotated[
+        str | None,
+        typer.Option(
+            "--run-as", help="System unit: the user to run as (default: the config file's owner)."
+        ),
+    ] = None,
+) -> None:
+    """Render the systemd unit for this installation (this ticketd, this config) and install it.
+
+    Then: `systemctl [--user] daemon-reload && systemctl [--user] enable --now ticketd`;
+    logs with `journalctl [--user] -u ticketd -f`.
+    """
+    import pwd
+    import shutil
+
+    from daemon import service
+
+    cfg = _load(config)
+    exe = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "ticketd" else None
+    exe = exe or (Path(found).resolve() if (found := shutil.which("ticketd")) else None)
+    beside = Path(sys.executable).parent / "ticketd"  # installed in the same virtualenv
+    exe = exe or (beside if beside.is_file() else None)
+    if exe is None:
+        err.print("ticketd: cannot find the ticketd executable on PATH", markup=False)
+        raise typer.Exit(2)
+    owner = run_as or pwd.getpwuid(cfg.path.stat().st_uid).pw_name
+    rw = [cfg.repo.path, cfg.backlog.dir, cfg.state_dir, cfg.logging.dir]
+    for folder in rw:
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        text = service.render(
+            service.load_template(user),
+            executable=exe,
+            config=cfg.path,
+            workdir=cfg.path.parent,
+            rw_paths=rw,
+            user=None if user else owner,
+        )
+    except ValueError as e:
+        err.print(f"ticketd: cannot render the unit: {e}", markup=False)
+        raise typer.Exit(2) from None
+    if print_only:
+        out.print(text, markup=False, end="")
+        return
+    path = service.unit_path(user, Path.home())
+    try:
+        service.install(text, path)
+    except OSError as e:
+        err.print(
+            f"ticketd: cannot write {path}: {e.strerror} (a system unit needs root)", markup=False
+        )
+        raise typer.Exit(1) from None
+    scope = " --user" if user else ""
+    out.print(
+        f"installed {path}\nnext: systemctl{scope} daemon-reload && "
+        f"systemctl{scope} enable --now ticketd",
+        markup=False,
     )
 
 

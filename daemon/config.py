@@ -185,6 +185,12 @@ class RetryConfig(_Section):
     backoff: BackoffConfig = BackoffConfig()
 
 
+class InsightsConfig(_Section):
+    interval_s: float = Field(default=3600, gt=0)
+    window_days: int = Field(default=14, ge=1)
+    min_runs: int = Field(default=5, ge=1)
+
+
 class ShutdownConfig(_Section):
     grace_s: float = Field(default=60, ge=0)
 
@@ -243,6 +249,7 @@ class Config(_Section):
     intake: IntakeConfig = IntakeConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     retry: RetryConfig = RetryConfig()
+    insights: InsightsConfig = InsightsConfig()
     secrets: SecretsConfig = SecretsConfig()
     review: ReviewConfig = ReviewConfig()
     github: GithubConfig = GithubConfig()
@@ -266,11 +273,20 @@ class Config(_Section):
 
     def agent_env(self) -> dict[str, str]:
         """The agents' environment: the daemon's, less the forge token, plus agent.env."""
-        env = {k: v for k, v in os.environ.items() if k != self.github.token_env}
+        hidden = {self.github.token_env, self.server.token_env, *NOTIFY_VARS}
+        env = {k: v for k, v in os.environ.items() if k not in hidden}
         env.setdefault("OLLAMA_HOST", self.ollama.host)
         env.setdefault("OLLAMA_API_BASE", self.ollama.host)
         env.update(self.agent.env)
         return env
+
+
+NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def notify_env() -> dict[str, str]:
+    """systemd's sd_notify variables, for the daemon's own notifier (never for its agents)."""
+    return {k: os.environ[k] for k in NOTIFY_VARS if k in os.environ}
 
 
 def find_config(explicit: Path | None) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 from loguru import logger
 
-from daemon import checks, failures, gates, logs, pipeline, review, tickets
+from daemon import checks, failures, gates, insights, logs, pipeline, review, tickets
 from daemon import config as configuration
 from daemon.agent import builtin
 from daemon.backlog import LEASE_ENV, Backlog, Lease
@@ -148,6 +148,16 @@ class Runner:
             logger.info("claimed {} ({})", lease.name, ticket.title)
             s = settings(self.cfg, self.redact)
             s = dataclasses.replace(s, env={**s.env, LEASE_ENV: lease.marker})
+            self.store.set_labels(run_id, list(ticket.labels))
+            if s.kind == "builtin":  # what earlier runs taught: lessons, and chains per label
+                version, lessons = insights.in_force(self.store)
+                self.store.set_lesson_version(run_id, version)
+                learned = insights.models_by_label(self.store, s.models_by_label)
+                s = dataclasses.replace(
+                    s,
+                    models_by_label=learned,
+                    builtin=dataclasses.replace(s.builtin, lessons=lessons),
+                )
             chain = pipeline.model_chain(ticket, s.models, s.models_by_label)
             forge = self.forge()
             previous = self.store.last_run(lease.name)

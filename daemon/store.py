@@ -54,6 +54,26 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     outcome TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS llm_calls_run ON llm_calls (run_id);
+-- the learning loop (daemon/insights.py): versioned prompt lessons, learned chains, its log
+CREATE TABLE IF NOT EXISTS lessons (
+    version INTEGER PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    text TEXT NOT NULL,
+    codes TEXT NOT NULL,           -- JSON list of the failure codes it answers
+    active INTEGER NOT NULL DEFAULT 1,
+    rolled_back_at TEXT,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS label_chains (
+    label TEXT PRIMARY KEY,
+    models TEXT NOT NULL,          -- JSON list, best first
+    evidence TEXT NOT NULL,        -- JSON {model: {runs, ok, rate}}
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS insight_log (
+    at TEXT NOT NULL,
+    line TEXT NOT NULL
+);
 """
 # Columns added after the first release: (table, column, declaration).
 MIGRATIONS = [
@@ -62,6 +82,8 @@ MIGRATIONS = [
     ("runs", "eval_tokens", "INTEGER"),
     ("runs", "quality", "REAL"),
     ("runs", "model_outcomes", "TEXT"),  # JSON {model: ok | not_found | failed}
+    ("runs", "labels", "TEXT"),  # JSON list of the ticket's labels
+    ("runs", "lesson_version", "INTEGER"),  # lessons in the builtin prompt; 0: none
 ]
 
 
@@ -245,5 +267,103 @@ class Store:
             "SELECT s.stage, s.duration_s, s.outcome FROM stages s JOIN runs r ON r.id = s.run_id"
             " WHERE r.claim_id = ? ORDER BY s.rowid",
             (claim_id,),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- stats and the learning loop (daemon/stats.py, daemon/insights.py) --
+
+    def set_labels(self, run_id: int, labels: Sequence[str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET labels = ? WHERE id = ?", (json.dumps(list(labels)), run_id)
+            )
+
+    def set_lesson_version(self, run_id: int, version: int) -> None:
+        """The lesson version the builtin agent's prompt carried (0: no lessons)."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET lesson_version = ? WHERE id = ?", (version, run_id))
+
+    def runs_started(self, since: str, until: str | None = None) -> list[dict[str, Any]]:
+        """Runs started in ``[since, until)``, oldest first; ``labels`` and
+        ``model_outcomes`` decoded (``[]`` and ``{}`` when not recorded)."""
+        rows = self._db.execute(
+            "SELECT id, ticket, task_id, started_at, outcome, stage, error_code, model,"
+            " duration_s, llm_calls, prompt_tokens, eval_tokens, quality, model_outcomes,"
+            " labels, lesson_version FROM runs WHERE started_at >= ? AND started_at < ?"
+            " ORDER BY started_at, id",
+            (since, until or "9999"),
+        ).fetchall()
+        runs = [dict(r) for r in rows]
+        for run in runs:
+            run["labels"] = json.loads(run["labels"] or "[]")
+            run["model_outcomes"] = json.loads(run["model_outcomes"] or "{}")
+        return runs
+
+    def stage_durations(self, since: str, until: str) -> list[tuple[str, float]]:
+        """(stage, seconds) of every finished stage of the runs started in ``[since, until)``."""
+        rows = self._db.execute(
+            "SELECT s.stage, s.duration_s FROM stages s JOIN runs r ON r.id = s.run_id"
+            " WHERE r.started_at >= ? AND r.started_at < ? AND s.duration_s IS NOT NULL"
+            " ORDER BY s.rowid",
+            (since, until),
+        ).fetchall()
+        return [(r["stage"], float(r["duration_s"])) for r in rows]
+
+    def add_lesson(self, at: str, text: str, codes: Sequence[str]) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO lessons (created_at, text, codes) VALUES (?, ?, ?)",
+                (at, text, json.dumps(list(codes))),
+            )
+            return int(cur.lastrowid or 0)
+
+    def roll_back_lesson(self, version: int, at: str, reason: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE lessons SET active = 0, rolled_back_at = ?, reason = ? WHERE version = ?",
+                (at, reason, version),
+            )
+
+    def lessons(self) -> list[dict[str, Any]]:
+        """Every lesson version, oldest first, ``codes`` decoded and ``active`` a bool."""
+        rows = self._db.execute("SELECT * FROM lessons ORDER BY version").fetchall()
+        return [
+            {**dict(r), "codes": json.loads(r["codes"]), "active": bool(r["active"])} for r in rows
+        ]
+
+    def set_label_chain(
+        self, label: str, models: Sequence[str], evidence: dict[str, Any], at: str
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO label_chains (label, models, evidence, updated_at)"
+                " VALUES (?, ?, ?, ?)",
+                (label, json.dumps(list(models)), json.dumps(evidence), at),
+            )
+
+    def label_chains(self) -> dict[str, dict[str, Any]]:
+        """Learned chains by label: ``models``, ``evidence`` (decoded) and ``updated_at``."""
+        rows = self._db.execute("SELECT * FROM label_chains ORDER BY label").fetchall()
+        return {
+            r["label"]: {
+                "models": json.loads(r["models"]),
+                "evidence": json.loads(r["evidence"]),
+                "updated_at": r["updated_at"],
+            }
+            for r in rows
+        }
+
+    def log_insights(self, at: str, lines: Sequence[str]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO insight_log (at, line) VALUES (?, ?)", [(at, x) for x in lines]
+            )
+
+    def insight_log(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The learning loop's latest log lines, oldest first."""
+        rows = self._db.execute(
+            "SELECT at, line FROM (SELECT rowid, at, line FROM insight_log"
+            " ORDER BY rowid DESC LIMIT ?) ORDER BY rowid",
+            (limit,),
         ).fetchall()
         return [dict(r) for r in rows]

@@ -26,7 +26,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from loguru import logger
 
 from daemon import config as configuration
-from daemon import failures, gates, logs, procs, tickets
+from daemon import failures, gates, insights, logs, procs, tickets
 from daemon.backlog import FOLDERS, LEASE_ENV, Backlog
 from daemon.errors import ConfigError, InvalidTicket, TicketdError
 from daemon.forge import repo_from_remote
@@ -37,6 +37,7 @@ from daemon.metrics import Metrics
 from daemon.redact import Redactor
 from daemon.repo import Repo
 from daemon.runner import Active, Runner
+from daemon.sdnotify import Notifier
 from daemon.server import Probes, Server
 from daemon.status import collect
 from daemon.store import Store
@@ -97,6 +98,7 @@ class Supervisor:
         clock: Clock = utcnow,
         log_to_stderr: bool = True,
         repo_name: str | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.cfg = cfg
         self.once = once
@@ -152,6 +154,9 @@ class Supervisor:
             metrics=self.metrics,
         )
         self.last_loop = time.monotonic()
+        self.notifier = notifier or Notifier.from_env({})
+        self.queue_depth = 0
+        self._status = ""
         self.resources_short = ""
         self._server: Server | None = None
         self._pool = ThreadPoolExecutor(cfg.concurrency.max_tickets, thread_name_prefix="ticket")
@@ -195,18 +200,33 @@ class Supervisor:
                 max_instances=1,
                 next_run_time=datetime.now(UTC),
             )
+        if not self.once and self.cfg.agent.kind == "builtin":
+            self._scheduler.add_job(
+                self.learn,
+                IntervalTrigger(seconds=self.cfg.insights.interval_s),
+                id="insights",
+                replace_existing=True,
+                coalesce=True,
+                max_instances=1,
+            )
+        if self._scheduler.get_jobs():
             self._scheduler.start()
         if self.cfg.server.enabled:
             self._start_server()
         logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
+        self.notifier.ready(status="watching " + str(self.backlog.folder("todo")))
+        ping = self.notifier.watchdog_interval()
         try:
             while self.signals == 0:
                 self.last_loop = time.monotonic()
+                self.notifier.watchdog()  # only from here: a stuck loop stops the pings
                 wait = self.run_once()
                 if wait is None:
                     break
-                self.wake.wait(wait)
+                self._tell_status()
+                self.wake.wait(min(wait, ping) if ping else wait)
                 self.wake.clear()
+            self.notifier.stopping(status=f"stopping; {len(self.active)} ticket(s) running")
         finally:
             if self._server is not None:
                 self._server.stop()
@@ -345,7 +365,12 @@ class Supervisor:
                 len(self.active),
             )
         deadline = time.monotonic() + self.cfg.shutdown.grace_s
+        extended = 0.0
         while self.active and time.monotonic() < deadline and self.signals < 2:
+            if time.monotonic() - extended >= 5:  # a long graceful stop: tell systemd to wait
+                left = deadline - time.monotonic()
+                self.notifier.extend_timeout(left + self.cfg.agent.kill_grace_s + 15)
+                extended = time.monotonic()
             self.wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
             self.wake.clear()
             self._reap()
@@ -384,7 +409,9 @@ class Supervisor:
         unsettled file should be looked at again or None, how many were ready)."""
         wait: float | None = None
         candidates = []
-        for path in self.backlog.files("todo"):
+        todo = self.backlog.files("todo")
+        self.queue_depth = len(todo)
+        for path in todo:
             try:
                 delay = settle_delay(path, time.time(), self.cfg.intake.settle_s)
                 if delay > 0:
@@ -527,7 +554,36 @@ class Supervisor:
             elif d.action == "marked not retryable":
                 logger.warning("{} stays in failed/: {}", d.file, d.reason)
 
+    def learn(self) -> None:
+        """The scheduled analysis of recent runs (the learning loop); logs what it changed."""
+        c = self.cfg.insights
+        store = Store(self.cfg.state_dir / "history.sqlite3")
+        try:
+            now = self.clock()
+            found = insights.analyse(store, now=now, window_days=c.window_days, min_runs=c.min_runs)
+            for line in insights.apply(store, found, now):
+                logger.info("insights: {}", line)
+        finally:
+            store.close()
+
+    def _tell_status(self) -> None:
+        """STATUS= for systemd: the queue and what runs, sent when it changes."""
+        running = ", ".join(run.ticket.id for run in self.active.values()) or "nothing"
+        text = f"{self.queue_depth} in todo/; running {running}"
+        if self.waiting_for_ollama:
+            text += "; waiting for Ollama"
+        if text != self._status:
+            self._status = text
+            self.notifier.status(text)
+
     def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            self._reload()
+        finally:
+            self.notifier.ready()
+
+    def _reload(self) -> None:
         try:
             new = configuration.load(self.cfg.path)
         except ConfigError as e:

@@ -11,7 +11,17 @@ from conftest import Project, ticketd
 from daemon import tickets
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "status", "validate", "new", "retry-failed", "secrets scan"]
+COMMANDS = [
+    "run",
+    "status",
+    "validate",
+    "new",
+    "retry-failed",
+    "stats",
+    "insights",
+    "install-service",
+    "secrets scan",
+]
 
 
 def test_top_level_help_lists_every_command() -> None:

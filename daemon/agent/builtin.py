@@ -57,6 +57,13 @@ class Settings:
     analysis: tuple[checks.Command, ...]
     checks: tuple[checks.Command, ...]
     grace_s: float = 5
+    lessons: str = ""  # learned from earlier runs (insights); appended to the system prompt
+
+    @property
+    def system(self) -> str:
+        return SYSTEM_PROMPT + (
+            f"\nLessons from earlier tickets:\n{self.lessons}\n" if self.lessons else ""
+        )
 
 
 @dataclass
@@ -110,7 +117,7 @@ def run(
     result = Result()
     task = render_ticket(ticket)
     budget = s.num_ctx - s.num_predict - REFLECTION_RESERVE
-    budget -= estimate_tokens(SYSTEM_PROMPT) + estimate_tokens(task) + 200
+    budget -= estimate_tokens(s.system) + estimate_tokens(task) + 200
     if budget < 0:
         raise AgentFailure(
             f"the ticket alone needs about {s.num_ctx - s.num_predict - budget} tokens, more than "
@@ -184,7 +191,7 @@ def _attempt(
     if previous is not None:
         user += f"\n## An earlier attempt failed\n\n{previous.message}\n"
     messages: list[Message] = [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": s.system},
         {"role": "user", "content": user},
     ]
     failure: AgentFailure | None = None

@@ -4,8 +4,8 @@ The plugins' patterns run directly over the whole text rather than through
 ``detect_secrets.core.scan``, whose settings are process-global; the look-alike filters of
 this package replace detect-secrets' own. Left out as too noisy for a gate: the two
 high-entropy-string plugins (any random-looking literal, hashes included), the public IP
-plugin, the basic auth plugin (``url-credentials`` filters its placeholders), the private key
-plugin (the ``private-key`` rule wants the key body, not a header mentioned in code).
+plugin, the basic auth plugin (``url-credentials`` filters its placeholders) and the private
+key plugin (the ``private-key`` rule wants the key body, not a header mentioned in code).
 
 The keyword plugin's patterns (per file type, as the plugin picks them) only propose
 candidates: a secret-sounding name and its value, which must then pass the same checks as
@@ -71,6 +71,7 @@ HIGH_SIGNAL = (
     TwilioKeyDetector,
 )
 
+_DELIMITERS = frozenset(" \t\r\n\"'`=:,;")
 # Plugins whose tokens are UUIDs (npm's legacy auth tokens): the UUID filter spares them.
 UUID_TOKENS = frozenset({NpmDetector.__name__})
 
@@ -88,17 +89,21 @@ def patterns() -> tuple[tuple[str, re.Pattern[str]], ...]:
 def scan(text: str) -> Iterator[tuple[str, int, int]]:
     """``(plugin name, start, end)`` of each value the high-signal plugins find in ``text``.
 
-    The plugins' own ``analyze_string`` returns only a capture group, which for some is
-    just the token prefix (``ghp``); the span here is the group when it holds most of the
-    match (the secret part of ``aws_secret_key = "…"``), else the whole match."""
+    The plugins' own ``analyze_string`` returns a capture group, which for some is only the
+    token's prefix (``ghp``). Here the value is the largest group unless that group is such a
+    prefix, then the whole match, trimmed of the delimiters some patterns include."""
     for name, pattern in patterns():
         for m in pattern.finditer(text):
             start, end = m.span()
             groups = [g for g in range(1, (m.re.groups or 0) + 1) if m.group(g)]
             if groups:
-                best = max(groups, key=lambda g: m.end(g) - m.start(g))
-                if 2 * (m.end(best) - m.start(best)) >= end - start:
-                    start, end = m.span(best)
+                g = max(groups, key=lambda g: m.end(g) - m.start(g))
+                if m.start(g) > start or 2 * (m.end(g) - m.start(g)) >= end - start:
+                    start, end = m.span(g)
+            while start < end and text[start] in _DELIMITERS:
+                start += 1
+            while end > start and text[end - 1] in _DELIMITERS:
+                end -= 1
             if end > start:
                 yield name, start, end
 
@@ -124,7 +129,9 @@ def _name_around(line: str, at: int) -> str:
 def keyword_candidates(text: str, path: str) -> Iterator[tuple[int, int, str]]:
     """``(start, end, name)`` of each value detect-secrets' keyword patterns assign to a
     secret-sounding name in ``text`` (a file named ``path``), one line at a time."""
-    regexes = REGEX_BY_FILETYPE.get(determine_file_type(path), QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP)
+    regexes = REGEX_BY_FILETYPE.get(
+        determine_file_type(path), QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP
+    )
     offset = 0
     for line in text.split("\n"):
         low = line.lower()

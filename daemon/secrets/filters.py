@@ -19,11 +19,13 @@ _PLACEHOLDER = re.compile(
     r"|your[_-]?(?:own|api|access|secret|token|key|pass|client|app)|<[^<>]*>|x{5}|\*{4}|#{4}"
     r"|\.{4}|0{8}|_here\b"
 )
-# The whole value is a reference: ${VAR}, ${{ x }}, {{ x }}, $(cmd), `cmd`, %VAR%, %s, @VAR@.
+# The whole value is a reference: ${VAR}, ${{ x }}, {{ x }}, {x}, <x>, $(cmd), `cmd`, %VAR%,
+# %s, @VAR@ (detect-secrets' is_templated_secret and gitleaks' global allowlist, combined).
 _TEMPLATE = re.compile(
-    r"""^(?:\$\{[^}]*\}|\$\{\{.*\}\}|\{\{.*\}\}|\$\(.*|`.*|%[\w.]+%|%\(?\w*\)?[sdrvqx]"""
-    r"""|@\w+@|\{\w*\}|\[\w*\])$"""
+    r"""^(?:\$?\{.*\}|<.*>|\$\(.*|`.*|%[\w.]+%|%\(?\w*\)?[sdrvqx]|@\w+@|\[\w*\])$"""
 )
+# A regular expression (``[a-z0-9]{40}``, ``\d+``, ``(?i)``): a pattern for secrets, not one.
+_REGEX = re.compile(r"\[[^\]]+\][*+?{]|\\[dwsDWS][*+?{]|\(\?[:=!<i]")
 _PUBLIC_KEY = re.compile(
     r"(?:ssh-(?:rsa|dss|ed25519)|ecdsa-sha2-nistp\d+|sk-(?:ssh|ecdsa)-[\w@.-]+)\s+AAAA"
     r"|-----BEGIN (?:[A-Z0-9 ]+ )?(?:PUBLIC KEY|CERTIFICATE)-----"
@@ -31,9 +33,10 @@ _PUBLIC_KEY = re.compile(
 _SSH_KEY_BLOB = re.compile(r"^AAAA(?:B3NzaC1|C3NzaC1|E2VjZHNh|B3NzaC1kc3)")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 _HASH_PREFIX = re.compile(r"(?i)^(?:sha(?:1|224|256|384|512)|md5|blake2b?|crc32)[:=-]")
+# Words around a hash (short ones only as whole words: "shared" and "transparent" are not).
 _HASH_CONTEXT = re.compile(
-    r"(?i)md5|sha|hash|checksum|digest|etag|integrity|fingerprint|commit|revision|\brev\b"
-    r"|\bref\b|parent|\btree\b|crc|\bsum\b|version"
+    r"(?i)md5|hash|checksum|digest|integrity|fingerprint|commit|revision|version"
+    r"|(?<![a-z])(?:sha(?:-?\d{1,3})?|etag|rev|ref|parent|tree|crc(?:32)?|sum)(?![a-z])"
 )
 _UUID = re.compile(r"(?i)^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ENV_LOOKUP = re.compile(
@@ -48,21 +51,22 @@ _HASH_LENGTHS = {32, 40, 56, 64, 96, 128}
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
-def _ascending_share(value: str) -> float:
-    """Share of characters in ascending runs of four or more (``1234``, ``abcd``, ``789abc``)."""
-    chars = [c for c in value.lower() if c in _ALPHABET]
-    if not chars:
+def _sequential_share(value: str) -> float:
+    """Share of characters in runs of four or more that step through ``0-9a-z`` one by one,
+    up or down (``1234``, ``abcd``, ``789abc``, ``9876``)."""
+    ranks = [_ALPHABET.index(c) for c in value.lower() if c in _ALPHABET]
+    if not ranks:
         return 0.0
     covered = 0
-    run = 1
-    for prev, cur in itertools.pairwise(chars):
-        if _ALPHABET.index(cur) == _ALPHABET.index(prev) + 1:
-            run += 1
+    run, step = 1, 0
+    for prev, cur in itertools.pairwise(ranks):
+        if cur - prev in (1, -1) and (run == 1 or cur - prev == step):
+            run, step = run + 1, cur - prev
             continue
         covered += run if run >= 4 else 0
-        run = 1
+        run, step = (2, cur - prev) if cur - prev in (1, -1) else (1, 0)
     covered += run if run >= 4 else 0
-    return covered / len(chars)
+    return covered / len(ranks)
 
 
 def _repeats_unit(value: str) -> bool:
@@ -82,7 +86,7 @@ def is_low_diversity(value: str) -> bool:
 
 
 def is_sequential(value: str) -> bool:
-    return _ascending_share(value) >= 0.5
+    return _sequential_share(value) >= 0.5
 
 
 def is_template(value: str) -> bool:
@@ -117,7 +121,7 @@ def is_lookalike(value: str, line: str) -> bool:
     """For generic findings: hashes, git SHAs, UUIDs, references and environment lookups."""
     if is_hash_like(value, line) or is_uuid(value) or value.startswith("$"):
         return True
-    if _QUALIFIED_NAME.match(value):
+    if _QUALIFIED_NAME.match(value) or _REGEX.search(value):
         return True
     computed = bool(_ENV_LOOKUP.search(line)) or (
         len(line) <= 1000 and bool(_INDIRECT.search(line))

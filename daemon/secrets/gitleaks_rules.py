@@ -3,8 +3,12 @@
 Source: gitleaks (https://github.com/gitleaks/gitleaks, MIT licence, Copyright (c) 2019
 Zachary Rice), ``config/gitleaks.toml`` and ``cmd/generate/config/rules/*.go`` as of v8.30.
 Patterns, keywords, entropy thresholds, path conditions and allowlists are carried over
-unchanged apart from the Go-to-Python regex translation done by ``regex.go``. Left out: the
-path-only ``pkcs12-file`` rule (binary files are not scanned).
+unchanged apart from the Go-to-Python regex translation done by ``regex.go``, with three
+deliberate differences: the path-only ``pkcs12-file`` rule is left out (binary files are not
+scanned); capture groups that would make a token's prefix its "secret" are non-capturing
+(``jwt-base64``, ``microsoft-teams-webhook``, ``sonar-api-token`` reads its value group); and
+a private key body is bounded at 64 KiB, since Python's backtracking engine, unlike RE2, is
+not linear in the length of an unterminated block.
 """
 
 # ruff: noqa: E501 -- one rule a line reads better than wrapped patterns
@@ -152,7 +156,7 @@ RULES: tuple[Rule, ...] = (
     rule("aws-access-token", r"\b((?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z2-7]{16})\b",
          "a3t,akia,asia,abia,acca", entropy=3, allowlists=[allow(r".+EXAMPLE$")]),
     rule("aws-amazon-bedrock-api-key-long-lived", uniq(r"ABSK[A-Za-z0-9+/]{109,269}={0,2}"), "absk", entropy=3),
-    rule("aws-amazon-bedrock-api-key-short-lived", r"bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29t",
+    rule("aws-amazon-bedrock-api-key-short-lived", r"bedrock-api-key-(?:YmVkcm9jay5hbWF6b25hd3MuY29t)",
          "bedrock-api-key-"),
     rule("azure-ad-client-secret",
          r"""(?:^|[\\'"\x60\s>=:(,)])([a-zA-Z0-9_~.]{3}\dQ~[a-zA-Z0-9_~.-]{31,34})(?:$|[\\'"\x60\s<),])""",
@@ -363,7 +367,7 @@ RULES: tuple[Rule, ...] = (
     rule("postman-api-token", uniq(r"PMAK-(?i)[a-f0-9]{24}\-[a-f0-9]{34}"), "pmak-", entropy=3),
     rule("prefect-api-token", uniq(r"pnu_[a-zA-Z0-9]{36}"), "pnu_", entropy=2),
     rule("private-key",
-         r"(?i)-----BEGIN[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----[\s\S-]{64,}?KEY(?: BLOCK)?-----",
+         r"(?i)-----BEGIN[ A-Z0-9_-]{0,100}PRIVATE KEY(?: BLOCK)?-----[\s\S-]{64,65536}?KEY(?: BLOCK)?-----",
          "-----begin"),
     rule("privateai-api-token", semi(["private[_-]?ai"], _alnum("32"), case_insensitive=False),
          "privateai,private_ai,private-ai", entropy=3),

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, TicketdError
 from daemon.secrets import ds, filters, ours
 from daemon.secrets.gitleaks_rules import GLOBAL_ALLOW, RULES
 from daemon.secrets.regex import shannon_entropy
@@ -109,13 +109,15 @@ def _embedded(text: str, start: int) -> bool:
 
 def _accept_plugin_value(plugin: str, text: str, start: int, end: int) -> bool:
     """detect-secrets' patterns carry no entropy threshold nor allowlists: a value must be
-    random enough, mix in digits, start on a word boundary and be no look-alike."""
+    random enough, mix in digits, hold no blank, start on a word boundary and be no
+    look-alike."""
     secret = text[start:end]
     line = line_span(text, start, end)
     return not (
         _embedded(text, start)
         or shannon_entropy(secret) < DS_MIN_ENTROPY
         or not any(c.isdigit() for c in secret)
+        or any(c.isspace() for c in secret)
         or filters.is_placeholder(secret, line)
         or filters.is_hash_like(secret, line)
         or (plugin not in ds.UUID_TOKENS and filters.is_uuid(secret))
@@ -264,9 +266,14 @@ def scan_paths(paths: Sequence[Path], *, baseline: Path | None = None) -> list[F
     known = load_baseline(baseline) if baseline is not None else set()
     findings: list[Finding] = []
     for file in _files(paths):
-        if file.stat().st_size > MAX_FILE_BYTES:
-            continue
-        data = file.read_bytes()
+        try:
+            if file.stat().st_size > MAX_FILE_BYTES:
+                continue
+            data = file.read_bytes()
+        except FileNotFoundError:
+            continue  # removed while we walked
+        except OSError as e:
+            raise TicketdError(f"secret scan: cannot read {file} ({e.strerror})") from e
         if _is_binary(data[:8192]):
             continue
         text = data.decode("utf-8", errors="replace")
