@@ -119,8 +119,11 @@ class Model:
     def __call__(self, body: dict[str, Any]) -> str:
         messages = body.get("messages") or []
         users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
-        task = users[0].split("\n## Repository", 1)[0] if users else ""
-        found, path = TICKET_ID.search(task), NAMED_FILE.search(task)
+        # the prompt is: the repository's file list, the ticket ("# task-N: ..."), the files
+        first = users[0] if users else ""
+        found = TICKET_ID.search(first)
+        task = first[found.start() :].split("\n## Files", 1)[0] if found else ""
+        path = NAMED_FILE.search(task)
         if found is None or path is None:
             return self.note(f"no ticket id or file in the first user message: {task[:80]!r}")
         ticket, rel = found.group(1), path.group(0)
