@@ -36,12 +36,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import shutil
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -49,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from project import PY, git, make_project
+from project import PY, git, make_project, run_in_tempdir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fake_ollama import FakeOllama
@@ -351,14 +349,11 @@ def main() -> None:
     ap.add_argument("--wrong-every", type=int, default=3, help="every Nth ticket reflects once")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="ticketd-llm-"))
-    try:
-        bench(root, args.tickets, args.model_ms, args.wrong_every)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    run_in_tempdir(
+        "ticketd-llm-",
+        args,
+        lambda root: bench(root, args.tickets, args.model_ms, args.wrong_every),
+    )
 
 
 if __name__ == "__main__":

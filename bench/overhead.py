@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import shutil
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from project import NOOP_AGENT, PY, git, make_project
+from project import NOOP_AGENT, PY, git, make_project, run_in_tempdir
 
 BARE_STEPS = ("worktree add", "write file", "add", "commit", "push", "worktree remove")
 
@@ -177,14 +175,7 @@ def main() -> None:
     ap.add_argument("--tickets", type=int, default=30)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="ticketd-overhead-"))
-    try:
-        bench(root, args.tickets)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    run_in_tempdir("ticketd-overhead-", args, lambda root: bench(root, args.tickets))
 
 
 if __name__ == "__main__":

@@ -31,16 +31,14 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from project import PY, make_project
+from project import PY, make_project, run_in_tempdir
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -189,14 +187,7 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=0.0, help="seconds to pause after each claim")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="ticketd-pickup-"))
-    try:
-        bench(root, args)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    run_in_tempdir("ticketd-pickup-", args, lambda root: bench(root, args))
 
 
 if __name__ == "__main__":

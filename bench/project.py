@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -41,3 +45,15 @@ def make_project(root: Path, *, max_tickets: int) -> Path:
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def run_in_tempdir(prefix: str, args: argparse.Namespace, bench: Callable[[Path], None]) -> None:
+    """Run ``bench`` in a fresh temporary folder, removed afterwards unless ``args.keep``."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        bench(root)
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
