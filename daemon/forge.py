@@ -8,7 +8,6 @@ failure left is ``PR_FAILED`` (retryable). The token never appears in a message.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,22 +16,9 @@ from github import Auth, GithubException, GithubRetry
 
 from daemon.errors import TicketdError
 
-REMOTE_PATTERNS = (
-    re.compile(r"^[\w.-]+@[\w.-]+:(?P<repo>[\w.-]+/[\w.-]+?)(?:\.git)?/?$"),  # git@host:o/r.git
-    re.compile(r"^[a-z+]+://(?:[^@/]+@)?[^/]+(?::\d+)?/(?P<repo>[\w.-]+/[\w.-]+?)(?:\.git)?/?$"),
-)
-
 
 class PRFailed(TicketdError):
     code = "PR_FAILED"
-
-
-def repo_from_remote(url: str) -> str | None:
-    """``owner/name`` from a remote URL (ssh, scp-like or https), or None."""
-    for pattern in REMOTE_PATTERNS:
-        if m := pattern.match(url.strip()):
-            return m["repo"]
-    return None
 
 
 @dataclass(frozen=True)

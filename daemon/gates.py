@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon import review, secrets, tickets
+from daemon import review, tickets
 from daemon.errors import TicketdError
 
 
@@ -26,6 +26,8 @@ class Held(TicketdError):
 
 def scan_secrets(diff: str, *, baseline: Path | None, on_finding: str) -> None:
     """Stop the run when the change adds a secret; only redacted values leave this function."""
+    from daemon import secrets  # its ~200 compiled rules cost start-up time: load on first use
+
     known = secrets.load_baseline(baseline) if baseline is not None else set()
     found = [f for f in secrets.scan_added(diff) if f.fingerprint not in known]
     if not found:

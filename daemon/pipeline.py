@@ -13,13 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon import checks, gates, review, tickets
 from daemon.agent import builtin, command
 from daemon.errors import AgentError, GitError
-from daemon.forge import Forge
 from daemon.llm.client import Call, Ollama
 from daemon.repo import Repo
+
+if TYPE_CHECKING:
+    from daemon.forge import Forge
 
 StageHook = Callable[[str], AbstractContextManager[None]]
 

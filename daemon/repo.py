@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +35,20 @@ PERMANENT_PUSH = (
     "repository not found",
     "protected branch",
 )
+
+
+REMOTE_PATTERNS = (
+    re.compile(r"^[\w.-]+@[\w.-]+:(?P<repo>[\w.-]+/[\w.-]+?)(?:\.git)?/?$"),  # git@host:o/r.git
+    re.compile(r"^[a-z+]+://(?:[^@/]+@)?[^/]+(?::\d+)?/(?P<repo>[\w.-]+/[\w.-]+?)(?:\.git)?/?$"),
+)
+
+
+def repo_from_remote(url: str) -> str | None:
+    """``owner/name`` from a remote URL (ssh, scp-like or https), or None."""
+    for pattern in REMOTE_PATTERNS:
+        if m := pattern.match(url.strip()):
+            return m["repo"]
+    return None
 
 
 class PushTransient(GitError):

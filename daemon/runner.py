@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -27,12 +27,14 @@ from daemon.agent import builtin
 from daemon.backlog import LEASE_ENV, Backlog, Lease
 from daemon.errors import Interrupted, TicketdError
 from daemon.files import atomic_write
-from daemon.forge import Forge
 from daemon.llm.breaker import State
 from daemon.llm.client import Ollama
 from daemon.metrics import Metrics
 from daemon.redact import Redactor
 from daemon.store import Store
+
+if TYPE_CHECKING:
+    from daemon.forge import Forge
 
 OUTAGE_CODES = ("OLLAMA_UNAVAILABLE", "LLM_TIMEOUT")
 
@@ -237,6 +239,8 @@ class Runner:
         token = self.cfg.github_token()
         if not g.enabled or token is None or self.repo_name is None:
             return None
+        from daemon.forge import Forge  # PyGithub loads only when pull requests are on
+
         return Forge(
             self.repo_name,
             token,

@@ -29,13 +29,12 @@ from daemon import config as configuration
 from daemon import failures, gates, insights, logs, procs, tickets
 from daemon.backlog import FOLDERS, LEASE_ENV, Backlog
 from daemon.errors import ConfigError, InvalidTicket, TicketdError
-from daemon.forge import repo_from_remote
 from daemon.llm.breaker import CircuitBreaker, State
 from daemon.llm.client import Ollama
 from daemon.llm.health import Monitor
 from daemon.metrics import Metrics
 from daemon.redact import Redactor
-from daemon.repo import Repo
+from daemon.repo import Repo, repo_from_remote
 from daemon.runner import Active, Runner
 from daemon.sdnotify import Notifier
 from daemon.server import Probes, Server

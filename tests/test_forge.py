@@ -12,7 +12,7 @@ from conftest import PY, Project
 from fake_github import FakeGitHub
 
 from daemon import config as configuration
-from daemon.forge import repo_from_remote
+from daemon.repo import repo_from_remote
 from daemon.supervisor import Supervisor, preflight
 
 TOKEN = "t0k3n"
