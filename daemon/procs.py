@@ -170,3 +170,17 @@ def with_env(name: str, prefix: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def resources_short(min_free_memory_mb: float, max_load: float) -> str:
+    """Why not to start more work now (memory or load past the guards; 0 turns one off)."""
+    if min_free_memory_mb:
+        free = psutil.virtual_memory().available / (1024 * 1024)
+        if free < min_free_memory_mb:
+            limit = f"concurrency.min_free_memory_mb ({min_free_memory_mb:g})"
+            return f"{free:.0f} MiB free, under {limit}"
+    if max_load:
+        load = os.getloadavg()[0]
+        if load > max_load:
+            return f"load {load:.2f}, over concurrency.max_load ({max_load:g})"
+    return ""

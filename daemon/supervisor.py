@@ -20,7 +20,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import psutil
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from loguru import logger
@@ -29,7 +28,7 @@ from daemon import config as configuration
 from daemon import failures, gates, insights, logs, procs, tickets
 from daemon.backlog import FOLDERS, LEASE_ENV, Backlog
 from daemon.errors import ConfigError, InvalidTicket, TicketdError
-from daemon.llm.breaker import CircuitBreaker, State
+from daemon.llm.breaker import CircuitBreaker
 from daemon.llm.client import Ollama
 from daemon.llm.health import Monitor
 from daemon.metrics import Metrics
@@ -247,9 +246,8 @@ class Supervisor:
 
     def _start_server(self) -> None:
         c = self.cfg.server
-        probes = Probes(
-            self._probe_health, self._probe_ready, self._probe_ollama, self._probe_status
-        )
+        ollama = self.monitor.describe if self.monitor else lambda: (200, {"enabled": False})
+        probes = Probes(self._probe_health, self._probe_ready, ollama, self._probe_status)
         try:
             self._server = Server(
                 c.host, c.port, probes, self.metrics.registry, token=self.cfg.server_token()
@@ -289,23 +287,6 @@ class Supervisor:
         ok = all(checks.values())
         return (200 if ok else 503), {"ok": ok, **checks}
 
-    def _probe_ollama(self) -> tuple[int, dict[str, Any]]:
-        if self.monitor is None:
-            return 200, {"enabled": False}
-        last = self.monitor.last
-        state = self.monitor.breaker.state
-        body = {
-            "enabled": True,
-            "host": self.monitor.llm.host,
-            "breaker": state.name,
-            "version": last.version if last else None,
-            "models": {m: m not in (last.missing if last else ()) for m in self.monitor.models},
-            "lastCheck": self.monitor.last_at,
-            "latencyS": round(last.latency_s, 4) if last else None,
-            "error": last.error if last else None,
-        }
-        return (503 if state is State.OPEN else 200), body
-
     def _probe_status(self) -> tuple[int, dict[str, Any]]:
         store = Store(self.cfg.state_dir / "history.sqlite3")
         try:
@@ -315,18 +296,8 @@ class Supervisor:
         return 200, report
 
     def _short_of_resources(self) -> str:
-        """Why not to claim now (memory or load over the configured guards), or ""."""
         c = self.cfg.concurrency
-        if c.min_free_memory_mb:
-            free = psutil.virtual_memory().available / (1024 * 1024)
-            if free < c.min_free_memory_mb:
-                limit = c.min_free_memory_mb
-                return f"{free:.0f} MiB free, under concurrency.min_free_memory_mb ({limit:g})"
-        if c.max_load:
-            load = os.getloadavg()[0]
-            if load > c.max_load:
-                return f"load {load:.2f}, over concurrency.max_load ({c.max_load:g})"
-        return ""
+        return procs.resources_short(c.min_free_memory_mb, c.max_load)
 
     def _install_signals(self) -> dict[int, Any]:
         """Handlers that only set flags; returns the previous ones to restore at exit."""

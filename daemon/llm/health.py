@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import ollama
@@ -71,6 +72,23 @@ class Monitor:
             logger.info("Ollama at {} answers again", self.llm.host)
             self.on_available()
         return health
+
+    def describe(self) -> tuple[int, dict[str, Any]]:
+        """``/health/ollama``: the breaker, each model's presence, the last check; 503 while
+        the breaker is open."""
+        last = self.last
+        state = self.breaker.state
+        body = {
+            "enabled": True,
+            "host": self.llm.host,
+            "breaker": state.name,
+            "version": last.version if last else None,
+            "models": {m: m not in (last.missing if last else ()) for m in self.models},
+            "lastCheck": self.last_at,
+            "latencyS": round(last.latency_s, 4) if last else None,
+            "error": last.error if last else None,
+        }
+        return (503 if state is State.OPEN else 200), body
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="ollama-health", daemon=True)
