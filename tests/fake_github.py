@@ -23,7 +23,7 @@ answered 404 and listed in ``unimplemented``; the ``fake_github`` fixture fails 
 teardown for it, so a gap in the fake is never mistaken for GitHub's answer.
 
 The HTTP plumbing (open connections dropped on ``stop()``, handler threads joined) is
-``fake_ollama``'s, shared rather than copied.
+``fakehttp``'s, shared with ``fake_ollama``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
-from fake_ollama import _Handler as _HttpHandler
-from fake_ollama import _Server as _HttpServer
+from fakehttp import FakeServer, Handler
 
 API_PREFIX = "/api/v3"  # where GitHub Enterprise Server serves the REST API
 DOCS = "https://docs.github.com/rest"
@@ -149,7 +148,17 @@ def _invalid(resource: str, code: str, field_: str | None = None, message: str =
     return _error(422, VALIDATION_FAILED, CREATE_PULL_DOCS, errors=[error])
 
 
-class FakeGitHub:
+class _Handler(Handler):
+    do_PATCH = do_PUT = Handler._dispatch
+
+    def send_github(self, status: int, obj: Any, headers: dict[str, str]) -> None:
+        self.send(status, json.dumps(obj).encode(), "application/json; charset=utf-8", headers)
+
+
+class FakeGitHub(FakeServer):
+    label = "fake GitHub"
+    handler = _Handler
+
     def __init__(
         self,
         repo: str = "acme/widgets",
@@ -159,81 +168,36 @@ class FakeGitHub:
         default_branch: str = "main",
         port: int = 0,
     ) -> None:
+        super().__init__(port)  # also ``errors``: exceptions raised inside the fake
         self.owner, self.name = repo.split("/")
         self.token = token
         self.login = login  # the user the token belongs to: author of pulls and comments
         self.default_branch = default_branch
         self.requests: list[Request] = []
         self.unimplemented: list[Request] = []
-        self.errors: list[str] = []  # exceptions raised inside the fake
         self.pulls: dict[int, dict[str, Any]] = {}
         self.comments: dict[int, list[dict[str, Any]]] = {}
-        self._port = port
-        self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._faults: list[_Fault] = []
         self._ids = iter(range(1_000_001, 10**9))
         self._label_ids: dict[str, int] = {}
         self._used = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        if not self._port:
-            raise RuntimeError("FakeGitHub was never started")
-        return self._port
-
-    @property
     def url(self) -> str:
         """The ``base_url`` for PyGithub: the API root, as on GitHub Enterprise Server."""
-        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
+        return f"{self.web_url}{API_PREFIX}"
 
     @property
     def web_url(self) -> str:
         """Where ``html_url`` links point."""
-        return f"http://127.0.0.1:{self.port}"
+        return super().url
 
     @property
     def full_name(self) -> str:
         return f"{self.owner}/{self.name}"
-
-    def start(self) -> None:
-        """Listen (again) on the same port as before, or a free one the first time."""
-        with self._lock:
-            if self._server is not None:
-                raise RuntimeError("FakeGitHub is already running")
-            server = _Server(self._port, self)
-            self._port = server.server_address[1]
-            thread = threading.Thread(
-                target=server.serve_forever,
-                kwargs={"poll_interval": 0.02},
-                name=f"fake-github:{self._port}",
-                daemon=True,
-            )
-            self._server, self._thread = server, thread
-        thread.start()
-
-    def stop(self) -> None:
-        """Refuse connections from now on; drop open connections; join the server's threads."""
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is None or thread is None:
-            return
-        server.begin_stop()
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-    def __enter__(self) -> FakeGitHub:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- scripting -------------------------------------------------------------------------
 
@@ -853,38 +817,6 @@ class FakeGitHub:
         }
         self.pulls[number] = pull
         return pull
-
-
-class _Server(_HttpServer):
-    """``fake_ollama``'s server (tracks connections, joins handler threads) with a handler that
-    also takes PATCH and PUT."""
-
-    def __init__(self, port: int, fake: FakeGitHub) -> None:
-        super().__init__(port, fake)  # type: ignore[arg-type]
-        self.RequestHandlerClass = _Handler
-
-
-class _Handler(_HttpHandler):
-    server: _Server  # type: ignore[assignment]
-
-    def _dispatch(self) -> None:
-        try:
-            self.server.fake._handle(self, self.server.stopping)  # type: ignore[arg-type]
-        except OSError:
-            self.close_connection = True
-
-    do_GET = do_HEAD = do_POST = do_PATCH = do_PUT = do_DELETE = _dispatch
-
-    def send_github(self, status: int, obj: Any, headers: dict[str, str]) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
 
 
 @pytest.fixture(name="fake_github")  # named, so it may be imported under another name

@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from fakehttp import FakeServer, Handler
 
 VERSION = "0.12.0"
 DEFAULT_NUM_CTX = 4096  # what Ollama uses when a request sends no options.num_ctx
@@ -120,7 +117,36 @@ class _Failure:
     model: str | None
 
 
-class FakeOllama:
+class _Handler(Handler):
+    def send_json(self, status: int, obj: Any) -> None:
+        self.send(status, json.dumps(obj).encode(), "application/json; charset=utf-8")
+
+    def send_text(self, status: int, text: str) -> None:
+        self.send(status, text.encode(), "text/plain; charset=utf-8")
+
+    def start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def write_line(self, obj: Any) -> bool:
+        """One NDJSON line as one chunk; False when the client has gone."""
+        data = json.dumps(obj).encode() + b"\n"
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except OSError:
+            return False
+        return True
+
+    def end_stream(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+
+
+class FakeOllama(FakeServer):
+    label = "fake Ollama"
+    handler = _Handler
+
     def __init__(
         self,
         models: Sequence[str] = ("qwen2.5-coder:7b",),
@@ -129,70 +155,19 @@ class FakeOllama:
         version: str = VERSION,
         context_length: int = 32768,
     ) -> None:
+        super().__init__(port)  # also ``errors``: exceptions raised inside the fake or a responder
         self.models = list(models)
         self.version = version
         self.context_length = context_length  # reported by /api/show
         self.default_reply: str | None = None
         self.requests: list[Request] = []
         self.unscripted: list[Request] = []
-        self.errors: list[str] = []  # exceptions raised inside the fake or a responder
-        self._port = port
-        self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._scripts: deque[_Script] = deque()
         self._failures: list[_Failure] = []
         self._hangs: deque[tuple[float, str | None]] = deque()
         self._delay = 0.0
         self._responder: Callable[[dict[str, Any]], str | None] | None = None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if not self._port:
-            raise RuntimeError("FakeOllama was never started")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Listen (again) on the same port as before, or a free one the first time."""
-        with self._lock:
-            if self._server is not None:
-                raise RuntimeError("FakeOllama is already running")
-            server = _Server(self._port, self)
-            self._port = server.server_address[1]
-            thread = threading.Thread(
-                target=server.serve_forever,
-                kwargs={"poll_interval": 0.02},
-                name=f"fake-ollama:{self._port}",
-                daemon=True,
-            )
-            self._server, self._thread = server, thread
-        thread.start()
-
-    def stop(self) -> None:
-        """Refuse connections from now on; end waits, drop open connections, join threads."""
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is None or thread is None:
-            return
-        server.begin_stop()  # wakes hangs and slow streams, shuts open connections
-        server.shutdown()  # the accept loop ends
-        server.server_close()  # closes the listening socket, joins handler threads
-        thread.join()
-
-    def __enter__(self) -> FakeOllama:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- scripting -------------------------------------------------------------------------
 
@@ -474,109 +449,6 @@ def _final(req: Request, script: _Script, text: str) -> dict[str, Any]:
         "eval_count": eval_tokens,
         "eval_duration": eval_ns,
     }
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = True  # server_close() joins every handler thread
-
-    def __init__(self, port: int, fake: FakeOllama) -> None:
-        self.fake = fake
-        self.stopping = threading.Event()
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), _Handler)
-
-    def track(self, conn: socket.socket) -> None:
-        with self._open_lock:
-            self._open.add(conn)
-            late = self.stopping.is_set()
-        if late:
-            _shut(conn)
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._open_lock:
-            self._open.discard(conn)
-
-    def begin_stop(self) -> None:
-        with self._open_lock:
-            self.stopping.set()
-            conns = list(self._open)
-        for conn in conns:
-            _shut(conn)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        error = sys.exc_info()[1]
-        if not isinstance(error, OSError):  # a dropped connection is expected, not an error
-            with self.fake._lock:
-                self.fake.errors.append(f"fake Ollama handler raised {error!r}")
-
-
-def _shut(conn: socket.socket) -> None:
-    """Unblock the handler thread reading or writing ``conn``; it closes the socket."""
-    with suppress(OSError):
-        conn.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive and chunked streams, as Ollama serves them
-    timeout = 60  # an idle keep-alive connection ends on its own (stop() ends it at once)
-    disable_nagle_algorithm = True  # else headers then body cost a delayed ACK (40 ms)
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            with suppress(OSError):
-                super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _dispatch(self) -> None:
-        try:
-            self.server.fake._handle(self, self.server.stopping)
-        except OSError:
-            self.close_connection = True
-
-    do_GET = do_HEAD = do_POST = do_DELETE = _dispatch
-
-    def _send(self, status: int, data: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json; charset=utf-8")
-
-    def send_text(self, status: int, text: str) -> None:
-        self._send(status, text.encode(), "text/plain; charset=utf-8")
-
-    def start_stream(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-    def write_line(self, obj: Any) -> bool:
-        """One NDJSON line as one chunk; False when the client has gone."""
-        data = json.dumps(obj).encode() + b"\n"
-        try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        except OSError:
-            return False
-        return True
-
-    def end_stream(self) -> None:
-        self.wfile.write(b"0\r\n\r\n")
 
 
 @pytest.fixture(name="fake_ollama")  # named, so it may be imported under another name
