@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import review, tickets
+from daemon.agent.command import ticket_sections
 from daemon.errors import TicketdError
 
 
@@ -73,12 +74,7 @@ def pr_body(
 ) -> str:
     """Description, acceptance criteria, what changed, checks, review, model and tokens."""
     parts = [f"Ticket **{ticket.id}**: {ticket.title}", ""]
-    if ticket.description:
-        parts += ["## Description", "", ticket.description, ""]
-    if ticket.acceptance_criteria:
-        parts += ["## Acceptance criteria", ""]
-        parts += [f"- [{'x' if c.checked else ' '}] {c.text}" for c in ticket.acceptance_criteria]
-        parts.append("")
+    parts += ticket_sections(ticket, plan_and_notes=False)
     parts += ["## What changed", "", "```", diffstat.strip() or "(no files)", "```", ""]
     parts += ["## Checks", ""]
     parts += [f"- {c}" for c in checks] or ["- none configured"]

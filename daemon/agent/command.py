@@ -17,20 +17,25 @@ from daemon.files import atomic_write
 from daemon.tickets import Ticket
 
 
-def render_ticket(ticket: Ticket) -> str:
-    """The ticket as a task: title, description, acceptance criteria, plan and notes."""
-    parts = [f"# {ticket.id}: {ticket.title}", ""]
+def ticket_sections(ticket: Ticket, *, plan_and_notes: bool = True) -> list[str]:
+    """Markdown lines: description, acceptance criteria as a checklist, plan and notes."""
+    parts: list[str] = []
     if ticket.description:
         parts += ["## Description", "", ticket.description, ""]
     if ticket.acceptance_criteria:
         parts += ["## Acceptance Criteria", ""]
         parts += [f"- [{'x' if c.checked else ' '}] {c.text}" for c in ticket.acceptance_criteria]
         parts.append("")
-    if ticket.plan:
+    if plan_and_notes and ticket.plan:
         parts += ["## Implementation Plan", "", ticket.plan, ""]
-    if ticket.notes:
+    if plan_and_notes and ticket.notes:
         parts += ["## Implementation Notes", "", ticket.notes, ""]
-    return "\n".join(parts)
+    return parts
+
+
+def render_ticket(ticket: Ticket) -> str:
+    """The ticket as a task: title, description, acceptance criteria, plan and notes."""
+    return "\n".join([f"# {ticket.id}: {ticket.title}", "", *ticket_sections(ticket)])
 
 
 def render_prompt(ticket: Ticket, previous: str | None = None) -> str:
