@@ -275,7 +275,9 @@ class Backlog:
             old = current.frontmatter.get("references") or []
             old_list = [str(r) for r in old] if isinstance(old, list) else [str(old)]
             updates["references"] = old_list + [r for r in references if r not in old_list]
-        atomic_write(path, tickets.update_frontmatter(text, updates))
+        new = tickets.update_frontmatter(text, updates)
+        if new != text:  # already as it should read (rewritten just before a move): no I/O
+            atomic_write(path, new)
         self.forget(path)
 
     def target(self, folder: str, name: str) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 from daemon.backlog import Backlog
 from daemon.errors import CODES
 from daemon.files import atomic_write
+from daemon.tickets import id_from_filename
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def plan(
     decisions = []
     for path in failed:
         record = read(path)
-        tid = str(record.get("taskId")) if record else path.name.split(" - ")[0].removesuffix(".md")
+        tid = str(record.get("taskId")) if record else id_from_filename(path)
         if task_id is not None and tid.lower() != task_id.lower():
             continue
         try:

@@ -45,14 +45,6 @@ def review_path(ticket: Path) -> Path:
 
 
 def settings(cfg: configuration.Config, redact: Redactor) -> pipeline.Settings:
-    def command(c: configuration.CheckCommand | configuration.AnalysisCommand) -> checks.Command:
-        return checks.Command(
-            c.name if isinstance(c, configuration.CheckCommand) else c.glob,
-            c.run,
-            c.timeout_s,
-            getattr(c, "glob", "*"),
-        )
-
     return pipeline.Settings(
         repo=cfg.repo.path,
         base_branch=cfg.repo.base_branch,
@@ -77,8 +69,11 @@ def settings(cfg: configuration.Config, redact: Redactor) -> pipeline.Settings:
             max_reflections=cfg.agent.max_reflections,
             max_context_files=cfg.agent.max_context_files,
             python_analysis=cfg.static_analysis.python,
-            analysis=tuple(command(c) for c in cfg.static_analysis.commands),
-            checks=tuple(command(c) for c in cfg.checks),
+            analysis=tuple(
+                checks.Command(c.glob, c.run, c.timeout_s, c.glob)
+                for c in cfg.static_analysis.commands
+            ),
+            checks=tuple(checks.Command(c.name, c.run, c.timeout_s) for c in cfg.checks),
             grace_s=cfg.agent.kill_grace_s,
         ),
         sign_commits=cfg.repo.sign_commits,

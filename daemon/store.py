@@ -116,6 +116,11 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One query on the shared connection, under the same lock as the writers."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
     def start_run(
         self, claim_id: str, ticket: str, task_id: str, title: str, at: str, config: dict[str, Any]
     ) -> int:
@@ -207,11 +212,11 @@ class Store:
 
     def attempts(self, ticket: str) -> list[dict[str, Any]]:
         """Earlier unsuccessful runs of this ticket file, oldest first."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT started_at, stage, error_code, model, duration_s FROM runs"
             " WHERE ticket = ? AND outcome IN ('failed', 'interrupted', 'review') ORDER BY id",
             (ticket,),
-        ).fetchall()
+        )
         return [
             {
                 "at": r["started_at"],
@@ -223,51 +228,49 @@ class Store:
             for r in rows
         ]
 
-    def known(self) -> set[str]:
-        """Ticket files that have run before (duplicate detection is for new ones)."""
-        return {r["ticket"] for r in self._db.execute("SELECT DISTINCT ticket FROM runs")}
-
-    def retried(self) -> set[str]:
-        """Ticket files with an unsuccessful run: retries queue behind fresh tickets."""
-        rows = self._db.execute(
-            "SELECT DISTINCT ticket FROM runs WHERE outcome IN ('failed', 'interrupted', 'review')"
-        ).fetchall()
-        return {r["ticket"] for r in rows}
+    def history(self) -> dict[str, bool]:
+        """Ticket files that have run before, each with whether a run was unsuccessful
+        (duplicate detection is for new tickets; retries queue behind fresh ones)."""
+        rows = self._read(
+            "SELECT ticket, MAX(outcome IN ('failed', 'interrupted', 'review')) AS retried"
+            " FROM runs GROUP BY ticket"
+        )
+        return {r["ticket"]: bool(r["retried"]) for r in rows}
 
     def last_run(self, ticket: str) -> dict[str, Any] | None:
         """The latest finished run of this ticket file."""
-        row = self._db.execute(
+        row = self._read(
             "SELECT outcome, error_code, error, stage, branch FROM runs WHERE ticket = ?"
             " AND outcome != 'running' ORDER BY id DESC LIMIT 1",
             (ticket,),
-        ).fetchone()
-        return dict(row) if row else None
+        )
+        return dict(row[0]) if row else None
 
     def running(self) -> dict[str, dict[str, Any]]:
         """Runs still marked running, by ticket file name, with their current stage."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT r.ticket, r.task_id, r.stage, r.started_at, r.claim_id,"
             " (SELECT s.started_at FROM stages s WHERE s.run_id = r.id ORDER BY s.rowid DESC"
             "  LIMIT 1) AS stage_started FROM runs r WHERE r.outcome = 'running'"
-        ).fetchall()
+        )
         return {r["ticket"]: dict(r) for r in rows}
 
     def recent(self, limit: int = 10) -> list[dict[str, Any]]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT ticket, task_id, title, outcome, error_code, error, branch, started_at,"
             " finished_at, duration_s, model, llm_calls, prompt_tokens, eval_tokens, quality"
             " FROM runs WHERE outcome != 'running'"
             " ORDER BY finished_at DESC, id DESC LIMIT ?",
             (limit,),
-        ).fetchall()
+        )
         return [dict(r) for r in rows]
 
     def stages(self, claim_id: str) -> list[dict[str, Any]]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT s.stage, s.duration_s, s.outcome FROM stages s JOIN runs r ON r.id = s.run_id"
             " WHERE r.claim_id = ? ORDER BY s.rowid",
             (claim_id,),
-        ).fetchall()
+        )
         return [dict(r) for r in rows]
 
     # -- stats and the learning loop (daemon/stats.py, daemon/insights.py) --
@@ -286,13 +289,13 @@ class Store:
     def runs_started(self, since: str, until: str | None = None) -> list[dict[str, Any]]:
         """Runs started in ``[since, until)``, oldest first; ``labels`` and
         ``model_outcomes`` decoded (``[]`` and ``{}`` when not recorded)."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT id, ticket, task_id, started_at, outcome, stage, error_code, model,"
             " duration_s, llm_calls, prompt_tokens, eval_tokens, quality, model_outcomes,"
             " labels, lesson_version FROM runs WHERE started_at >= ? AND started_at < ?"
             " ORDER BY started_at, id",
             (since, until or "9999"),
-        ).fetchall()
+        )
         runs = [dict(r) for r in rows]
         for run in runs:
             run["labels"] = json.loads(run["labels"] or "[]")
@@ -301,12 +304,12 @@ class Store:
 
     def stage_durations(self, since: str, until: str) -> list[tuple[str, float]]:
         """(stage, seconds) of every finished stage of the runs started in ``[since, until)``."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT s.stage, s.duration_s FROM stages s JOIN runs r ON r.id = s.run_id"
             " WHERE r.started_at >= ? AND r.started_at < ? AND s.duration_s IS NOT NULL"
             " ORDER BY s.rowid",
             (since, until),
-        ).fetchall()
+        )
         return [(r["stage"], float(r["duration_s"])) for r in rows]
 
     def add_lesson(self, at: str, text: str, codes: Sequence[str]) -> int:
@@ -326,7 +329,7 @@ class Store:
 
     def lessons(self) -> list[dict[str, Any]]:
         """Every lesson version, oldest first, ``codes`` decoded and ``active`` a bool."""
-        rows = self._db.execute("SELECT * FROM lessons ORDER BY version").fetchall()
+        rows = self._read("SELECT * FROM lessons ORDER BY version")
         return [
             {**dict(r), "codes": json.loads(r["codes"]), "active": bool(r["active"])} for r in rows
         ]
@@ -343,7 +346,7 @@ class Store:
 
     def label_chains(self) -> dict[str, dict[str, Any]]:
         """Learned chains by label: ``models``, ``evidence`` (decoded) and ``updated_at``."""
-        rows = self._db.execute("SELECT * FROM label_chains ORDER BY label").fetchall()
+        rows = self._read("SELECT * FROM label_chains ORDER BY label")
         return {
             r["label"]: {
                 "models": json.loads(r["models"]),
@@ -361,9 +364,9 @@ class Store:
 
     def insight_log(self, limit: int = 50) -> list[dict[str, Any]]:
         """The learning loop's latest log lines, oldest first."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT at, line FROM (SELECT rowid, at, line FROM insight_log"
             " ORDER BY rowid DESC LIMIT ?) ORDER BY rowid",
             (limit,),
-        ).fetchall()
+        )
         return [dict(r) for r in rows]

@@ -392,7 +392,9 @@ class Supervisor:
                 continue
             except InvalidTicket as e:
                 self._reject(path, e)
-        ready, _ = self.backlog.plan(candidates, self.store.retried())
+        history = self.store.history() if candidates else {}  # one query, only when needed
+        retried = {name for name, unsuccessful in history.items() if unsuccessful}
+        ready, _ = self.backlog.plan(candidates, retried)
         free = self.cfg.concurrency.max_tickets - len(self.active)
         if self.signals:
             return wait, 0
@@ -411,11 +413,10 @@ class Supervisor:
         self.resources_short = short
         if short:
             return wait if wait is not None else 5.0, len(ready)
-        known = self.store.known()
         for ticket in ready:
             if free <= 0:
                 break
-            if ticket.path.name not in known and self._duplicate(ticket):
+            if ticket.path.name not in history and self._duplicate(ticket):
                 continue
             if self._start(ticket):
                 free -= 1
