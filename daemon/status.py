@@ -1,10 +1,14 @@
 """What ``ticketd status`` (and later ``/status``) reports: read from the folders, the
-leases and the history, never from a running daemon's memory."""
+leases and the history, never from a running daemon's memory.
+
+The folders change while they are read (a daemon claims and moves tickets): a ticket or a
+lease that moves away or vanishes meanwhile is left out, and a file that is no ticket is
+reported as invalid, never an error."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +25,8 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
     for path in backlog.files("todo"):
         try:
             candidates.append(backlog.read(path))
+        except FileNotFoundError:
+            continue  # claimed or moved since the listing
         except InvalidTicket as e:
             waiting.append({"taskId": None, "file": path.name, "reason": f"invalid: {e.message}"})
     ready, blocked = backlog.plan(candidates)
@@ -31,9 +37,9 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
     history = store.running()
     running = []
     for path in backlog.files("in-progress"):
-        info: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            info = json.loads((backlog.leases / f"{path.name}.lock").read_bytes() or b"{}")
+        info = _lease(backlog, path.name)
+        if not os.path.lexists(path):
+            continue  # finished since the listing
         row = history.get(path.name, {})
         claimed = _parse(info.get("claimedAt"))
         running.append(
@@ -42,7 +48,7 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
                 "file": path.name,
                 "stage": info.get("stage") or row.get("stage"),
                 "elapsedS": round((now - claimed).total_seconds(), 1) if claimed else None,
-                "owner": f"{info['host']}:{info['pid']}" if "pid" in info else None,
+                "owner": f"{info.get('host')}:{info['pid']}" if "pid" in info else None,
                 "ownerAlive": _alive(info),
             }
         )
@@ -54,15 +60,25 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
     }
 
 
+def _lease(backlog: Backlog, name: str) -> dict[str, Any]:
+    """What the lease of ``in-progress/<name>`` records; {} when it is gone or unreadable."""
+    try:
+        info = json.loads(tickets.read_bytes(backlog.lock_path(name)) or b"{}")
+    except (FileNotFoundError, ValueError, InvalidTicket):  # gone, or not (yet) a lease
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def _parse(value: object) -> datetime | None:
     try:
-        return datetime.fromisoformat(str(value)) if value else None
+        parsed = datetime.fromisoformat(str(value)) if value else None
     except ValueError:
         return None
+    return parsed if parsed is not None and parsed.tzinfo is not None else None
 
 
 def _alive(info: dict[str, Any]) -> bool | None:
     pid = info.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or not 0 < pid < 2**31:
         return None
     return psutil.pid_exists(pid)

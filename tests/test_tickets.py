@@ -436,7 +436,7 @@ created_date: 2025-07-08
 
 
 def test_ids_and_titles_fall_back_to_the_file_name() -> None:
-    assert parse_text("", Path("vc-0004.01 - X.md")).id == "vc-0004.01"
+    assert parse_text("Text.\n", Path("vc-0004.01 - X.md")).id == "vc-0004.01"
     assert parse_text("---\n---\n", Path("task-42 - Foo.md")).title == "task-42 - Foo"
     assert parse_text("text\n", Path("notes.md")).id == "notes"
     fenced = parse_text("```sh\n# not a title\n```\n# Real title\n", Path("n.md"))
