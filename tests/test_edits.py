@@ -178,6 +178,73 @@ def test_parse_replace_without_search() -> None:
     )
 
 
+# -- parse: where aider is more tolerant ----------------------------------------------------
+
+
+def test_parse_divider_ends_a_block() -> None:
+    answer = f"a.py\n<<<<<<< SEARCH\nold\n=======\nnew\n=======\n\nb.py\n{AB}"
+    assert parse(answer) == [edit("a.py", "old\n", "new\n", 1), edit("b.py", "a\n", "b\n", 2)]
+    assert parse("a.py\n<<<<<<< SEARCH\nold\n=======\nnew\n=======") == [
+        edit("a.py", "old\n", "new\n")
+    ]
+
+
+DOUBLED = [
+    "=======\n=======\nnew\n",  # the divider twice in a row
+    "=======\n\n=======\nnew\n",
+    "=======\nnew\n=======\n",  # a stray divider before the end
+    "=======\nnew\n=======\n=======\n",
+]
+
+
+@pytest.mark.parametrize("middle", DOUBLED)
+def test_parse_doubled_divider(root: Path, middle: str) -> None:
+    answer = f"src/app.py\n<<<<<<< SEARCH\n    return sum(items)\n{middle}>>>>>>> REPLACE\n"
+    answer = answer.replace("new\n", "    return 0\n")
+    edits = parse(answer)
+    assert edits == [edit("src/app.py", "    return sum(items)\n", "    return 0\n")]
+    assert apply(root, edits).changed == ("src/app.py",)
+    assert "=======" not in (root / "src/app.py").read_text()
+
+
+def test_parse_doubled_divider_with_two_replacements_is_refused() -> None:
+    answer = "a.py\n<<<<<<< SEARCH\nold\n=======\nnew\n=======\nnewer\n>>>>>>> REPLACE\n"
+    assert parse_error(answer) == (
+        "block 1 (line 2 of the answer): '=======' on lines 4, 6; put exactly one between "
+        "SEARCH and REPLACE"
+    )
+
+
+@pytest.mark.parametrize(
+    "stray",
+    ["...", "----", "```", "```\n```python", "~~~\n~~~", "python", "```\npython", "Python:"],
+)
+def test_parse_stray_line_is_not_a_path(stray: str) -> None:
+    answer = f"a.py\n```python\n{AB}```\n\n{stray}\n{AB}"
+    assert [e.path for e in parse(answer)] == ["a.py", "a.py"]
+    line = len(stray.splitlines()) + 1
+    assert parse_error(f"{stray}\n{AB}") == (
+        f"block 1 (line {line} of the answer): no file path before it; put the path on its own line"
+    )
+
+
+def test_parse_stray_line_hides_an_earlier_path() -> None:
+    assert parse_error(f"src/app.py\n...\n{AB}") == (
+        "block 1 (line 3 of the answer): no file path before it; put the path on its own line"
+    )
+
+
+def test_parse_path_fenced_on_its_own() -> None:
+    answer = f"Here:\n\n ```python\nfoo.txt\n```\n```python\n{AB}```\n"
+    assert parse(answer) == [edit("foo.txt", "a\n", "b\n")]
+    assert parse(f"```src/app.py\n{AB}```\n") == [edit("src/app.py", "a\n", "b\n")]
+
+
+def test_parse_end_of_a_code_block_is_not_a_path() -> None:
+    answer = f"a.py\n{AB}\nRun it:\n```bash\npytest\n```\n```python\n{AB}```\n"
+    assert [e.path for e in parse(answer)] == ["a.py", "a.py"]
+
+
 # -- apply --------------------------------------------------------------------------------
 
 
@@ -360,6 +427,65 @@ def test_apply_keeps_bom_and_executable_bit(root: Path) -> None:
 def test_apply_unchanged_file_is_not_written(root: Path) -> None:
     result = apply(root, [edit("src/app.py", "    return sum(items)\n", "    return sum(items)\n")])
     assert result == Applied(changed=(), failures=(), fuzzy=0)
+
+
+def test_apply_fenced_sections(root: Path) -> None:
+    fenced = "```python\n    return sum(items)\n```\n"
+    answer = f"src/app.py\n<<<<<<< SEARCH\n{fenced}=======\n```python\n    return 0\n```\n"
+    answer += ">>>>>>> REPLACE\n"
+    assert apply(root, parse(answer)) == Applied(("src/app.py",), (), fuzzy=1)
+    assert (root / "src/app.py").read_text() == "def total(items):\n    return 0\n"
+    named = "app.py\n~~~\n    return 0\n~~~\n"  # the file's name above the fence, too
+    assert apply(root, [edit("src/app.py", named, "    return 1\n")]).changed == ("src/app.py",)
+    assert (root / "src/app.py").read_text() == "def total(items):\n    return 1\n"
+
+
+def test_apply_fences_in_the_file_match_as_written(root: Path) -> None:
+    (root / "README.md").write_text("Run:\n\n```\nmake\n```\n")
+    result = apply(root, [edit("README.md", "```\nmake\n```\n", "Run `make`.\n")])
+    assert result == Applied(("README.md",), (), fuzzy=0)
+    assert (root / "README.md").read_text() == "Run:\n\nRun `make`.\n"
+
+
+def test_apply_creates_a_file_without_the_fence_round_it(root: Path) -> None:
+    apply(root, [edit("new.py", "", "```python\nX = 1\n```\n")])
+    assert (root / "new.py").read_text() == "X = 1\n"
+
+
+def test_apply_spurious_leading_blank_line_in_search(root: Path) -> None:
+    search = "\ndef total(items):\n    return sum(items)\n"
+    result = apply(root, [edit("src/app.py", search, "\ndef total(items):\n    return 0\n")])
+    assert result == Applied(("src/app.py",), (), fuzzy=1)
+    assert (root / "src/app.py").read_text() == "def total(items):\n    return 0\n"
+    search = "\n\ndef total(items):\n    return 0\n"  # only the first blank line is dropped
+    result = apply(root, [edit("src/app.py", search, "x\n")])
+    assert [f.reason for f in result.failures] == ["SEARCH text not found in src/app.py"]
+
+
+def test_apply_divider_as_block_end_writes_no_divider(root: Path) -> None:
+    answer = "src/app.py\n<<<<<<< SEARCH\n    return sum(items)\n=======\n    return 0\n=======\n"
+    assert apply(root, parse(answer)).changed == ("src/app.py",)
+    assert (root / "src/app.py").read_text() == "def total(items):\n    return 0\n"
+
+
+def test_apply_fifo_is_not_read(root: Path) -> None:
+    os.mkfifo(root / "pipe.py")
+    edits = [edit("pipe.py", "a\n", "b\n", 1), edit("pipe.py", "", "b\n", 2)]
+    result = apply(root, edits)  # a blocking read would hang here until the test times out
+    reasons = [(f.edit.index, f.reason) for f in result.failures]
+    assert reasons == [(1, "pipe.py is not a regular file"), (2, "pipe.py is not a regular file")]
+    assert result.changed == ()
+    assert (root / "pipe.py").is_fifo()
+
+
+def test_apply_file_over_one_mib_is_not_read(root: Path) -> None:
+    line = "x = 1\n"
+    (root / "big.py").write_text(line * ((1 << 20) // len(line) + 1))
+    (root / "edge.py").write_bytes(b"#" * ((1 << 20) - 7) + b"\ny = 1\n")  # exactly 1 MiB
+    edits = [edit("big.py", line, "x = 2\n", 1), edit("edge.py", "y = 1\n", "y = 2\n", 2)]
+    result = apply(root, edits)
+    assert [f.reason for f in result.failures] == ["big.py is too large to edit (over 1 MiB)"]
+    assert result.changed == ("edge.py",)
 
 
 # -- unsafe paths -------------------------------------------------------------------------

@@ -1,17 +1,22 @@
 """SEARCH/REPLACE edit blocks: read them from a model's answer and apply them to a worktree.
 
-``parse`` is tolerant of what small local models get slightly wrong (fences or none, 5 to 9
-marker characters, decorated paths); ``apply`` matches each SEARCH exactly, then ignoring
-trailing whitespace, then under a uniform indentation shift, and refuses a SEARCH that matches
-more than one place. A block that cannot be applied becomes a ``Failure`` that shows the model
-the closest real lines; a path outside the worktree, into ``.git`` or through a symlink refuses
-the whole answer (UNSAFE_EDIT) before anything is written.
+``parse`` is tolerant of what small local models get slightly wrong, much as aider is (fences
+or none, 5 to 9 marker characters, decorated paths, '=======' ending a block); a '=======' line
+never lands in SEARCH or REPLACE, and a stray line before a block ("...", a fence, a language
+tag) is never taken for its path. ``apply`` matches each SEARCH exactly, then ignoring trailing
+whitespace, then under a uniform indentation shift, then (as aider) without a spurious leading
+blank line or a fence wrapped round it, and refuses a SEARCH that matches more than one place.
+A block that cannot be applied becomes a ``Failure`` that shows the model the closest real
+lines. The worktree is hostile: only regular files of at most 1 MiB are read, and a path
+outside the worktree, into ``.git`` or through a symlink refuses the whole answer
+(UNSAFE_EDIT) before anything is written.
 """
 
 from __future__ import annotations
 
 import codecs
 import difflib
+import errno
 import heapq
 import os
 import re
@@ -43,20 +48,28 @@ class Failure:
 class Applied:
     changed: tuple[str, ...]  # relative (posix) paths written, in the order first changed
     failures: tuple[Failure, ...]
-    fuzzy: int  # blocks that matched only after whitespace or indentation tolerance
+    fuzzy: int  # blocks that matched only after a tolerance (whitespace, indentation, repair)
 
 
 _SEARCH = re.compile(r"^\s*<{5,9}\s*SEARCH\s*$", re.IGNORECASE)
 _DIVIDER = re.compile(r"^\s*={5,9}\s*$")
 _REPLACE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$", re.IGNORECASE)
-_FENCE = re.compile(r"^\s*(?:`{3,}|~{3,})\s*[\w+#.-]*\s*$")
+_MARKERS = (_SEARCH, _DIVIDER, _REPLACE)
+_FENCE = re.compile(r"^\s*(?:`{3,}|~{3,})\s*([\w+#./-]*)\s*$")
+_CLOSING_FENCE = re.compile(r"^\s*(?:`{3,}|~{3,})\s*$")
 _PATH_PREFIX = re.compile(r"^(?:#+\s+|(?:file(?:name)?|path)\s*:\s*)", re.IGNORECASE)
+_LANGUAGES = frozenset(
+    "bash c cpp csharp css diff go html java javascript js json markdown md php plaintext py "
+    "python python3 ruby rust sh shell sql text toml ts typescript txt xml yaml yml".split()
+)
 _LINE = re.compile(r"[^\n]*\n|[^\n]+\Z")
 _WORD = re.compile(r"\w+|[^\w\s]")
 _CONTEXT = 2  # lines shown around the closest match
 _SHOWN = 12  # at most this many lines shown
 _SCORED = 40  # SEARCH lines that rank the windows
 _CANDIDATES = 5  # best-ranked windows that difflib compares
+_MAX_BYTES = 1 << 20  # a larger file is not read
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 Shift = tuple[str, str]  # (indentation to add, indentation to remove) on REPLACE lines
 
@@ -81,14 +94,11 @@ def parse(answer: str) -> list[Edit]:
         path = _path_before(lines, start, i) or path
         if path is None:
             raise _malformed(index, where, "no file path before it; put the path on its own line")
-        divider = _next(lines, i + 1, _DIVIDER, stop=(_SEARCH, _REPLACE))
-        if divider is None:
+        divider = _marker(lines, i + 1)
+        if divider == len(lines) or not _DIVIDER.match(lines[divider]):
             raise _malformed(index, where, "missing '=======' between SEARCH and REPLACE")
-        end = _next(lines, divider + 1, _REPLACE, stop=(_SEARCH,))
-        if end is None:
-            raise _malformed(index, where, "missing '>>>>>>> REPLACE' at its end")
-        search, replace = lines[i + 1 : divider], lines[divider + 1 : end]
-        edits.append(Edit(path, _join(search), _join(replace), index))
+        replace, end = _replace_part(lines, divider, index, where)
+        edits.append(Edit(path, _join(lines[i + 1 : divider]), _join(replace), index))
         start = i = end + 1
     return edits
 
@@ -99,30 +109,58 @@ def _malformed(index: int, line: int, problem: str) -> TicketdError:
     )
 
 
-def _next(
-    lines: list[str], i: int, want: re.Pattern[str], stop: tuple[re.Pattern[str], ...]
-) -> int | None:
-    """The index of the first line from ``i`` matching ``want``; None at a ``stop`` or the end."""
-    for j in range(i, len(lines)):
-        if want.match(lines[j]):
-            return j
-        if any(s.match(lines[j]) for s in stop):
-            return None
-    return None
+def _marker(lines: list[str], i: int) -> int:
+    """The index of the first SEARCH, '=======' or REPLACE line from ``i``; len(lines) if none."""
+    found = (j for j in range(i, len(lines)) if any(m.match(lines[j]) for m in _MARKERS))
+    return next(found, len(lines))
+
+
+def _replace_part(lines: list[str], divider: int, index: int, at: int) -> tuple[list[str], int]:
+    """The REPLACE lines after ``divider`` and the index of the line that ends the block. As
+    in aider, a second '=======' ends it unless a '>>>>>>> REPLACE' follows before the next
+    SEARCH; then the one part between the dividers and that end that is not blank is REPLACE
+    (two are ambiguous). A '=======' line never lands in REPLACE."""
+    dividers = [divider]
+    end = _marker(lines, divider + 1)
+    while end < len(lines) and _DIVIDER.match(lines[end]):
+        dividers.append(end)
+        end = _marker(lines, end + 1)
+    if end == len(lines) or _SEARCH.match(lines[end]):
+        if len(dividers) == 1:
+            raise _malformed(index, at, "missing '>>>>>>> REPLACE' at its end")
+        return lines[divider + 1 : dividers[1]], dividers[1]
+    parts = [lines[a + 1 : b] for a, b in zip(dividers, [*dividers[1:], end], strict=True)]
+    filled = [part for part in parts if any(line.strip() for line in part)]
+    if len(filled) > 1:
+        where = ", ".join(str(d + 1) for d in dividers)
+        problem = f"'=======' on lines {where}; put exactly one between SEARCH and REPLACE"
+        raise _malformed(index, at, problem)
+    return (filled or parts)[0], end
 
 
 def _path_before(lines: list[str], start: int, i: int) -> str | None:
-    """The path on the last non-blank line before line ``i`` (or before its opening fence)."""
-    text = [line for line in lines[start:i] if line.strip()]
-    if text and _FENCE.match(text[-1]):
-        text.pop()
-    return _as_path(text[-1]) if text else None
+    """The path on the last non-blank line before line ``i``, looking back past up to two
+    fences (whose info string may be the path); behind two it needs a ``.`` or ``/``, since it
+    may as well be the last line of a code block. None when that line is not a path."""
+    fences = 0
+    for line in reversed(lines[start:i]):
+        if not line.strip():
+            continue
+        fence = _FENCE.match(line)
+        if fence is None or "." in fence[1] or "/" in fence[1]:
+            path = _as_path(fence[1] if fence else line)
+            return path if fences < 2 or (path and re.search(r"[./]", path)) else None
+        if fences == 2:
+            return None
+        fences += 1
+    return None
 
 
 def _as_path(line: str) -> str | None:
     """``line`` as a file path without decorations (``**``, backticks, a trailing colon, a
-    heading mark, ``File:``), or None when it reads as prose. A bare word with a trailing colon
-    and no ``.`` or ``/`` ("Changes:") is a label, not a path."""
+    heading mark, ``File:``), or None when it reads as prose. A label (a bare word with a
+    trailing colon and no ``.`` or ``/``: "Changes:"), a fence's language tag ("python") and a
+    line without a letter or digit ("...", "----") are not paths."""
     text, before, label = line.strip(), "", False
     while text != before:
         before = text
@@ -130,7 +168,7 @@ def _as_path(line: str) -> str | None:
         text = _PATH_PREFIX.sub("", text).rstrip(":").strip("*`'\" \t")
     if not text or any(c.isspace() for c in text) or (label and not re.search(r"[./]", text)):
         return None
-    return text
+    return text if any(c.isalnum() for c in text) and text.casefold() not in _LANGUAGES else None
 
 
 def _join(lines: list[str]) -> str:
@@ -140,32 +178,32 @@ def _join(lines: list[str]) -> str:
 def resolve(root: Path, rel: str) -> Path:
     """The absolute path inside ``root`` for a model-written path; UNSAFE_EDIT for anything
     absolute, outside ``root``, under a ``.git`` component (any case) or through a symlink."""
-
-    def refuse(why: str) -> TicketdError:
-        return TicketdError(f"refusing to edit {rel!r}: {why}", code="UNSAFE_EDIT")
-
     if "\x00" in rel:
-        raise refuse("the path contains a NUL byte")
+        raise _refuse(rel, "the path contains a NUL byte")
     if rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[/\\]", rel):
-        raise refuse("the path is absolute")
+        raise _refuse(rel, "the path is absolute")
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     if not parts:
-        raise refuse("the path names no file")
+        raise _refuse(rel, "the path names no file")
     if parts[0].startswith("~"):
-        raise refuse("a path may not start with ~")
+        raise _refuse(rel, "a path may not start with ~")
     if ".." in parts:
-        raise refuse("the path goes up with ..")
+        raise _refuse(rel, "the path goes up with ..")
     if any(p.rstrip(". ").casefold() == ".git" for p in parts):
-        raise refuse("files under .git are not editable")
+        raise _refuse(rel, "files under .git are not editable")
     base = root.resolve()
     path = base
     for part in parts:
         path = path / part
         if path.is_symlink():
-            raise refuse(f"{path.relative_to(base).as_posix()} is a symbolic link")
+            raise _refuse(rel, f"{path.relative_to(base).as_posix()} is a symbolic link")
     if not path.resolve().is_relative_to(base):  # unreachable after the checks above
-        raise refuse("the path leaves the worktree")
+        raise _refuse(rel, "the path leaves the worktree")
     return path
+
+
+def _refuse(rel: str, why: str) -> TicketdError:
+    return TicketdError(f"refusing to edit {rel!r}: {why}", code="UNSAFE_EDIT")
 
 
 @dataclass
@@ -182,17 +220,17 @@ def apply(root: Path, edits: Sequence[Edit]) -> Applied:
     that changed. UNSAFE_EDIT for any unsafe path, before anything is written."""
     base = root.resolve()
     targets: list[Path] = []
+    files: dict[Path, _File] = {}
     for edit in edits:
         try:
             targets.append(resolve(base, edit.path))
+            if targets[-1] not in files:
+                files[targets[-1]] = _load(targets[-1], edit.path)
         except TicketdError as e:
             raise TicketdError(f"block {edit.index}: {e.message}", code=e.code) from e
-    files: dict[Path, _File] = {}
     failures: list[Failure] = []
     fuzzy = 0
     for edit, target in zip(edits, targets, strict=True):
-        if target not in files:
-            files[target] = _load(target)
         file = files[target]
         creating = file.text is None and not edit.search.strip()
         outcome = _apply_one(edit, file, creating and _blocked(base, target, files))
@@ -208,16 +246,30 @@ def apply(root: Path, edits: Sequence[Edit]) -> Applied:
     return Applied(tuple(changed), tuple(failures), fuzzy)
 
 
-def _load(path: Path) -> _File:
-    if path.is_dir():
-        return _File(None, None, error="is a folder")
+def _load(path: Path, rel: str) -> _File:
+    """The file as it is now: read only if it is a regular file of at most 1 MiB, opened
+    without following a symlink or blocking (the model's code has run in the worktree)."""
+    raw = b""
     try:
-        raw = path.read_bytes()
-        mode = stat.S_IMODE(path.stat().st_mode)
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size <= _MAX_BYTES:
+            with os.fdopen(os.open(path, _OPEN), "rb") as f:
+                info = os.fstat(f.fileno())  # what was opened, whatever lstat saw
+                if stat.S_ISREG(info.st_mode) and info.st_size <= _MAX_BYTES:
+                    raw = f.read(_MAX_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
         return _File(None, None)
     except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink put there since resolve()
+            raise _refuse(rel, f"{rel} is a symbolic link") from e
         return _File(None, None, error=f"cannot be read ({e.strerror})")
+    if stat.S_ISLNK(info.st_mode):
+        raise _refuse(rel, f"{rel} is a symbolic link")
+    if not stat.S_ISREG(info.st_mode):
+        folder = stat.S_ISDIR(info.st_mode)
+        return _File(None, None, error="is a folder" if folder else "is not a regular file")
+    if info.st_size > _MAX_BYTES or len(raw) > _MAX_BYTES:
+        return _File(None, None, error="is too large to edit (over 1 MiB)")
     bom = raw.startswith(codecs.BOM_UTF8)
     try:
         text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
@@ -225,7 +277,7 @@ def _load(path: Path) -> _File:
         text = "\x00"  # not UTF-8: binary
     if "\x00" in text:
         return _File(None, None, error="is not a text file")
-    return _File(text, text, bom=bom, mode=mode)
+    return _File(text, text, bom=bom, mode=stat.S_IMODE(info.st_mode))
 
 
 def _blocked(base: Path, target: Path, files: dict[Path, _File]) -> bool:
@@ -243,12 +295,14 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
     if file.error:
         return Failure(edit, f"{edit.path} {file.error}", "")
     if not edit.search.strip():  # create the file
+        inner = _unwrap(_split(edit.replace), edit.path)  # a fence round the whole file
+        content = edit.replace if inner is None else _join(inner)
         if file.text is None:
             if blocked:
                 return Failure(edit, f"cannot create {edit.path}: a file is in the way", "")
-            return edit.replace, False
-        if not file.text or file.text.replace("\r\n", "\n") == edit.replace:
-            return file.text or edit.replace, False
+            return content, False
+        if not file.text or file.text.replace("\r\n", "\n") == content:
+            return file.text or content, False
         lines = _LINE.findall(file.text)
         return Failure(
             edit,
@@ -257,8 +311,11 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
         )
     if file.text is None:
         return Failure(edit, f"{edit.path} does not exist; an empty SEARCH creates a file", "")
-    lines, search = _LINE.findall(file.text), _split(edit.search)
+    lines, search, replace = _LINE.findall(file.text), _split(edit.search), _split(edit.replace)
     matches, fuzzy = _find(lines, search)
+    if not matches and (repaired := _repair(search, replace, edit.path)):
+        search, replace = repaired
+        matches, fuzzy = _find(lines, search)[0], True
     if not matches:
         reason = f"SEARCH text not found in {edit.path}"
         return Failure(edit, reason, _closest(lines, search))
@@ -268,11 +325,35 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
         return Failure(edit, reason + "include more lines so it matches one", "")
     start, shift = matches[0]
     eol = _eol(file.text)
-    new = "".join(_reindent(line, shift) + eol for line in _split(edit.replace))
+    new = "".join(_reindent(line, shift) + eol for line in replace)
     text = "".join(lines[:start]) + new + "".join(lines[start + len(search) :])
     if not file.text.endswith("\n") and text.endswith("\n"):  # keep "no final newline"
         text = text.removesuffix(eol) if text.endswith(eol) else text[:-1]
     return text, fuzzy
+
+
+def _repair(search: list[str], replace: list[str], path: str) -> tuple[list[str], list[str]] | None:
+    """SEARCH and REPLACE as aider repairs a SEARCH that matches nowhere: without a spurious
+    leading blank line, and without a fence wrapped round the section (a line naming the file
+    may stand above it); REPLACE loses the same only where it has them. None if no repair."""
+    s, r = search, replace
+    if len(s) > 2 and not s[0].strip():
+        s, r = s[1:], r[1:] if r and not r[0].strip() else r
+    inner = _unwrap(s, path)
+    if inner is not None and any(line.strip() for line in inner):
+        outer = _unwrap(r, path)
+        s, r = inner, r if outer is None else outer
+    return None if s == search else (s, r)
+
+
+def _unwrap(lines: list[str], path: str) -> list[str] | None:
+    """The lines inside a fence that wraps them all, or None when no fence does."""
+    name = _as_path(lines[0]) if len(lines) > 2 else None
+    if name in (path, path.rsplit("/", 1)[-1]) and _FENCE.match(lines[1]):
+        lines = lines[1:]
+    if len(lines) > 1 and _FENCE.match(lines[0]) and _CLOSING_FENCE.match(lines[-1]):
+        return lines[1:-1]
+    return None
 
 
 def _find(lines: list[str], search: list[str]) -> tuple[list[tuple[int, Shift]], bool]:
