@@ -3,6 +3,11 @@
 The format is a contract (README, "The .error.json file"); ``build`` is the one place that
 writes it. The retry rules are pure functions of the record, the ticket's content and ``now``:
 ``eligibility`` for one ticket, ``plan`` for a folder.
+
+The record's times are wall-clock times. When the clock steps back after a failure, a ticket
+seems to have failed in the future and its ``nextRetryAt`` may lie further ahead than any
+backoff; neither may block a retry (else retries stop for as long as the step), so either
+makes the ticket due at once.
 """
 
 from __future__ import annotations
@@ -99,6 +104,11 @@ def write(ticket_in_failed: Path, record: dict[str, Any]) -> Path:
 # -- retries ---------------------------------------------------------------------------------
 
 
+# How far ahead of ``now`` a record's times may lie before they can only mean that the clock
+# stepped back: seconds lost to rounding and to a clock that was slewed.
+CLOCK_SLACK = timedelta(minutes=1)
+
+
 @dataclass(frozen=True)
 class Policy:
     max_retries: int = 3
@@ -168,9 +178,22 @@ def eligibility(
     if count >= policy.max_retries:
         return False, f"retry limit reached ({count} of {policy.max_retries})", True
     failed_at = _parse(record.get("timestamp"))
+    if failed_at is not None and failed_at > now + CLOCK_SLACK:
+        return (
+            True,
+            f"due: it failed in the future ({iso(failed_at)}); the clock stepped back",
+            False,
+        )
     if failed_at is not None and now - failed_at > timedelta(days=policy.max_age_days):
         return False, f"failed more than {policy.max_age_days:g} days ago", True
     due = _parse(record.get("nextRetryAt"))
+    longest = policy.backoff.max_s + CLOCK_SLACK.total_seconds()
+    if due is not None and (due - now).total_seconds() > longest:
+        return (
+            True,
+            f"due: nextRetryAt {iso(due)} is beyond the longest backoff; the clock stepped back",
+            False,
+        )
     if due is not None and now < due:
         return False, f"backing off until {iso(due)}", False
     return True, "due", False

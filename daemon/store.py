@@ -3,17 +3,36 @@
 The history explains what happened; it is never needed to know where a ticket is (the
 folders say that). Writers are the daemon's worker threads, serialised by a lock; readers
 (``ticketd status``) open their own connection.
+
+Because the history is expendable, a file that cannot be used never stops a start: when
+opening it fails with corruption ("file is not a database", "database disk image is
+malformed"), when ``PRAGMA quick_check`` (milliseconds for a history of years) finds damage,
+or when the file cannot be read (permissions), ``Store`` moves it aside, with its ``-wal``
+and ``-shm`` files, to ``history.sqlite3.corrupt-<UTC timestamp>`` (for example
+``history.sqlite3.corrupt-20261122T103000Z``), logs a warning naming it, and starts a fresh
+history; ``Store.recovered_from`` says where the old file went. Other errors (a lock held
+too long, a full disk), or a fresh history that cannot be created either, raise
+``HistoryUnavailable``. Stores in several threads or processes take turns, on
+``history.sqlite3.lock``, to move a file aside or to set up a fresh one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from daemon.errors import TicketdError
 
 if TYPE_CHECKING:
     from daemon.llm.client import Call
@@ -87,20 +106,182 @@ MIGRATIONS = [
 ]
 
 
+_OBJECTS = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA))
+
+# SQLite's primary result codes that mean the file itself is damaged or not a database.
+_DAMAGED = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+class HistoryUnavailable(TicketdError):
+    """The history cannot be opened, and no fresh one can be created in its place."""
+
+
+class _Unusable(Exception):
+    """The file at the history's path cannot serve as the history; it may be moved aside."""
+
+
+def _open(path: Path, *, locked: bool = False) -> sqlite3.Connection:
+    """A connection to a checked history with the current schema (``locked``: the caller
+    holds the lock beside it). Raises ``_Unusable`` when the file is damaged or cannot be
+    read, ``sqlite3.Error`` for anything else."""
+    _check(path)
+    try:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    except sqlite3.Error as e:
+        if _damaged(e):
+            raise _Unusable(str(e)) from e
+        raise
+    try:
+        db.row_factory = sqlite3.Row
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            # A fresh file. Two connections switching it at once can fail at once (no busy
+            # wait for that), so they take turns; a file once switched stays in WAL.
+            with nullcontext() if locked else _exclusive(_lock_path(path)):
+                db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        _migrate(db)
+    except sqlite3.Error as e:
+        db.close()
+        if _damaged(e):
+            raise _Unusable(str(e)) from e
+        raise
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create the missing tables and columns. Only when something is missing, and then in one
+    write transaction, since another connection may be doing the same; a history that is
+    current is only read (a reader may lack write access)."""
+    if _current(db):
+        return
+    db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}")
+    try:
+        for table, column, declaration in MIGRATIONS:
+            if column not in _columns(db, table):
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _current(db: sqlite3.Connection) -> bool:
+    have = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    return have >= _OBJECTS and all(
+        column in _columns(db, table) for table, column, _ in MIGRATIONS
+    )
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _check(path: Path) -> None:
+    """Raise ``_Unusable`` when the file at ``path`` cannot be the history: not accessible,
+    not a database, or damaged (``PRAGMA quick_check``). The look is read-only, because
+    closing a read-write connection deletes the -wal file, which must go aside with it."""
+    try:
+        if path.stat().st_size == 0:
+            return  # no history yet
+    except FileNotFoundError:
+        return
+    if not os.access(path, os.R_OK):
+        raise _Unusable("permission denied")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as e:
+        if _damaged(e):
+            raise _Unusable(str(e)) from e
+        return  # the read-write open says what is wrong
+    try:
+        found = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.Error as e:
+        if _damaged(e):
+            raise _Unusable(str(e)) from e
+        return  # busy, or a WAL only a writer can recover: the read-write open decides
+    finally:
+        db.close()
+    if found != ["ok"]:
+        raise _Unusable("damaged: " + " ".join(" ".join(found).split())[:200])
+
+
+def _damaged(e: sqlite3.Error) -> bool:
+    """Does the error say the file is damaged or not a database (not busy, not full)?"""
+    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) in _DAMAGED
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.corrupt-<UTC timestamp>``, its -wal and -shm files first
+    (a WAL left beside a fresh file would be replayed into it)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    for suffix in ("-wal", "-shm"):
+        with suppress(FileNotFoundError):
+            path.with_name(path.name + suffix).rename(aside.with_name(aside.name + suffix))
+    path.rename(aside)
+    return aside
+
+
+def _lock_path(path: Path) -> Path:
+    """Beside the history: taken while a fresh file is set up or a bad one moved aside."""
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock_path`` while inside."""
+    with lock_path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 class Store:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # Where an unusable history was moved before a fresh one was started, else None.
+        self.recovered_from: Path | None = None
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        for table, column, declaration in MIGRATIONS:
-            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HistoryUnavailable(f"{path}: cannot create its folder: {e}") from e
+        try:
+            self._db = _open(path)
+        except _Unusable as e:
+            self._db = self._recover(str(e))
+        except sqlite3.Error as e:
+            raise HistoryUnavailable(f"{path}: cannot open the history: {e}") from e
+
+    def _recover(self, reason: str) -> sqlite3.Connection:
+        """Move the unusable file aside and open a fresh history, one recovery at a time
+        across threads and processes (another may have recovered it while we waited)."""
+        path = self.path
+        try:
+            with _exclusive(_lock_path(path)):
+                try:
+                    return _open(path, locked=True)
+                except _Unusable as e:
+                    reason = str(e)
+                aside = _move_aside(path)
+                self.recovered_from = aside
+                logger.warning(
+                    "history {} cannot be used ({}); moved it aside to {} and started a fresh one",
+                    path,
+                    reason,
+                    aside,
+                )
+                return _open(path, locked=True)
+        except (OSError, sqlite3.Error, _Unusable) as e:
+            raise HistoryUnavailable(
+                f"{path} cannot be used ({reason}), and no fresh history can take its place: {e}"
+            ) from e
 
     def close(self) -> None:
         self._db.close()
@@ -122,15 +303,33 @@ class Store:
             return self._db.execute(sql, params).fetchall()
 
     def start_run(
-        self, claim_id: str, ticket: str, task_id: str, title: str, at: str, config: dict[str, Any]
+        self,
+        claim_id: str,
+        ticket: str,
+        task_id: str,
+        title: str,
+        at: str,
+        config: dict[str, Any],
+        *,
+        branch: str | None = None,
     ) -> int:
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO runs (claim_id, ticket, task_id, title, started_at, config)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (claim_id, ticket, task_id, title, at, json.dumps(config)),
+                "INSERT INTO runs (claim_id, ticket, task_id, title, started_at, config, branch)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (claim_id, ticket, task_id, title, at, json.dumps(config), branch),
             )
             return int(cur.lastrowid or 0)
+
+    def branch_owner(self, branch: str, ticket: str) -> str | None:
+        """Another ticket file whose run is on ``branch`` now or pushed it (one branch per
+        ticket file), or None."""
+        rows = self._read(
+            "SELECT ticket FROM runs WHERE branch = ? AND ticket != ?"
+            " AND outcome IN ('running', 'done') ORDER BY id DESC LIMIT 1",
+            (branch, ticket),
+        )
+        return str(rows[0]["ticket"]) if rows else None
 
     def start_stage(self, run_id: int, stage: str, at: str) -> None:
         with self._tx() as db:
