@@ -2,21 +2,21 @@
 
 A readable stderr, a rotating file (text or JSON) under ``logging.dir``, and for each
 ticket run its own file ``logging.dir/tasks/<ID>.log``. ``diagnose`` is off so variable
-values never reach a traceback, and every message passes through the redactor.
+values never reach a traceback, and every message, with the text of any exception logged
+with it, passes through the redactor.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loguru import logger
-
-from daemon.redact import Redactor
 
 if TYPE_CHECKING:
     from loguru import Record
@@ -53,11 +53,19 @@ def setup(
     rotation: str,
     retention: str,
     compression: str,
-    redactor: Redactor,
+    redactor: Callable[[str], str],
     stderr: bool = True,
 ) -> None:
     def patch(record: Record) -> None:
-        record["message"] = redactor(record["message"])
+        message = record["message"]
+        exc = record["exception"]
+        if exc is not None and exc.type is not None:
+            # An exception's text can quote anything (a command line, an agent's output): it
+            # is formatted here, and redacted with the message, rather than by each sink.
+            trace = traceback.format_exception(exc.type, exc.value, exc.traceback)
+            message = f"{message}\n{''.join(trace).rstrip()}"
+            record["exception"] = None
+        record["message"] = redactor(message)
 
     logger.remove()
     logger.configure(extra={"ticket": "-", "stage": "-"}, patcher=patch)

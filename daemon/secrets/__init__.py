@@ -6,7 +6,13 @@ Rice): vendor token formats, private key blocks, its generic API key rule and it
 allowlists. ticketd adds credentials in URLs, a generic ``name = "<high-entropy value>"``
 rule and filters for look-alikes (placeholders, templates, hashes, UUIDs, git SHAs, public
 keys). Inline ``gitleaks:allow`` and ``pragma: allowlist secret`` comments are honoured, and
-a baseline file lists the fingerprints of known findings to ignore.
+a baseline file lists the fingerprints of known findings to ignore. Given the daemon's own
+secret values, the scan also reports them and their encodings (base64, hex) as
+``ticketd-known-secret``, which neither comment nor baseline hides.
+
+:func:`spans` and :func:`mask` serve redaction (``daemon.redact``): the same detector, but
+allowlist comments are ignored (whoever writes a log line can write one too) and each secret
+is replaced by ``***(<rule>)``.
 
 A :class:`Finding` never holds a secret: its ``redacted`` field shows at most the first 4
 characters and its ``fingerprint`` is a sha256 of file, rule and secret.
@@ -19,21 +25,27 @@ own rules), ``filters`` (look-alikes) and ``ds`` (the detect-secrets plugins).
 from __future__ import annotations
 
 from daemon.secrets.scan import (
+    KNOWN_RULE,
     Finding,
     load_baseline,
+    mask,
     redact,
     scan_added,
     scan_paths,
     scan_text,
+    spans,
     write_baseline,
 )
 
 __all__ = [
+    "KNOWN_RULE",
     "Finding",
     "load_baseline",
+    "mask",
     "redact",
     "scan_added",
     "scan_paths",
     "scan_text",
+    "spans",
     "write_baseline",
 ]

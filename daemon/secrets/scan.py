@@ -1,4 +1,4 @@
-"""Scanning texts, diffs and folders; findings, redaction and the baseline file."""
+"""Scanning texts, diffs and folders; findings, spans to mask, redaction and the baseline file."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from daemon.errors import ConfigError, TicketdError
+from daemon.redact import KnownSecrets, apply_masks, merge_spans, rule_mask
 from daemon.secrets import ds, filters, ours
 from daemon.secrets.gitleaks_rules import GLOBAL_ALLOW, RULES
 from daemon.secrets.regex import shannon_entropy
-from daemon.secrets.rules import Candidate, line_span, match_rule
+from daemon.secrets.rules import Candidate, Rule, line_span, match_rule
 
 MAX_FILE_BYTES = 1024 * 1024
 # detect-secrets' patterns carry no entropy threshold; gitleaks puts most vendor tokens at 3.
@@ -22,6 +24,8 @@ DS_MIN_ENTROPY = 3.2
 _ALLOW_COMMENT = re.compile(r"gitleaks:allow|pragma: ?allowlist[ -]secret|trufflehog:ignore", re.I)
 _ALLOW_NEXT_LINE = re.compile(r"pragma: ?allowlist[ -]nextline[ -]secret", re.I)
 _NAME_IN_MATCH = re.compile(r"[\w.:-]+")
+# The rule of a known value (the daemon's own tokens) or one of its encodings.
+KNOWN_RULE = "ticketd-known-secret"
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,25 @@ def _accept(c: Candidate, text: str) -> bool:
     return True
 
 
+@cache
+def _keyword_index(generic: tuple[Rule, ...]) -> tuple[tuple[Rule, ...], dict[str, list[int]]]:
+    """The rules in order, and for each keyword the positions of the rules it lets run (a
+    rule without keywords is listed under ``""``, which every text holds)."""
+    rules = (*RULES, ours.URL_CREDENTIALS, *generic)
+    index: dict[str, list[int]] = {}
+    for i, rule_ in enumerate(rules):
+        for keyword in rule_.keywords or ("",):
+            index.setdefault(keyword, []).append(i)
+    return rules, index
+
+
 def _rule_hits(text: str, path: str) -> Iterator[_Hit]:
+    """The rules' hits, in rule order. Only the rules one of whose keywords the text holds
+    are tried: one test per keyword rather than per rule (``match_rule`` tests again)."""
     lowered = text.lower()
-    rules = (*RULES, ours.URL_CREDENTIALS, *ours.generic_rules(path))
-    for rule_ in rules:
+    rules, index = _keyword_index(ours.generic_rules(path))
+    chosen = sorted({i for keyword, at in index.items() if keyword in lowered for i in at})
+    for rule_ in (rules[i] for i in chosen):
         for c in match_rule(rule_, text, lowered, path, GLOBAL_ALLOW):
             if _accept(c, text):
                 yield _Hit(rule_.id, c.secret, c.start, c.end)
@@ -147,17 +166,32 @@ def _overlaps(a: _Hit, kept: Iterable[_Hit]) -> bool:
     return any(a.start < b.end and b.start < a.end for b in kept)
 
 
-def scan_text(text: str, path: str, *, first_line: int = 1) -> list[Finding]:
+def _hits(text: str, path: str, known: KnownSecrets | None = None) -> Iterator[_Hit]:
+    """Every secret the detector accepts in ``text``, the most specific rules first: the
+    known values, then the rules, then detect-secrets' keyword and token plugins."""
+    if known:
+        yield from (_Hit(KNOWN_RULE, text[s:e], s, e) for s, e in known.spans(text))
+    yield from _rule_hits(text, path)
+    yield from _keyword_hits(text, path)
+    yield from _plugin_hits(text)
+
+
+def scan_text(
+    text: str, path: str, *, first_line: int = 1, known: KnownSecrets | None = None
+) -> list[Finding]:
     """Every secret in ``text`` (the content of ``path``, its first line numbered
-    ``first_line``). Where rules overlap, the first (most specific) one reports."""
+    ``first_line``), and every occurrence of a ``known`` value or its encodings (rule
+    ``ticketd-known-secret``, which no allowlist comment hides). Where hits overlap, the
+    first (most specific) one reports."""
     starts = _line_starts(text)
     lines = text.split("\n")
     kept: list[_Hit] = []
-    hits = (*_rule_hits(text, path), *_keyword_hits(text, path), *_plugin_hits(text))
-    for hit in hits:
+    for hit in _hits(text, path, known):
+        if _overlaps(hit, kept):
+            continue
         first = _line_index(starts, hit.start)
         last = _line_index(starts, max(hit.start, hit.end - 1))
-        if _overlaps(hit, kept) or _allowed_inline(lines, first, last):
+        if hit.rule != KNOWN_RULE and _allowed_inline(lines, first, last):
             continue
         kept.append(hit)
     kept.sort(key=lambda h: h.start)
@@ -171,6 +205,20 @@ def scan_text(text: str, path: str, *, first_line: int = 1) -> list[Finding]:
         )
         for h in kept
     ]
+
+
+def spans(text: str, path: str = "") -> list[tuple[int, int, str]]:
+    """``(start, end, rule)`` of every secret in ``text`` (a log line, an agent's output, a
+    message; or the content of the file ``path``): the hits of :func:`scan_text`, but with
+    inline allowlist comments ignored, since anyone who writes the text can add one, and
+    overlapping hits joined into one span named after the most specific rule, so that
+    nothing of a secret is left outside. Sorted and disjoint."""
+    return merge_spans((h.start, h.end, h.rule) for h in _hits(text, path))
+
+
+def mask(text: str, path: str = "") -> str:
+    """``text`` with each of its :func:`spans` replaced by ``***(<rule>)``."""
+    return apply_masks(text, [(s, e, rule_mask(rule)) for s, e, rule in spans(text, path)])
 
 
 _HUNK = re.compile(r"^@@ -\d+(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
@@ -232,12 +280,14 @@ def _added_blocks(diff: str) -> Iterator[tuple[str, int, list[str]]]:
         yield path, block_start, block
 
 
-def scan_added(diff: str) -> list[Finding]:
+def scan_added(diff: str, *, known: Iterable[str] = ()) -> list[Finding]:
     """Secrets on the added lines of a unified diff (``git diff`` output), numbered as in the
-    new file. A new file is all added lines, so it is scanned whole."""
+    new file, with the ``known`` values and their encodings (see :func:`scan_text`). A new
+    file is all added lines, so it is scanned whole."""
+    values = KnownSecrets(known)
     findings: list[Finding] = []
     for path, start, lines in _added_blocks(diff):
-        findings.extend(scan_text("\n".join(lines), path, first_line=start))
+        findings.extend(scan_text("\n".join(lines), path, first_line=start, known=values))
     return findings
 
 
