@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,6 +58,7 @@ class Lease:
     lock_path: Path
     fd: int
     info: dict[str, Any] = field(default_factory=dict)
+    released: bool = False
 
     @property
     def marker(self) -> str:
@@ -81,7 +84,10 @@ class Backlog:
         self.root = root
         self.statuses = dict(statuses)  # folder name -> status text
         self.leases = root / ".leases"
-        self._cache: dict[Path, tuple[tuple[int, int], tickets.Ticket | InvalidTicket]] = {}
+        # path -> (what lstat said of it, the ticket or why it is none); shared by the main
+        # loop and the workers, so every use of it holds the lock.
+        self._cache: dict[Path, tuple[tuple[int, ...], tickets.Ticket | str]] = {}
+        self._cache_lock = threading.Lock()
 
     def ensure(self) -> None:
         for name in (*FOLDERS, ".leases"):
@@ -100,27 +106,47 @@ class Backlog:
         return sorted(self.root / folder / n for n in names if is_ticket_name(n) and not is_temp(n))
 
     def read(self, path: Path) -> tickets.Ticket:
-        """Parse a ticket, cached by size and mtime; raises ``InvalidTicket``."""
-        st = path.stat()
-        key = (st.st_mtime_ns, st.st_size)
-        cached = self._cache.get(path)
+        """Parse a ticket, cached on what ``lstat`` says of the file (a link is never followed).
+
+        Raises ``InvalidTicket`` with the reason for anything that is not a readable ticket: a
+        link, a directory, a FIFO or another non-regular file, a file that cannot be read, bad
+        content. Raises ``FileNotFoundError`` when the file has moved away. Nothing else.
+        """
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise InvalidTicket(tickets.os_reason(e)) from e
+        key = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_size)
+        with self._cache_lock:
+            cached = self._cache.get(path)
         if cached is None or cached[0] != key:
             try:
-                value: tickets.Ticket | InvalidTicket = tickets.parse_file(path)
+                ticket = tickets.parse_file(path)
             except InvalidTicket as e:
-                value = e
-            cached = (key, value)
-            self._cache[path] = cached
-        if isinstance(cached[1], InvalidTicket):
-            raise cached[1]
+                with self._cache_lock:
+                    self._cache[path] = (key, e.message)
+                raise
+            with self._cache_lock:
+                self._cache[path] = (key, ticket)
+            return ticket
+        if isinstance(cached[1], str):
+            raise InvalidTicket(cached[1])
         return cached[1]
 
     def forget(self, path: Path) -> None:
-        self._cache.pop(path, None)
+        with self._cache_lock:
+            self._cache.pop(path, None)
 
     def trim_cache(self) -> None:
         """Drop parsed tickets whose files have moved or gone."""
-        self._cache = {p: v for p, v in self._cache.items() if p.exists()}
+        with self._cache_lock:
+            paths = list(self._cache)
+        gone = [p for p in paths if not os.path.lexists(p)]
+        with self._cache_lock:
+            for path in gone:
+                self._cache.pop(path, None)
 
     def done_ids(self) -> list[str]:
         ids = []
@@ -177,7 +203,7 @@ class Backlog:
         others += [("done", p) for p in self.files("done")]
         for folder, path in others:
             try:
-                if folder == "done" and now - path.stat().st_mtime > window_days * 86400:
+                if folder == "done" and now - os.lstat(path).st_mtime > window_days * 86400:
                     continue
                 other = self.read(path)
             except (InvalidTicket, OSError):
@@ -203,27 +229,49 @@ class Backlog:
             self.release(lease)
             return None
         lease.path = dst
-        lease.record(
-            ticket=name,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            claimId=claim_id,
-            claimedAt=now.isoformat(),
-            agentPgid=None,
-            stage="claimed",
-        )
-        self.rewrite(dst, "in-progress", now)
+        try:
+            lease.record(
+                ticket=name,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                claimId=claim_id,
+                claimedAt=now.isoformat(),
+                agentPgid=None,
+                stage="claimed",
+            )
+            self.rewrite(dst, "in-progress", now)
+        except OSError:  # a full disk: undo the claim, the ticket stays in todo/
+            with contextlib.suppress(OSError):
+                rename_noreplace(dst, src)
+            self.release(lease)
+            raise
         return lease
 
     def release(self, lease: Lease) -> None:
-        """Give up the lease (the ticket has left in-progress/, or never entered)."""
+        """Give up the lease (the ticket has left in-progress/, or never entered). Once."""
+        if lease.released:
+            return
+        lease.released = True
         with contextlib.suppress(FileNotFoundError):
             lease.lock_path.unlink()
         os.close(lease.fd)
 
+    def lock_path(self, name: str) -> Path:
+        """``.leases/<name>.lock``; a name too long for that gets a hash of it instead."""
+        return self.leases / _side_name(name, ".lock")
+
+    def cancel_path(self, name: str) -> Path:
+        """``.leases/<name>.cancel``: ``ticketd cancel`` asks the owning daemon to end a run."""
+        return self.leases / _side_name(name, ".cancel")
+
     def _lock(self, name: str) -> Lease | None:
-        path = self.leases / f"{name}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        lease = self._lock_file(self.lock_path(name))
+        if lease is not None:
+            lease.name, lease.path = name, self.folder("todo") / name
+        return lease
+
+    def _lock_file(self, path: Path) -> Lease | None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -236,23 +284,27 @@ class Backlog:
         if not same:
             os.close(fd)
             return None
-        return Lease(name=name, path=self.folder("todo") / name, lock_path=path, fd=fd)
+        return Lease(name=path.name, path=path, lock_path=path, fd=fd)
 
     def orphans(self) -> Iterator[Lease]:
         """Locked leases for ``in-progress/`` tickets whose owner is gone. Lease files left
         by finished or never-started claims are removed on the way."""
         names = {p.name for p in self.files("in-progress")}
-        names |= {p.name.removesuffix(".lock") for p in self.leases.glob("*.lock")}
+        known = {self.lock_path(n).name for n in names}
+        for stale in self.leases.glob("*.lock"):  # a lease whose ticket left: remove it
+            if stale.name not in known and (lease := self._lock_file(stale)) is not None:
+                self.release(lease)
         for name in sorted(names):
             lease = self._lock(name)
             if lease is None:
                 continue  # a live daemon holds it
             lease.path = self.folder("in-progress") / name
-            if not lease.path.exists():
+            if not os.path.lexists(lease.path):  # a link to nowhere is still there to recover
                 self.release(lease)
                 continue
-            with contextlib.suppress(ValueError, OSError):
-                lease.info = json.loads(lease.lock_path.read_bytes() or b"{}")
+            with contextlib.suppress(ValueError, OSError, InvalidTicket):
+                info = json.loads(tickets.read_bytes(lease.lock_path) or b"{}")
+                lease.info = info if isinstance(info, dict) else {}
             yield lease
 
     # -- moves ------------------------------------------------------------------------------
@@ -298,3 +350,11 @@ class Backlog:
         rename_noreplace(path, dst)
         self.forget(path)
         return dst
+
+
+def _side_name(name: str, suffix: str) -> str:
+    """``name + suffix``, or a hash of ``name`` when that would pass 255 bytes."""
+    full = name + suffix
+    if len(full.encode()) <= 255:
+        return full
+    return hashlib.sha256(name.encode()).hexdigest() + suffix

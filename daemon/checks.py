@@ -1,11 +1,16 @@
 """Checks of an agent's work: static analysis of the changed files (with auto-fix), then
-the project's own check commands, each a child process with a timeout."""
+the project's own check commands. Each command runs through the run's ``Confinement`` (in
+the agent's sandbox: it runs code the model wrote) with its own timeout, never past the run's
+deadline. Files are read only when they are regular files of a sane size: the worktree is
+the model's."""
 
 from __future__ import annotations
 
 import ast
 import fnmatch
+import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -13,9 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon import procs
+from daemon.confine import Confinement
+from daemon.runctx import RunContext
 
 # ruff rules that mean the code cannot run: syntax errors, undefined names, bad comparisons.
 RUFF_FATAL = "E9,F63,F7,F82"
+MAX_SOURCE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,15 +48,16 @@ def analyse(
     *,
     python: bool,
     commands: Sequence[Command],
-    grace_s: float = 5,
+    confine: Confinement,
+    ctx: RunContext,
 ) -> Outcome:
     """Static analysis of the changed files: Python syntax (and ruff --fix when on PATH),
     then each configured command on the files matching its glob (``{files}`` expands)."""
     out = Outcome()
-    py = [f for f in changed if f.endswith(".py") and (worktree / f).is_file()]
+    py = [f for f in changed if f.endswith(".py") and _source(worktree / f) is not None]
     if python and py:
         for rel in py:
-            source = (worktree / rel).read_text(encoding="utf-8", errors="replace")
+            source = _source(worktree / rel) or ""
             try:
                 ast.parse(source, filename=rel)
             except SyntaxError as e:
@@ -56,46 +65,50 @@ def analyse(
                 out.failures.append(f"syntax error in {rel} line {e.lineno}: {e.msg}")
         ruff = _ruff()
         if out.ok and ruff:
-            before = {rel: (worktree / rel).read_bytes() for rel in py}
-            _run(
-                worktree,
-                "ruff --fix",
-                [ruff, "check", "--fix", "--exit-zero", "--quiet", *py],
-                60,
-                grace_s,
-            )
-            out.fixes += sum((worktree / rel).read_bytes() != before[rel] for rel in py)
-            _record(
-                out,
-                "ruff",
-                _run(
-                    worktree,
-                    "ruff",
-                    [ruff, "check", "--quiet", "--select", RUFF_FATAL, *py],
-                    60,
-                    grace_s,
-                ),
-            )
+            before = {rel: _source(worktree / rel) for rel in py}
+            fix = [ruff, "check", "--fix", "--exit-zero", "--quiet", "--no-cache", *py]
+            _run(worktree, "ruff --fix", fix, 60, confine, ctx)
+            out.fixes += sum(_source(worktree / rel) != before[rel] for rel in py)
+            fatal = [ruff, "check", "--quiet", "--no-cache", "--select", RUFF_FATAL, *py]
+            _record(out, "ruff", _run(worktree, "ruff", fatal, 60, confine, ctx))
     for command in commands:
         files = [f for f in changed if fnmatch.fnmatch(f, command.glob) and (worktree / f).exists()]
         if files:
             argv = [a for arg in command.run for a in (files if arg == "{files}" else [arg])]
             _record(
-                out, command.name, _run(worktree, command.name, argv, command.timeout_s, grace_s)
+                out,
+                command.name,
+                _run(worktree, command.name, argv, command.timeout_s, confine, ctx),
             )
     return out
 
 
-def run_checks(worktree: Path, commands: Sequence[Command], grace_s: float = 5) -> Outcome:
+def run_checks(
+    worktree: Path, commands: Sequence[Command], *, confine: Confinement, ctx: RunContext
+) -> Outcome:
     """The project's checks (tests, linters) in the worktree; all run, failures collected."""
     out = Outcome()
     for command in commands:
         _record(
             out,
             command.name,
-            _run(worktree, command.name, list(command.run), command.timeout_s, grace_s),
+            _run(worktree, command.name, list(command.run), command.timeout_s, confine, ctx),
         )
     return out
+
+
+def _source(path: Path) -> str | None:
+    """A changed file's text when it is a regular file (not a link, FIFO or device) of at
+    most ``MAX_SOURCE_BYTES``; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SOURCE_BYTES:
+            return None
+        return f.read(MAX_SOURCE_BYTES + 1).decode("utf-8", "replace")
 
 
 def _ruff() -> str | None:
@@ -113,18 +126,25 @@ def _record(out: Outcome, name: str, failure: str | None) -> None:
 
 
 def _run(
-    worktree: Path, name: str, argv: list[str], timeout_s: float, grace_s: float
+    worktree: Path,
+    name: str,
+    argv: list[str],
+    timeout_s: float,
+    confine: Confinement,
+    ctx: RunContext,
 ) -> str | None:
     """None when the command passes; else what failed with the tail of its output."""
+    ctx.check()
     with tempfile.TemporaryDirectory(prefix="ticketd-check-") as tmp:
         output = Path(tmp) / "output"
         try:
-            result = procs.run(
-                argv, cwd=worktree, timeout_s=timeout_s, output=output, grace_s=grace_s
+            result = confine.run(
+                argv, cwd=worktree, timeout_s=ctx.timeout(timeout_s), output=output
             )
         except OSError as e:
             return f"check {name!r} could not start {argv[0]!r}: {e.strerror}"
         tail = procs.tail(output, 3000).strip()
+    ctx.check()  # ended by a cancel or the run's deadline: not the check's failure
     if result.timed_out:
         return f"check {name!r} ran past {timeout_s:g}s and was ended\n{tail}"
     if result.returncode != 0:

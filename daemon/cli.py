@@ -7,6 +7,7 @@ configuration. This is the only module that prints.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,18 +69,20 @@ def run(
     go back to todo/); a second signal stops at once. SIGHUP reloads config.yaml. With --once,
     exits 1 if any ticket failed.
     """
+    from daemon import procs
     from daemon.sdnotify import Notifier
     from daemon.supervisor import Supervisor, preflight
 
     cfg = _load(config)
+    procs.harden_self()  # before anything else runs: no other process may read our memory
     try:
-        repo_name = preflight(cfg)
+        checked = preflight(cfg)
     except ConfigError as e:
         err.print(f"ticketd: bad configuration: {e.message}", markup=False)
         raise typer.Exit(2) from None
     try:
         notifier = Notifier.from_env(configuration.notify_env())
-        code = Supervisor(cfg, once=once, repo_name=repo_name, notifier=notifier).run()
+        code = Supervisor(cfg, once=once, checked=checked, notifier=notifier).run()
     except ConfigError as e:
         err.print(f"ticketd: bad configuration: {e.message}", markup=False)
         raise typer.Exit(2) from None
@@ -168,24 +171,29 @@ def validate(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Check that ticket files parse; report per file; exit 1 if any is invalid."""
-    if not files:
+    """Check that ticket files parse; report per file; exit 1 if any is invalid.
+
+    Files are read as the daemon reads them: a symbolic link, a directory, a FIFO or an empty
+    file is INVALID, with the reason, and is never followed, opened or waited on.
+    """
+    if files:  # a folder named on the command line stands for the .md entries in it
+        paths = [m for p in files for m in (sorted(p.glob("*.md")) if p.is_dir() else [p])]
+    else:  # each entry of the backlog's folders is one ticket, a directory named x.md too
         backlog = _backlog(_load(config))
-        files = [p for f in FOLDERS for p in backlog.files(f)]
-    files = [m for p in files for m in (sorted(p.glob("*.md")) if p.is_dir() else [p])]
+        paths = [p for f in FOLDERS for p in backlog.files(f)]
     bad = 0
-    for path in files:
+    for path in paths:
         try:
             t = tickets.parse_file(path)
         except InvalidTicket as e:
             bad += 1
             out.print(f"INVALID {path}: {e.message}", markup=False)
-        except OSError as e:
+        except FileNotFoundError as e:
             bad += 1
             out.print(f"INVALID {path}: {e.strerror}", markup=False)
         else:
             out.print(f"ok      {path}: {t.id} {t.title!r}", markup=False)
-    out.print(f"{len(files) - bad} valid, {bad} invalid")
+    out.print(f"{len(paths) - bad} valid, {bad} invalid")
     raise typer.Exit(1 if bad else 0)
 
 
@@ -248,6 +256,80 @@ def new(
         err.print(f"ticketd: {path} already exists", markup=False)
         raise typer.Exit(1) from None
     out.print(str(path), markup=False)
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="The running ticket's id, e.g. task-42.")],
+    fail: Annotated[
+        bool,
+        typer.Option("--fail", help="Send it to failed/ with CANCELLED instead of back to todo/."),
+    ] = False,
+    wait_s: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for the run to end.")
+    ] = 60,
+    config: ConfigOption = None,
+) -> None:
+    """End a running ticket's agent and put the ticket back in todo/ (or failed/ with --fail).
+
+    The daemon that runs it ends the run at once (the agent's process tree, a model call,
+    checks); nothing is pushed. Exits 1 when no running ticket has that id or the run did not
+    end within --wait seconds.
+    """
+    import time
+
+    from daemon import tickets as ticket_files
+    from daemon.files import atomic_write as write
+
+    cfg = _load(config)
+    backlog = _backlog(cfg)
+    matches = []
+    for path in backlog.files("in-progress"):
+        try:
+            found = backlog.read(path).id
+        except (InvalidTicket, OSError):
+            found = ticket_files.id_from_filename(path)
+        if ticket_files.same_id(found, task_id):
+            matches.append(path)
+    if not matches:
+        err.print(
+            f"ticketd: no running ticket {task_id} in {backlog.folder('in-progress')}",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    claims = {path.name: _claim_id(backlog, path.name) for path in matches}
+    for path in matches:
+        write(backlog.cancel_path(path.name), json.dumps({"fail": fail}) + "\n")
+    deadline = time.monotonic() + wait_s
+    left = list(claims)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [n for n in left if _claim_id(backlog, n) == claims[n] and claims[n]]
+    if left:
+        for name in left:
+            backlog.cancel_path(name).unlink(missing_ok=True)
+        err.print(
+            f"ticketd: {', '.join(left)} still runs after {wait_s:g}s (is its daemon up?)",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    for name in claims:
+        where = next((f for f in FOLDERS if os.path.lexists(backlog.folder(f) / name)), None)
+        if where == "in-progress":
+            out.print(
+                f"cancelled {name}; it went back to todo/ and was claimed again", markup=False
+            )
+        else:
+            out.print(f"cancelled {name}" + (f"; it is in {where}/" if where else ""), markup=False)
+
+
+def _claim_id(backlog: Backlog, name: str) -> str:
+    """The claim recorded in a running ticket's lease file ("" when none)."""
+    try:
+        info = json.loads(backlog.lock_path(name).read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return ""
+    return str(info.get("claimId", "")) if isinstance(info, dict) else ""
 
 
 def retry_policy(cfg: configuration.Config, max_age_days: float | None = None) -> Any:

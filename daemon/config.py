@@ -26,14 +26,42 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Changes to these need a person before they go out (SENSITIVE_PATH): CI that runs with the
+# repository's secrets, code that runs on developers' machines, what git itself obeys, and
+# who must review. A pattern without "/" matches a file name at any depth.
+SENSITIVE_PATHS = (
+    ".github/workflows/*",
+    ".github/actions/*",
+    ".github/dependabot.yml",
+    ".gitlab-ci.yml",
+    ".gitlab/*",
+    ".circleci/*",
+    ".travis.yml",
+    ".drone.yml",
+    ".buildkite/*",
+    "azure-pipelines.yml",
+    "bitbucket-pipelines.yml",
+    "Jenkinsfile",
+    ".gitmodules",
+    ".gitattributes",
+    ".githooks/*",
+    ".husky/*",
+    ".pre-commit-config.yaml",
+    "lefthook.yml",
+    ".lefthook.yml",
+    "CODEOWNERS",
+)
+
+
 class RepoConfig(_Section):
     path: Path = Path()
     base_branch: str = "main"
-    remote: str = "origin"
+    remote: str = "origin"  # a remote of repo.path, or a URL
     branch_prefix: str = "ticketd/"
     push_retries: int = Field(default=3, ge=0, le=20)
     git_timeout_s: float = Field(default=120, gt=0)
     sign_commits: bool = False
+    sensitive_paths: tuple[str, ...] = SENSITIVE_PATHS
 
 
 class Statuses(_Section):
@@ -84,6 +112,18 @@ class AgentConfig(_Section):
     max_reflections: int = Field(default=3, ge=0, le=20)
     max_memory_mb: float = Field(default=0, ge=0)  # the agent's process tree; 0: no limit
     max_context_files: int = Field(default=12, ge=0, le=200)
+    sandbox: Literal["auto", "required", "off"] = "auto"
+    allow_hosts: tuple[str, ...] = ()  # host:port the agent and checks may reach (a proxy)
+    pass_env: tuple[str, ...] = ()  # names of the daemon's environment variables to pass on
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        for item in hosts:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port (for example pypi.org:443)")
+        return hosts
 
     @field_validator("command")
     @classmethod
@@ -272,16 +312,33 @@ class Config(_Section):
         return [t for t in tokens if len(t) >= 4]
 
     def agent_env(self) -> dict[str, str]:
-        """The agents' environment: the daemon's, less the forge token, plus agent.env."""
+        """The agents' (and checks') environment: a few harmless variables of the daemon's
+        (AGENT_ENV), those named in agent.pass_env, the Ollama host, then agent.env. Never the
+        daemon's tokens, whatever pass_env says."""
         hidden = {self.github.token_env, self.server.token_env, *NOTIFY_VARS}
-        env = {k: v for k, v in os.environ.items() if k not in hidden}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if (k in AGENT_ENV or k.startswith("LC_") or k in self.agent.pass_env)
+            and k not in hidden
+        }
         env.setdefault("OLLAMA_HOST", self.ollama.host)
         env.setdefault("OLLAMA_API_BASE", self.ollama.host)
         env.update(self.agent.env)
         return env
 
+    def git_env(self) -> dict[str, str]:
+        """The environment of ticketd's own git commands: the daemon's, less its tokens (a
+        push uses the user's git credentials: ssh keys, a credential helper)."""
+        hidden = {self.github.token_env, self.server.token_env, *NOTIFY_VARS}
+        return {k: v for k, v in os.environ.items() if k not in hidden}
+
 
 NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+AGENT_ENV = frozenset(
+    "PATH HOME USER LOGNAME SHELL LANG LANGUAGE TZ TERM TMPDIR XDG_CACHE_HOME SSL_CERT_FILE"
+    " SSL_CERT_DIR".split()
+)
 
 
 def notify_env() -> dict[str, str]:

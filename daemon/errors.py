@@ -11,6 +11,7 @@ a server comes back, a network heals) and whether retrying the ticket can help. 
      +-- AgentError           AGENT_FAILED, AGENT_TIMEOUT, NO_CHANGES
      +-- GitError             GIT_FAILED, PUSH_FAILED
      +-- Interrupted          INTERRUPTED: the daemon stopped or died mid-run
+     +-- Cancelled            CANCELLED: a person ended the run (or moved its file away)
 
 ``StopNow`` is a ``BaseException`` so that ``except Exception`` cannot swallow a forced stop.
 """
@@ -34,6 +35,7 @@ CODES: dict[str, Kind] = {
     "CONTEXT_TOO_LARGE": Kind(transient=False, retryable=False),
     "EDIT_PARSE_FAILED": Kind(transient=False, retryable=True),
     "EDIT_APPLY_FAILED": Kind(transient=False, retryable=True),
+    "ANSWER_TOO_LONG": Kind(transient=False, retryable=True),
     "UNSAFE_EDIT": Kind(transient=False, retryable=False),
     "NO_CHANGES": Kind(transient=False, retryable=True),
     "CHECKS_FAILED": Kind(transient=False, retryable=True),
@@ -50,6 +52,9 @@ CODES: dict[str, Kind] = {
     "DEPENDENCY_FAILED": Kind(transient=False, retryable=False),
     "DUPLICATE": Kind(transient=False, retryable=False),
     "INTERNAL_ERROR": Kind(transient=False, retryable=True),
+    "CANCELLED": Kind(transient=False, retryable=False),
+    "SENSITIVE_PATH": Kind(transient=False, retryable=False),
+    "BRANCH_TAKEN": Kind(transient=False, retryable=False),
 }
 
 
@@ -102,6 +107,17 @@ class GitError(TicketdError):
 
 class Interrupted(TicketdError):
     code = "INTERRUPTED"
+
+
+class Cancelled(TicketdError):
+    """A person ended the run (``ticketd cancel``), or moved its ticket file away by hand;
+    ``reason`` is ``CANCELLED`` or ``REMOVED``."""
+
+    code = "CANCELLED"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StopNow(BaseException):

@@ -53,7 +53,7 @@ def rename_noreplace(src: Path, dst: Path) -> None:
             raise OSError(err, os.strerror(err), str(src), None, str(dst))
     # Fallback for filesystems without the flag: check, then rename. Only a person creating
     # ``dst`` in the instant between the two could be overwritten.
-    if dst.exists():
+    if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, "file exists", str(dst))
     os.rename(src, dst)
     fsync_dir(dst.parent)
@@ -63,7 +63,7 @@ def free_name(folder: Path, name: str) -> Path:
     """``folder/name``, or ``folder/stem (2).md`` and so on when that is taken."""
     candidate = folder / name
     n = 2
-    while candidate.exists():
+    while os.path.lexists(candidate):
         stem, dot, ext = name.rpartition(".")
         candidate = folder / (f"{stem} ({n}).{ext}" if dot else f"{name} ({n})")
         n += 1

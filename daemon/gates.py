@@ -2,16 +2,18 @@
 
 A gate that wants a person raises ``Held``: the ticket goes to ``review/`` with a
 ``.review.json`` saying why (or to ``failed/``, per configuration). Nothing is committed or
-pushed before the gates have passed.
+pushed before the gates have passed. The gates: sensitive paths (CI workflows, git's own
+files, hooks, submodules, links out of the repository), secrets, and the LLM review.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import fnmatch
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon import review, tickets
+from daemon import repo, review, tickets
 from daemon.agent.command import ticket_sections
 from daemon.errors import TicketdError
 
@@ -25,12 +27,21 @@ class Held(TicketdError):
         self.details = details
 
 
-def scan_secrets(diff: str, *, baseline: Path | None, on_finding: str) -> None:
-    """Stop the run when the change adds a secret; only redacted values leave this function."""
+def scan_secrets(
+    diff: str, *, baseline: Path | None, on_finding: str, known: Iterable[str] = ()
+) -> None:
+    """Stop the run when the change adds a secret; only redacted values leave this function.
+
+    ``known`` are the daemon's own secret values: they and their encodings (base64, hex) are
+    findings too (``ticketd-known-secret``), which the baseline cannot excuse."""
     from daemon import secrets  # its ~200 compiled rules cost start-up time: load on first use
 
-    known = secrets.load_baseline(baseline) if baseline is not None else set()
-    found = [f for f in secrets.scan_added(diff) if f.fingerprint not in known]
+    ignored = secrets.load_baseline(baseline) if baseline is not None else set()
+    found = [
+        f
+        for f in secrets.scan_added(diff, known=known)
+        if f.rule == secrets.KNOWN_RULE or f.fingerprint not in ignored
+    ]
     if not found:
         return
     listed = "; ".join(f"{f.file}:{f.line} {f.rule} ({f.redacted})" for f in found[:10])
@@ -86,3 +97,44 @@ def pr_body(
         used += f"; {tokens[0]} LLM calls, {tokens[1]} prompt + {tokens[2]} eval tokens"
     parts += ["---", f"Opened by ticketd. {used}.", ""]
     return "\n".join(parts)
+
+
+def sensitive(path: str, patterns: Sequence[str]) -> bool:
+    """Whether ``path`` matches one of ``patterns`` (fnmatch; ``*`` crosses folders): a
+    pattern without ``/`` is matched against the file name at any depth."""
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(path if "/" in p else name, p) for p in patterns)
+
+
+def check_paths(entries: Sequence[repo.Entry], patterns: Sequence[str]) -> None:
+    """Hold a change that touches what needs a person (``repo.sensitive_paths``), adds a
+    submodule, or adds a symbolic link that leads out of the repository."""
+    why = []
+    for e in entries:
+        if sensitive(e.path, patterns):
+            why.append((e.path, "matches repo.sensitive_paths"))
+        elif e.new_mode == repo.GITLINK:
+            why.append((e.path, "a submodule (gitlink)"))
+        elif e.link is not None and _leaves(e.path, e.link):
+            why.append((e.path, f"a symbolic link to {e.link!r}, outside the repository"))
+    if not why:
+        return
+    listed = "; ".join(f"{path} ({reason})" for path, reason in why[:10])
+    raise Held(
+        f"the change touches {len(why)} sensitive path(s): {listed}",
+        code="SENSITIVE_PATH",
+        folder="review",
+        details={"paths": [{"path": path, "reason": reason} for path, reason in why]},
+    )
+
+
+def _leaves(path: str, target: str) -> bool:
+    """Whether a link at ``path`` pointing to ``target`` resolves outside the repository."""
+    if target.startswith("/"):
+        return True
+    depth = path.count("/")
+    for part in target.split("/"):
+        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+        if depth < 0:
+            return True
+    return False

@@ -1,14 +1,17 @@
-"""The stages of one ticket run: worktree, agent (and checks), commit, push.
+"""The stages of one ticket run: worktree, agent (and checks), changes, gates, commit, push,
+pull request.
 
-The pipeline knows nothing of folders, leases or the history: the supervisor hands it a
-parsed ticket, plain settings and a ``stage`` context manager that times and records each
-stage. Failures leave as ``TicketdError``s; the worktree is removed whatever happens.
+The pipeline knows nothing of folders, leases or the history: the runner hands it a parsed
+ticket, plain settings, the run's ``Tools`` and ``RunContext``, and a ``stage`` context
+manager that times and records each stage. Failures leave as ``TicketdError``s; the checkout
+is removed whatever happens. Nothing is committed before the gates have passed, nothing is
+pushed but the commit built from the tree the gates saw, and a cancelled run pushes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -17,40 +20,38 @@ from typing import TYPE_CHECKING
 
 from daemon import checks, gates, review, tickets
 from daemon.agent import builtin, command
+from daemon.confine import Confinement
 from daemon.errors import AgentError, GitError
 from daemon.llm.client import Call, Ollama
-from daemon.repo import Repo
+from daemon.redact import Redactor
+from daemon.repo import Change, Repo, Workspace
+from daemon.runctx import RunContext
 
 if TYPE_CHECKING:
     from daemon.forge import Forge
 
 StageHook = Callable[[str], AbstractContextManager[None]]
+MAX_NAME = 80  # characters of a per-ticket file name made from its id
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What a run needs, taken from the config by the supervisor."""
+    """What a run needs, taken from the config by the runner."""
 
-    repo: Path
     base_branch: str
-    remote: str
     branch_prefix: str
     push_retries: int
-    git_timeout_s: float
     prompts: Path
     logs: Path
     command: tuple[str, ...]
     timeout_s: float
-    grace_s: float
     exclude: tuple[str, ...]
-    env: Mapping[str, str]
     models: tuple[str, ...]
-    redact: Callable[[str], str]
     kind: str
     models_by_label: Mapping[str, Sequence[str]]
     builtin: builtin.Settings
+    sensitive_paths: tuple[str, ...] = ()
     sign_commits: bool = False
-    max_memory_mb: float = 0
     secrets: bool = True
     secrets_on_finding: str = "review"
     secrets_baseline: Path | None = None
@@ -66,6 +67,17 @@ class PRSettings:
     labels: tuple[str, ...]
 
 
+@dataclass
+class Tools:
+    """The running parts one run uses."""
+
+    repo: Repo
+    confine: Confinement
+    redact: Redactor
+    llm: Ollama | None = None  # this run's own session
+    forge: Forge | None = None
+
+
 @dataclass(frozen=True)
 class Delivered:
     branch: str
@@ -76,18 +88,23 @@ class Delivered:
     pr_url: str | None = None
 
 
-def branch_name(prefix: str, ticket: tickets.Ticket) -> str:
-    ticket_part = re.sub(r"[^a-z0-9._-]+", "-", ticket.id.lower()).strip("-.") or "ticket"
-    return f"{prefix}{ticket_part}-{tickets.slug(ticket.title)}"
+def branch_name(prefix: str, ticket: tickets.Ticket, redact: Callable[[str], str]) -> str:
+    ticket_part = re.sub(r"[^a-z0-9._-]+", "-", ticket.id.lower()).strip("-.")[:MAX_NAME]
+    return f"{prefix}{ticket_part or 'ticket'}-{tickets.slug(redact(ticket.title))}"
 
 
 def safe_name(ticket_id: str) -> str:
-    """A file name for per-ticket files (logs, prompts) made from the ticket id."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", ticket_id).strip("._") or "ticket"
+    """A file name for per-ticket files (logs, prompts) made from the ticket id: at most
+    ``MAX_NAME`` characters (a long id keeps a hash of the rest)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", ticket_id).strip("._") or "ticket"
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha256(ticket_id.encode()).hexdigest()[:12]
+        name = f"{name[: MAX_NAME - 13]}-{digest}"
+    return name
 
 
-def commit_message(ticket: tickets.Ticket) -> str:
-    subject = " ".join(ticket.title.split())
+def commit_message(ticket: tickets.Ticket, redact: Callable[[str], str]) -> str:
+    subject = " ".join(redact(ticket.title).split())
     return f"{subject}\n\nTicket: {ticket.id}\n"
 
 
@@ -105,89 +122,118 @@ def model_chain(
 def run(
     ticket: tickets.Ticket,
     ticket_file: Path,
-    worktree: Path,
+    checkout: Path,
     s: Settings,
+    tools: Tools,
+    ctx: RunContext,
     *,
     stage: StageHook,
-    cancel: threading.Event,
     on_agent_start: Callable[[int], None],
-    llm: Ollama | None = None,
-    forge: Forge | None = None,
+    still_ours: Callable[[], None],
     log: Callable[[str], None] = lambda message: None,
     previous: str | None = None,
 ) -> Delivered:
-    repo = Repo(s.repo, timeout_s=s.git_timeout_s)
-    branch = branch_name(s.branch_prefix, ticket)
+    """Run the ticket. ``still_ours`` raises when the ticket's file has left in-progress/:
+    it is asked once more right before the push."""
+    repo, redact = tools.repo, tools.redact
+    branch = branch_name(s.branch_prefix, ticket, redact)
     chain = model_chain(ticket, s.models, s.models_by_label)
     agent: builtin.Result | None = None
     with stage("worktree"):
-        repo.require_branch(s.base_branch)
-        repo.add_worktree(worktree, branch, s.base_branch)
+        heads = repo.remote_heads(s.base_branch, branch, cancel=ctx.event)
+        base = heads.get(s.base_branch)
+        if base is None:
+            raise GitError(f"the remote has no branch {s.base_branch!r} (repo.base_branch)")
+        repo.fetch_base(s.base_branch, base, cancel=ctx.event)
+        workspace = Workspace(repo, checkout, base, branch)
     try:
+        ctx.start_budget(s.timeout_s)
         with stage("agent"):
             if s.kind == "builtin":
-                assert llm is not None
+                assert tools.llm is not None
                 agent = builtin.run(
                     ticket,
-                    worktree,
+                    workspace,
                     chain,
-                    llm,
+                    tools.llm,
                     s.builtin,
-                    reset=lambda: repo.reset(worktree),
+                    tools.confine,
+                    ctx,
                     log=log,
                     previous=previous,
                 )
             else:
                 _command_agent(
-                    ticket, ticket_file, worktree, chain[0], s, cancel, on_agent_start, previous
+                    ticket,
+                    ticket_file,
+                    workspace.path,
+                    chain[0],
+                    s,
+                    tools,
+                    ctx,
+                    on_agent_start,
+                    previous,
                 )
+        ctx.check()
+        with stage("changes"):
+            change = workspace.snapshot(s.exclude, cancel=ctx.event)
+            if not change.entries:
+                raise AgentError("the agent finished without changing any file", code="NO_CHANGES")
         if s.kind == "command" and (s.builtin.checks or s.builtin.analysis):
             with stage("checks"):
-                _check(repo, worktree, s)
-        with stage("changes"):
-            if not repo.stage_all(worktree, s.exclude):
-                raise AgentError("the agent finished without changing any file", code="NO_CHANGES")
-            diff = repo.staged_diff(worktree)
-            diffstat = repo.staged_diff(worktree, stat=True)
+                _check(workspace, change, s, tools.confine, ctx)
+                change = workspace.snapshot(s.exclude, cancel=ctx.event)  # auto-fixes
+        with stage("paths"):
+            gates.check_paths(change.entries, s.sensitive_paths)
         if s.secrets:
             with stage("secrets"):
                 gates.scan_secrets(
-                    diff, baseline=s.secrets_baseline, on_finding=s.secrets_on_finding
+                    change.diff,
+                    baseline=s.secrets_baseline,
+                    on_finding=s.secrets_on_finding,
+                    known=redact.secrets,
                 )
         verdict: review.Review | None = None
         draft = s.pr.draft if s.pr else False
         if s.review is not None:
             with stage("review"):
-                assert llm is not None
+                assert tools.llm is not None
                 verdict = review.review(
-                    llm,
+                    tools.llm,
                     s.review_model,
                     command.render_ticket(ticket),
-                    review.split_diff(diff),
+                    review.split_diff(change.diff),
                     s.review,
                     num_ctx=s.builtin.num_ctx,
                     num_predict=s.builtin.num_predict,
                     log=log,
+                    ctx=ctx,
                 )
                 draft = gates.check_review(verdict, s.review_on_block) or draft
+        ctx.check()
+        still_ours()
         with stage("commit"):
-            commit = repo.commit(worktree, commit_message(ticket), sign=s.sign_commits)
+            commit = repo.commit(
+                change, branch, commit_message(ticket, redact), sign=s.sign_commits
+            )
         with stage("push"):
-            repo.push(worktree, s.remote, branch, attempts=s.push_retries)
+            ctx.check()
+            still_ours()
+            repo.push(commit, branch, expect=heads.get(branch), attempts=s.push_retries)
     finally:
-        repo.remove_worktree(worktree)
+        workspace.release()
     model = agent.model if agent is not None and agent.model else chain[0]
     pr_url = None
-    if s.pr is not None and forge is not None:
+    if s.pr is not None and tools.forge is not None:
         calls = (agent.calls if agent else []) + (verdict.calls if verdict else [])
         with stage("pr"):
             pr_url = open_pr(
                 ticket,
                 branch,
                 s,
-                forge,
+                tools,
                 log,
-                diffstat=diffstat,
+                diffstat=repo.diffstat(change),
                 verdict=verdict,
                 model=model,
                 calls=calls,
@@ -200,7 +246,7 @@ def open_pr(
     ticket: tickets.Ticket,
     branch: str,
     s: Settings,
-    forge: Forge,
+    tools: Tools,
     log: Callable[[str], None],
     *,
     diffstat: str,
@@ -210,7 +256,7 @@ def open_pr(
     draft: bool,
 ) -> str:
     """Open (or update) the pull request for ``branch``; returns its URL."""
-    assert s.pr is not None
+    assert s.pr is not None and tools.forge is not None
     tokens = (
         (len(calls), sum(c.prompt_tokens for c in calls), sum(c.eval_tokens for c in calls))
         if calls
@@ -224,11 +270,11 @@ def open_pr(
         model=model,
         tokens=tokens,
     )
-    pr = forge.open_or_update(
+    pr = tools.forge.open_or_update(
         branch=branch,
         base=s.base_branch,
-        title=" ".join(ticket.title.split()),
-        body=s.redact(body),
+        title=" ".join(tools.redact(ticket.title).split()),
+        body=tools.redact(body),
         draft=draft,
         labels=list(dict.fromkeys([*s.pr.labels, *ticket.labels])),
     )
@@ -239,36 +285,39 @@ def open_pr(
 def resume(
     ticket: tickets.Ticket,
     s: Settings,
-    forge: Forge | None,
+    tools: Tools,
+    ctx: RunContext,
     *,
     after: str,
     stage: StageHook,
     log: Callable[[str], None],
 ) -> Delivered:
-    """Continue a run that failed at the push (``after="PUSH_FAILED"``: the commit is on the
-    local branch) or at the pull request (``"PR_FAILED"``: the branch is pushed). The agent
+    """Continue a run that failed at the push (``after="PUSH_FAILED"``: ticketd still has
+    the commit) or at the pull request (``"PR_FAILED"``: the branch is pushed). The agent
     does not run again."""
-    repo = Repo(s.repo, timeout_s=s.git_timeout_s)
-    branch = branch_name(s.branch_prefix, ticket)
+    repo = tools.repo
+    branch = branch_name(s.branch_prefix, ticket, tools.redact)
     log(f"resuming after {after} with {branch}; the agent does not run again")
+    head = repo.remote_heads(branch, cancel=ctx.event).get(branch)
     if after == "PUSH_FAILED":
         with stage("push"):
-            commit = repo.ticket_commit(branch, ticket.id)
-            if commit is None:
-                raise GitError(f"branch {branch} holds no commit for {ticket.id}; run it afresh")
-            repo.push(s.repo, s.remote, branch, attempts=s.push_retries, source=branch)
+            commit = repo.saved(branch)
+            if commit is None or f"Ticket: {ticket.id}" not in repo.message(commit):
+                raise GitError(f"no commit of {ticket.id} for {branch} is kept; run it afresh")
+            if head != commit:
+                repo.push(commit, branch, expect=head, attempts=s.push_retries)
     else:
-        commit = repo.remote_head(s.remote, branch) or ""
+        commit = head or ""
         if not commit:
-            raise GitError(f"branch {branch} is not on {s.remote} any more; run the ticket afresh")
+            raise GitError(f"branch {branch} is not on the remote any more; run the ticket afresh")
     url = None
-    if s.pr is not None and forge is not None:
+    if s.pr is not None and tools.forge is not None:
         with stage("pr"):
             url = open_pr(
                 ticket,
                 branch,
                 s,
-                forge,
+                tools,
                 log,
                 diffstat="(see the branch)",
                 verdict=None,
@@ -290,13 +339,14 @@ def _command_agent(
     worktree: Path,
     model: str,
     s: Settings,
-    cancel: threading.Event,
+    tools: Tools,
+    ctx: RunContext,
     on_agent_start: Callable[[int], None],
     previous: str | None,
 ) -> None:
-    prompt = s.prompts / f"{safe_name(ticket.id)}.prompt.md"
+    prompt = prompt_path(s.prompts, ticket.id)
     prompt.parent.mkdir(parents=True, exist_ok=True)
-    prompt.write_text(command.render_prompt(ticket, previous), encoding="utf-8")
+    prompt.write_text(tools.redact(command.render_prompt(ticket, previous)), encoding="utf-8")
     values = {
         "prompt_file": str(prompt),
         "worktree": str(worktree),
@@ -307,27 +357,36 @@ def _command_agent(
     command.run(
         s.command,
         values=values,
+        confine=tools.confine,
         worktree=worktree,
         output=s.logs / f"{safe_name(ticket.id)}.agent.log",
-        timeout_s=s.timeout_s,
-        grace_s=s.grace_s,
-        env=s.env,
-        cancel=cancel,
+        ctx=ctx,
         on_start=on_agent_start,
-        redact=s.redact,
-        max_memory_mb=s.max_memory_mb,
+        redact=tools.redact,
     )
 
 
-def _check(repo: Repo, worktree: Path, s: Settings) -> None:
+def prompt_path(prompts: Path, ticket_id: str) -> Path:
+    return prompts / f"{safe_name(ticket_id)}.prompt.md"
+
+
+def _check(
+    workspace: Workspace, change: Change, s: Settings, confine: Confinement, ctx: RunContext
+) -> None:
     """Static analysis (with auto-fix) of what a command agent changed, then the checks."""
-    changed = repo.changed_files(worktree, s.exclude)
+    changed = [e.path for e in change.entries if e.status != "D"]
     b = s.builtin
     out = checks.analyse(
-        worktree, changed, python=b.python_analysis, commands=b.analysis, grace_s=b.grace_s
+        workspace.path,
+        changed,
+        python=b.python_analysis,
+        commands=b.analysis,
+        confine=confine,
+        ctx=ctx,
     )
     if out.ok:
-        out = checks.run_checks(worktree, b.checks, b.grace_s)
+        out = checks.run_checks(workspace.path, b.checks, confine=confine, ctx=ctx)
+    ctx.check()
     if not out.ok:
         raise AgentError(
             " | ".join(f.replace("\n", " | ") for f in out.failures)[:1500], code="CHECKS_FAILED"

@@ -3,24 +3,40 @@
 Every child gets an argument list (never a shell), its own session and process group, a
 timeout, and files for its output. To end one: SIGTERM to its group and to every
 descendant (some leave the group), a bounded wait, then SIGKILL to whatever remains.
+
+The daemon is its children's subreaper (``adopt_orphans``): a descendant that escapes its
+group with ``setsid`` and is orphaned is re-parented to the daemon instead of init, and
+``end_strays`` ends every child the daemon did not start itself. Every start goes through
+``_spawn``, which records the child under the same lock ``end_strays`` holds, so a child
+being started is never taken for a stray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import resource
+import select
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 
 POLL_S = 0.05
 TAIL_BYTES = 4000
+_PR_SET_DUMPABLE = 4
+_PR_SET_CHILD_SUBREAPER = 36
+
+_started: set[int] = set()  # pids this process started: mirrors the kernel's table of our children
+_started_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,59 @@ class Result:
     cancelled: bool
     duration_s: float
     out_of_memory: bool = False
+
+
+@dataclass(frozen=True)
+class Captured:
+    returncode: int | None  # None: ended for its timeout or a cancel
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    cancelled: bool = False
+
+
+def harden_self() -> None:
+    """For the daemon, once at start: other processes of the same user may not read its
+    memory or ``/proc/<pid>/environ`` (non-dumpable); orphaned descendants come back to it
+    (subreaper); and as many file descriptors as the hard limit allows."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _spawn(argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    with _started_lock:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(list(argv), start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        _started.add(proc.pid)
+    return proc  # type: ignore[no-any-return]
+
+
+def _forget(pid: int) -> None:
+    with _started_lock:
+        _started.discard(pid)
+
+
+def end_strays(grace_s: float) -> int:
+    """End the daemon's children it did not start: descendants of finished runs that
+    escaped their group and were orphaned to it. Reaps their zombies. Returns how many."""
+    with _started_lock:
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return 0
+        strays = [c for c in children if c.pid not in _started]
+    ended = 0
+    for proc in strays:
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                ended += terminate([proc, *proc.children(recursive=True)], grace_s)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(proc.pid, os.WNOHANG)
+    return ended
 
 
 def run(
@@ -43,8 +112,10 @@ def run(
     cancel: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
     max_memory_mb: float = 0,
+    filter: Callable[[str], str] | None = None,
 ) -> Result:
-    """Run ``argv`` to completion, its stdout and stderr appended to ``output``.
+    """Run ``argv`` to completion, its stdout and stderr appended to ``output`` (through
+    ``filter``, a chunk of whole lines at a time, when given).
 
     Ends the whole process tree when ``timeout_s`` passes, ``cancel`` is set, or (with
     ``max_memory_mb``) the tree's resident memory grows past it (checked each second). Raises
@@ -52,16 +123,23 @@ def run(
     """
     start = time.monotonic()
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("ab") as out:
-        proc = subprocess.Popen(
-            list(argv),
-            cwd=cwd,
-            env=dict(env) if env is not None else None,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    exited = threading.Event()
+    pump: threading.Thread | None = None
+    if filter is None:
+        with output.open("ab") as out:
+            proc = _spawn(argv, cwd=cwd, env=_env(env), stdout=out, stderr=subprocess.STDOUT)
+    else:
+        proc = _spawn(
+            argv, cwd=cwd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
+        assert proc.stdout is not None
+        pump = threading.Thread(
+            target=_pump,
+            args=(proc.stdout.fileno(), output, filter, exited),
+            name="agent-output",
+            daemon=True,
+        )
+        pump.start()
     try:
         if on_start is not None:
             on_start(proc.pid)
@@ -89,6 +167,90 @@ def run(
         if proc.returncode is None:  # an exception (StopNow) got us here: leave no orphan
             end_tree(proc.pid, grace_s=0)
             proc.wait()
+        _forget(proc.pid)
+        exited.set()
+        if pump is not None:
+            pump.join()
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+
+def _pump(fd: int, output: Path, filter: Callable[[str], str], done: threading.Event) -> None:
+    """Copy a child's output into ``output``, whole lines at a time through ``filter``. Stops
+    at end of file, or once ``done`` is set and nothing more comes (a stray process may hold
+    the pipe open)."""
+    pending = b""
+    with output.open("ab") as out:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            chunk = os.read(fd, 65536) if ready else b""
+            if not chunk and (ready or done.is_set()):
+                break
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            if cut == 0 and len(pending) < 1 << 20:
+                continue
+            cut = cut or len(pending)
+            out.write(filter(pending[:cut].decode("utf-8", "replace")).encode())
+            out.flush()
+            pending = pending[cut:]
+        if pending:
+            out.write(filter(pending.decode("utf-8", "replace")).encode())
+
+
+def capture(
+    argv: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float,
+    cancel: threading.Event | None = None,
+    input: bytes | None = None,
+    grace_s: float = 2.0,
+) -> Captured:
+    """Run a short command to completion and return its exit status and output; ended (its
+    whole tree) when ``timeout_s`` passes or ``cancel`` is set. Raises ``OSError`` when it
+    cannot be started."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = _spawn(
+            argv,
+            cwd=cwd,
+            env=_env(env),
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+        try:
+            if input is not None:
+                assert proc.stdin is not None
+                with contextlib.suppress(BrokenPipeError), proc.stdin:
+                    proc.stdin.write(input)
+            deadline = time.monotonic() + timeout_s
+            code: int | None = None
+            while code is None:
+                try:
+                    code = proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    cancelled = cancel is not None and cancel.is_set()
+                    if cancelled or time.monotonic() >= deadline:
+                        end_tree(proc.pid, grace_s)
+                        proc.wait()
+                        return Captured(None, _read(out), _read(err), not cancelled, cancelled)
+        finally:
+            if proc.returncode is None:
+                end_tree(proc.pid, grace_s=0)
+                proc.wait()
+            _forget(proc.pid)
+        return Captured(code, _read(out), _read(err))
+
+
+def _read(f: IO[bytes]) -> bytes:
+    f.seek(0)
+    return f.read()
+
+
+def _env(env: Mapping[str, str] | None) -> dict[str, str] | None:
+    return dict(env) if env is not None else None
 
 
 def end_tree(pid: int, grace_s: float) -> int:

@@ -1,33 +1,72 @@
-"""git through GitPython: worktrees, branches, commits, pushes.
+"""ticketd's own git, and the agent's checkout.
 
-Every git call runs with a timeout (``kill_after_timeout``) and never prompts for a
-password (``GIT_TERMINAL_PROMPT=0``). Failures raise ``GitError`` with the tail of git's
-own message; a push that fails for a reason the network may heal is retried with backoff.
+Every git command ticketd runs goes through ``Git``: an environment of its own (no inherited
+``GIT_DIR`` and the like, no terminal prompt, C locale), a timeout, a cancel, and settings
+that switch off whatever in a repository could run a program (hooks, fsmonitor, the ``ext::``
+transport, submodule recursion).
+
+ticketd keeps two bare repositories under ``state_dir/git``:
+
+- ``base.git`` holds only what was fetched from the remote: the base branch. Checkouts borrow
+  its objects (git alternates); the sandbox shows them read-only.
+- ``work.git`` is ticketd's own: the trees and commits it builds, and ``refs/ticketd/<branch>``
+  for each branch (a run that failed at the push resumes from it). No agent sees it.
+
+An agent's checkout is a fresh ``git init`` on the base commit. The agent may do anything to
+it, ``.git`` included: ticketd never runs git there again. ``snapshot`` reads the checkout's
+files into a tree with ticketd's own index and ``work.git``, and diffs it against the base
+commit; that diff is what the gates see. ``commit`` makes the commit from exactly that tree
+with the base commit as parent, and ``push`` sends exactly that commit to the URL resolved
+from the configuration at start, fenced with ``--force-with-lease``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import git
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from daemon import procs
 from daemon.errors import GitError
+
+# Settings on every command: nothing a repository's config, hooks or attributes say may run
+# a program inside ticketd's git.
+SAFE_CONFIG = (
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "core.untrackedCache=false",
+    "core.pager=cat",
+    "protocol.ext.allow=never",
+    "submodule.recurse=false",
+    "fetch.recurseSubmodules=false",
+    "push.recurseSubmodules=no",
+    "gc.auto=0",
+    "maintenance.auto=false",
+    "advice.detachedHead=false",
+)
+# The user's own ways of reaching a remote; every other GIT_* variable is dropped.
+KEPT_GIT_VARS = re.compile(
+    r"GIT_(SSH|SSH_COMMAND|SSH_VARIANT|ASKPASS|PROXY_COMMAND|SSL_\w+|HTTP_\w+|CONFIG_GLOBAL"
+    r"|CONFIG_SYSTEM|CONFIG_NOSYSTEM|(AUTHOR|COMMITTER)_(NAME|EMAIL))"
+)
+GITLINK = "160000"  # a submodule entry
+SYMLINK = "120000"
 
 # Push failures that retrying cannot fix; anything else (network, remote hung up, 5xx) is retried.
 PERMANENT_PUSH = (
     "rejected",
     "non-fast-forward",
+    "stale info",
     "authentication failed",
     "permission denied",
     "could not read username",
@@ -35,7 +74,6 @@ PERMANENT_PUSH = (
     "repository not found",
     "protected branch",
 )
-
 
 REMOTE_PATTERNS = (
     re.compile(r"^[\w.-]+@[\w.-]+:(?P<repo>[\w.-]+/[\w.-]+?)(?:\.git)?/?$"),  # git@host:o/r.git
@@ -55,127 +93,370 @@ class PushTransient(GitError):
     code = "PUSH_FAILED"
 
 
-class Repo:
-    """One repository and the operations a ticket run needs on it."""
+class Git:
+    """Runs ticketd's own git commands."""
 
-    def __init__(self, path: Path, *, timeout_s: float) -> None:
-        try:
-            self._repo = git.Repo(path)
-        except (git.InvalidGitRepositoryError, git.NoSuchPathError) as e:
-            raise GitError(f"{path} is not a git repository") from e
-        self._repo.git.update_environment(GIT_TERMINAL_PROMPT="0")
-        self.path = path
+    def __init__(self, env: Mapping[str, str], *, timeout_s: float) -> None:
+        self.env = {k: v for k, v in env.items() if not k.startswith("GIT_")}
+        self.env.update({k: v for k, v in env.items() if KEPT_GIT_VARS.fullmatch(k)})
+        self.env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", GCM_INTERACTIVE="never")
         self.timeout_s = timeout_s
 
-    def _git(self, *args: str, cwd: Path | None = None, code: str = "GIT_FAILED") -> str:
-        g = self._repo.git if cwd is None else git.Repo(cwd).git
-        if cwd is not None:
-            g.update_environment(GIT_TERMINAL_PROMPT="0")
+    def __call__(
+        self,
+        *args: str,
+        git_dir: Path | None = None,
+        work_tree: Path | None = None,
+        cwd: Path | None = None,
+        index: Path | None = None,
+        config: Sequence[str] = (),
+        input: str | None = None,
+        cancel: threading.Event | None = None,
+        code: str = "GIT_FAILED",
+    ) -> str:
+        argv = ["git"]
+        for setting in (*SAFE_CONFIG, *config):
+            argv += ["-c", setting]
+        if git_dir is not None:
+            argv.append(f"--git-dir={git_dir}")
+        if work_tree is not None:
+            argv.append(f"--work-tree={work_tree}")
+        env = dict(self.env, GIT_INDEX_FILE=str(index)) if index is not None else self.env
         try:
-            out: str = g.execute(["git", *args], kill_after_timeout=self.timeout_s)
-        except git.GitCommandError as e:
-            detail = _last_lines(str(e.stderr) or str(e))
-            raise GitError(f"git {args[0]} failed: {detail}", code=code) from None
-        return out
+            done = procs.capture(
+                [*argv, *args],
+                cwd=cwd or git_dir or work_tree,
+                env=env,
+                timeout_s=self.timeout_s,
+                cancel=cancel,
+                input=input.encode() if input is not None else None,
+            )
+        except OSError as e:
+            raise GitError(f"cannot run git: {e.strerror}", code=code) from None
+        if done.cancelled:
+            raise GitError(f"git {args[0]} was cancelled", code=code)
+        if done.timed_out:
+            raise GitError(f"git {args[0]} ran past repo.git_timeout_s", code=code)
+        if done.returncode != 0:
+            detail = _last_lines(done.stderr.decode("utf-8", "replace") or str(done.returncode))
+            raise GitError(f"git {args[0]} failed: {detail}", code=code)
+        return done.stdout.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class Remote:
+    fetch_url: str
+    push_url: str
+    identity: tuple[
+        str, ...
+    ]  # ``key=value`` settings (user.name, user.email, user.signingkey, gpg.*)
+
+
+def resolve_remote(git: Git, repo: Path, remote: str) -> Remote:
+    """The URLs of ``remote`` (a remote of the user's repository ``repo``, or a URL) and the
+    commit identity configured there. Read once at start; nothing read later changes them."""
+    try:
+        git("rev-parse", "--git-dir", cwd=repo)
+    except GitError:
+        raise GitError(f"{repo} is not a git repository") from None
+    try:
+        fetch = git("remote", "get-url", remote, cwd=repo).strip()
+        push = git("remote", "get-url", "--push", remote, cwd=repo).strip()
+    except GitError:
+        if not _looks_like_url(remote):
+            raise GitError(f"{repo} has no remote named {remote!r}") from None
+        fetch = push = remote
+    try:
+        listed = git(
+            "config", "-z", "--get-regexp", r"^(user\.(name|email|signingkey)|gpg\.)", cwd=repo
+        )
+    except GitError:
+        listed = ""  # none set
+    identity = tuple(
+        f"{k}={v}" for k, _, v in (item.partition("\n") for item in listed.split("\0") if item)
+    )
+    return Remote(_absolute(fetch, repo), _absolute(push, repo), identity)
+
+
+def _looks_like_url(text: str) -> bool:
+    return "://" in text or re.match(r"^[\w.-]+@[\w.-]+:", text) is not None or "/" in text
+
+
+def _absolute(url: str, base: Path) -> str:
+    """A local path remote, made absolute against the repository it was configured in."""
+    if "://" in url or re.match(r"^[\w.-]+@[\w.-]+:", url) or Path(url).is_absolute():
+        return url
+    return str((base / url).resolve())
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """An agent's checkout: ``path`` holds the base commit's files on ``branch``."""
+
+    path: Path
+    base: str  # the base commit
+    branch: str
+    index: Path  # ticketd's copy of the index made when the checkout was fresh
+
+
+@dataclass(frozen=True)
+class Entry:
+    old_mode: str
+    new_mode: str
+    status: str  # A, M, D, T
+    path: str
+    sha: str  # the new blob
+    link: str | None = None  # a symbolic link's target
+
+
+@dataclass(frozen=True)
+class Change:
+    """The checkout's files as a tree, and how it differs from the base commit."""
+
+    tree: str
+    base: str
+    entries: tuple[Entry, ...]
+    diff: str  # unified, new files whole: what the gates see
+
+    @property
+    def paths(self) -> list[str]:
+        return [e.path for e in self.entries]
+
+
+class Repo:
+    """ticketd's repositories under ``root`` (``state_dir/git``) and the remote they serve."""
+
+    def __init__(self, root: Path, remote: Remote, git: Git) -> None:
+        self.root = root
+        self.remote = remote
+        self.git = git
+        self.base_dir = root / "base.git"
+        self.work_dir = root / "work.git"
+        self.objects = self.base_dir / "objects"
+
+    def ensure(self) -> None:
+        """Create the two repositories (idempotent; safe with other daemons on one state)."""
+        with self._locked("init"):
+            for path in (self.base_dir, self.work_dir):
+                if not (path / "HEAD").is_file():
+                    self.git("init", "--quiet", "--bare", "--template=", str(path), cwd=self.root)
+            alternates = self.work_dir / "objects" / "info" / "alternates"
+            if not alternates.is_file():
+                alternates.parent.mkdir(parents=True, exist_ok=True)
+                alternates.write_text(f"{self.objects}\n")
+            (self.work_dir / "indexes").mkdir(exist_ok=True)
 
     @contextlib.contextmanager
-    def _worktree_lock(self) -> Iterator[None]:
-        """Serialise worktree add/remove/prune across threads and daemons on this repo."""
-        common = Path(self._repo.common_dir)
-        with (common / "ticketd-worktrees.lock").open("a") as f:
+    def _locked(self, name: str) -> Iterator[None]:
+        """Serialise an operation across threads and daemons sharing this state."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / f"{name}.lock").open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
-    def require_branch(self, branch: str) -> None:
-        try:
-            self._git("rev-parse", "--verify", "--quiet", f"{branch}^{{commit}}")
-        except GitError:
-            raise GitError(f"base branch {branch!r} does not exist in {self.path}") from None
+    # -- the remote ---------------------------------------------------------------------
 
-    def add_worktree(self, path: Path, branch: str, base: str) -> None:
-        """A fresh worktree at ``path`` on ``branch``, (re)created from ``base``."""
-        with self._worktree_lock():
-            if path.exists():
-                self._remove(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._git("worktree", "add", "--force", "-B", branch, str(path), base)
-
-    def remove_worktree(self, path: Path) -> None:
-        with self._worktree_lock():
-            self._remove(path)
-
-    def _remove(self, path: Path) -> None:
-        try:
-            self._git("worktree", "remove", "--force", "--force", str(path))
-        except GitError:
-            shutil.rmtree(path, ignore_errors=True)
-            self._git("worktree", "prune")
-
-    def prune_worktrees(self, root: Path, keep: Callable[[], set[Path]]) -> list[Path]:
-        """Remove worktrees under ``root`` except those ``keep()`` names (asked under the
-        lock, so a worktree being created meanwhile is never removed); returns them."""
-        removed = []
-        with self._worktree_lock():
-            self._git("worktree", "prune")
-            kept = keep()
-            for path in sorted(root.iterdir()) if root.is_dir() else ():
-                if path not in kept:
-                    self._remove(path)
-                    removed.append(path)
-        return removed
-
-    def stage_all(self, worktree: Path, exclude: Sequence[str] = ()) -> list[str]:
-        """Stage every change but paths matching the ``exclude`` git pathspecs (an agent's
-        own files, like aider's ``.aider*``); returns the staged paths."""
-        specs = [".", *(f":(exclude){pattern}" for pattern in exclude)]
-        self._git("add", "--all", "--", *specs, cwd=worktree)
-        return self._git("diff", "--cached", "--name-only", cwd=worktree).splitlines()
-
-    def changed_files(self, worktree: Path, exclude: Sequence[str] = ()) -> list[str]:
-        """Paths changed or added in the worktree (not yet staged), less ``exclude``."""
-        specs = [".", *(f":(exclude){pattern}" for pattern in exclude)]
-        out = self._git(
-            "status", "--porcelain", "--untracked-files=all", "-z", "--", *specs, cwd=worktree
+    def remote_heads(self, *branches: str, cancel: threading.Event | None = None) -> dict[str, str]:
+        """The commit each branch points to on the remote (absent ones are left out)."""
+        out = self.git(
+            "ls-remote",
+            "--heads",
+            self.remote.fetch_url,
+            *(f"refs/heads/{b}" for b in branches),
+            cwd=Path("/"),  # outside any repository: no repository's settings apply
+            cancel=cancel,
+            code="PUSH_FAILED",
         )
-        return [entry[3:] for entry in out.split("\0") if len(entry) > 3 and entry[0] != "R"]
+        heads = {}
+        for line in out.splitlines():
+            sha, _, ref = line.partition("\t")
+            heads[ref.removeprefix("refs/heads/")] = sha
+        return heads
 
-    def reset(self, worktree: Path) -> None:
-        """Throw away every change in the worktree (tracked and untracked, not ignored)."""
-        self._git("reset", "--hard", "--quiet", cwd=worktree)
-        self._git("clean", "-fd", "--quiet", cwd=worktree)
+    def fetch_base(self, branch: str, sha: str, cancel: threading.Event | None = None) -> None:
+        """Make sure ``base.git`` has commit ``sha`` (the remote's ``branch``), fetching it
+        when it does not."""
+        with self._locked("fetch"):
+            if self._has(sha):
+                return
+            self.git(
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-recurse-submodules",
+                self.remote.fetch_url,
+                f"+refs/heads/{branch}:refs/base/{branch}",
+                git_dir=self.base_dir,
+                cancel=cancel,
+            )
+        if not self._has(sha):
+            raise GitError(f"{branch} moved on the remote while it was fetched; try again")
 
-    def staged_diff(self, worktree: Path, *, stat: bool = False) -> str:
-        """The staged change as a unified diff (or ``--stat``), new files whole."""
-        flags = ["--stat"] if stat else ["--no-color", "--no-ext-diff", "--text"]
-        return self._git("diff", "--cached", *flags, cwd=worktree)
-
-    def commit(self, worktree: Path, message: str, *, sign: bool = False) -> str:
-        """Commit what is staged (the repository's hooks run; ``sign``: with the user's GPG
-        key, ``git commit -S``); returns the commit id."""
-        self._git("commit", "--quiet", *(["-S"] if sign else []), "-m", message, cwd=worktree)
-        return self._git("rev-parse", "HEAD", cwd=worktree)
-
-    def remote_head(self, remote: str, branch: str) -> str | None:
-        """The commit ``branch`` points to on ``remote``, or None when it is not there."""
-        out = self._git("ls-remote", "--heads", remote, f"refs/heads/{branch}", code="PUSH_FAILED")
-        return out.split()[0] if out.strip() else None
-
-    def remote_url(self, remote: str) -> str:
-        return self._git("remote", "get-url", remote)
-
-    def ticket_commit(self, branch: str, ticket_id: str) -> str | None:
-        """The tip of the local ``branch`` when it is a commit for ``ticket_id``."""
+    def _has(self, sha: str) -> bool:
         try:
-            message = self._git("log", "-1", "--format=%H%n%B", f"refs/heads/{branch}")
+            self.git("cat-file", "-e", f"{sha}^{{commit}}", git_dir=self.base_dir)
+        except GitError:
+            return False
+        return True
+
+    # -- the agent's checkout --------------------------------------------------------------
+
+    def checkout(self, path: Path, base: str, branch: str) -> Checkout:
+        """A fresh checkout of ``base`` at ``path`` on ``branch`` (anything there is removed)."""
+        remove_tree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.git("init", "--quiet", "--template=", f"--initial-branch={branch}", str(path))
+        dot = path / ".git"
+        (dot / "objects" / "info" / "alternates").write_text(f"{self.objects}\n")
+        self.git("update-ref", f"refs/heads/{branch}", base, git_dir=dot)
+        self.git("reset", "--quiet", "--hard", git_dir=dot, work_tree=path, cwd=path)
+        index = self.work_dir / "indexes" / f"{path.name}-{uuid.uuid4().hex[:8]}.index"
+        shutil.copyfile(dot / "index", index)  # made by us just now: trusted stat data
+        return Checkout(path, base, branch, index)
+
+    def files(self, checkout: Checkout) -> list[str]:
+        """The base commit's files (what the checkout started with)."""
+        out = self.git("ls-tree", "-r", "-z", "--name-only", checkout.base, git_dir=self.base_dir)
+        return [p for p in out.split("\0") if p]
+
+    def grep(self, checkout: Checkout, word: str) -> dict[str, int]:
+        """How often ``word`` occurs as a word in each text file of the base commit."""
+        try:
+            out = self.git(
+                "grep",
+                "-I",
+                "-c",
+                "-F",
+                "-w",
+                "-e",
+                word,
+                checkout.base,
+                "--",
+                git_dir=self.base_dir,
+            )
+        except GitError:
+            return {}  # no match (git grep exits 1)
+        counts = {}
+        for line in out.splitlines():
+            rest = line.removeprefix(f"{checkout.base}:")
+            path, _, count = rest.rpartition(":")
+            if path and count.isdigit():
+                counts[path] = int(count)
+        return counts
+
+    def snapshot(
+        self,
+        checkout: Checkout,
+        exclude: Sequence[str] = (),
+        cancel: threading.Event | None = None,
+    ) -> Change:
+        """The checkout's files (less ``exclude`` pathspecs and what its .gitignore names)
+        as a tree in ``work.git``, compared with the base commit."""
+        index = checkout.index.with_name(checkout.index.name + f".{uuid.uuid4().hex[:8]}")
+        shutil.copyfile(checkout.index, index)
+        specs = [".", *(f":(exclude){pattern}" for pattern in exclude)]
+        try:
+            self.git(
+                "add",
+                "--all",
+                "--",
+                *specs,
+                git_dir=self.work_dir,
+                work_tree=checkout.path,
+                index=index,
+                cancel=cancel,
+            )
+            tree = self.git("write-tree", git_dir=self.work_dir, index=index).strip()
+        finally:
+            index.unlink(missing_ok=True)
+        raw = self.git(
+            "diff-tree",
+            "-r",
+            "-z",
+            "--no-renames",
+            "--raw",
+            checkout.base,
+            tree,
+            git_dir=self.work_dir,
+        )
+        entries = tuple(
+            replace(e, link=self.git("cat-file", "blob", e.sha, git_dir=self.work_dir))
+            if e.new_mode == SYMLINK
+            else e
+            for e in _entries(raw)
+        )
+        diff = ""
+        if entries:
+            diff = self.git(
+                "diff",
+                "--no-color",
+                "--no-ext-diff",
+                "--no-textconv",
+                "--text",
+                "--no-renames",
+                checkout.base,
+                tree,
+                git_dir=self.work_dir,
+            )
+        return Change(tree, checkout.base, entries, diff)
+
+    def diffstat(self, change: Change) -> str:
+        return self.git("diff", "--stat", change.base, change.tree, git_dir=self.work_dir)
+
+    def release(self, checkout: Checkout) -> None:
+        """Remove the checkout and ticketd's index for it."""
+        remove_tree(checkout.path)
+        checkout.index.unlink(missing_ok=True)
+
+    # -- commit and push ---------------------------------------------------------------------
+
+    def commit(self, change: Change, branch: str, message: str, *, sign: bool = False) -> str:
+        """The commit of ``change.tree`` on top of its base (signed with the user's key when
+        ``sign``); recorded as ``refs/ticketd/<branch>``. Returns its id."""
+        sha = self.git(
+            "commit-tree",
+            change.tree,
+            "-p",
+            change.base,
+            *(["-S"] if sign else []),
+            "-F",
+            "-",
+            git_dir=self.work_dir,
+            config=self.remote.identity,
+            input=message,
+        ).strip()
+        self.git("update-ref", f"refs/ticketd/{branch}", sha, git_dir=self.work_dir)
+        return sha
+
+    def saved(self, branch: str) -> str | None:
+        """The commit ticketd last made for ``branch`` (to resume a failed push)."""
+        try:
+            return self.git(
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                f"refs/ticketd/{branch}^{{commit}}",
+                git_dir=self.work_dir,
+            ).strip()
         except GitError:
             return None
-        sha, _, body = message.partition("\n")
-        return sha if f"Ticket: {ticket_id}" in body else None
+
+    def message(self, sha: str) -> str:
+        return self.git("log", "-1", "--format=%B", sha, git_dir=self.work_dir)
 
     def push(
-        self, worktree: Path, remote: str, branch: str, *, attempts: int, source: str = "HEAD"
+        self,
+        sha: str,
+        branch: str,
+        *,
+        expect: str | None,
+        attempts: int,
+        cancel: threading.Event | None = None,
     ) -> None:
-        """Push ``branch`` (ticketd owns it, so force) retrying transient failures."""
+        """Push commit ``sha`` to the remote's ``branch``, only if the branch is still at
+        ``expect`` there (``None``: only if it does not exist); a transient failure is
+        retried. The remote moving meanwhile is PUSH_FAILED: nothing is overwritten."""
+        lease = f"--force-with-lease=refs/heads/{branch}:{expect or ''}"
         for attempt in Retrying(
             retry=retry_if_exception(lambda e: isinstance(e, PushTransient)),
             stop=stop_after_attempt(attempts + 1),
@@ -183,25 +464,113 @@ class Repo:
             reraise=True,
         ):
             with attempt:
-                self._push_once(worktree, remote, branch, source)
+                try:
+                    self.git(
+                        "push",
+                        "--quiet",
+                        "--no-verify",
+                        lease,
+                        self.remote.push_url,
+                        f"{sha}:refs/heads/{branch}",
+                        git_dir=self.work_dir,
+                        cancel=cancel,
+                        code="PUSH_FAILED",
+                    )
+                except GitError as e:
+                    message = e.message.lower()
+                    if "stale info" in message:
+                        raise GitError(
+                            f"{branch} changed on the remote while the ticket ran (someone "
+                            "pushed to it); nothing was overwritten",
+                            code="PUSH_FAILED",
+                        ) from None
+                    if any(word in message for word in PERMANENT_PUSH) or (
+                        cancel is not None and cancel.is_set()
+                    ):
+                        raise
+                    raise PushTransient(e.message) from None
 
-    def _push_once(self, worktree: Path, remote: str, branch: str, source: str) -> None:
-        try:
-            self._git(
-                "push",
-                "--force",
-                remote,
-                f"{source}:refs/heads/{branch}",
-                cwd=worktree,
-                code="PUSH_FAILED",
-            )
-        except GitError as e:
-            if any(word in e.message.lower() for word in PERMANENT_PUSH):
-                raise
-            raise PushTransient(e.message) from None
+    def prune(self, root: Path, keep: Callable[[], set[Path]]) -> list[Path]:
+        """Remove checkouts under ``root`` except those ``keep()`` names, and indexes no
+        checkout uses; returns the checkouts removed."""
+        removed = []
+        with self._locked("prune"):
+            kept = keep()
+            for path in sorted(root.iterdir()) if root.is_dir() else ():
+                if path not in kept:
+                    remove_tree(path)
+                    removed.append(path)
+            names = {p.name for p in kept}
+            for index in (self.work_dir / "indexes").glob("*.index"):
+                if index.name.rsplit("-", 1)[0] not in names:
+                    index.unlink(missing_ok=True)
+        return removed
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a checkout whatever the agent did to it (read-only folders included)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+
+    def retry(func: Callable[..., object], target: str, _: object) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o700)
+            os.chmod(target, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            func(target)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
+
+
+def _entries(raw: str) -> tuple[Entry, ...]:
+    """``git diff-tree -z --raw`` output: ``:old new sha sha status\\0path\\0`` records."""
+    parts = raw.split("\0")
+    entries = []
+    for i in range(0, len(parts) - 1, 2):
+        head, path = parts[i], parts[i + 1]
+        fields = head.lstrip(":").split()
+        if len(fields) >= 5:
+            entries.append(Entry(fields[0], fields[1], fields[4][:1], path, fields[3]))
+    return tuple(entries)
 
 
 def _last_lines(text: str, n: int = 6) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    cleaned = [ln.removeprefix("stderr: ").strip("'") for ln in lines[-n:]]
-    return " | ".join(ln for ln in cleaned if ln)
+    return " | ".join(lines[-n:])
+
+
+class Workspace:
+    """One run's checkout and what ticketd does with it: start it afresh, list and search
+    the base commit's files, snapshot it, remove it."""
+
+    def __init__(self, repo: Repo, path: Path, base: str, branch: str) -> None:
+        self.repo = repo
+        self.checkout = repo.checkout(path, base, branch)
+
+    @property
+    def path(self) -> Path:
+        return self.checkout.path
+
+    def reset(self) -> None:
+        """Throw the agent's work away (its .git included): a fresh checkout of the base."""
+        c = self.checkout
+        self.repo.release(c)
+        self.checkout = self.repo.checkout(c.path, c.base, c.branch)
+
+    def files(self) -> list[str]:
+        return self.repo.files(self.checkout)
+
+    def grep(self, word: str) -> dict[str, int]:
+        return self.repo.grep(self.checkout, word)
+
+    def snapshot(self, exclude: Sequence[str], cancel: threading.Event | None = None) -> Change:
+        return self.repo.snapshot(self.checkout, exclude, cancel)
+
+    def release(self) -> None:
+        self.repo.release(self.checkout)

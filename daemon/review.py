@@ -18,6 +18,7 @@ from typing import Any
 
 from daemon.errors import TicketdError
 from daemon.llm.client import Call, Ollama, estimate_tokens
+from daemon.runctx import RunContext
 
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW")
 CATEGORIES = ("security", "bugs", "performance", "style")
@@ -106,12 +107,13 @@ def review(
     num_ctx: int,
     num_predict: int,
     log: Callable[[str], None] = lambda message: None,
+    ctx: RunContext | None = None,
 ) -> Review:
     """Review ``diffs`` (file -> unified diff of that file) for the ticket ``task``."""
     result = Review()
     budget = num_ctx - num_predict - estimate_tokens(SYSTEM + task) - 300
     for chunk in _chunks(diffs, budget):
-        answer = _ask(llm, model, task, chunk, policy, result, log)
+        answer = _ask(llm, model, task, chunk, policy, result, log, ctx)
         if answer is None:
             return result
         result.summary = "\n".join(s for s in (result.summary, answer["summary"]) if s)
@@ -135,6 +137,7 @@ def _ask(
     policy: Policy,
     result: Review,
     log: Callable[[str], None],
+    ctx: RunContext | None,
 ) -> dict[str, Any] | None:
     focus = ", ".join(policy.check_for)
     messages = [
@@ -143,7 +146,7 @@ def _ask(
     ]
     problem = ""
     for _ in range(2):  # one more try when the answer is not valid
-        reply = llm.chat(model, messages, format=SCHEMA, on_call=result.calls.append)
+        reply = llm.chat(model, messages, format=SCHEMA, on_call=result.calls.append, ctx=ctx)
         try:
             return _validate(json.loads(reply.content))
         except (ValueError, KeyError, TypeError) as e:

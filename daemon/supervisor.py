@@ -1,14 +1,20 @@
 """The run loop: intake, claims, the worker pool, signals, graceful stop, reload.
 
-``Supervisor.run`` is a boring loop: ``while not stopping: wait = run_once(); sleep until
-woken or wait passes``. Signal handlers only set flags. Each claimed ticket runs on a worker
-thread (``concurrency.max_tickets`` of them) through ``Runner.work``. With the builtin agent,
-an Ollama health monitor feeds the circuit breaker, and nothing is claimed while it is open.
+``Supervisor.run`` is a boring loop: ``while not stopping: wait = run_once(now); sleep until
+woken or wait passes``, inside one handler that logs a crash with its traceback to
+``ticketd.log`` and exits non-zero for systemd to restart. Signal handlers only set flags.
+Every running part comes from ``wiring.build`` and is rebuilt as a whole on SIGHUP. Each
+claimed ticket runs on a worker thread through ``Runner.work`` with its own ``RunContext``,
+which the loop cancels when the daemon stops, when a person asks (``ticketd cancel``), or
+when the ticket's file leaves ``in-progress/`` by hand.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -21,27 +27,28 @@ from types import FrameType
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.interval import IntervalTrigger
 from loguru import logger
 
 from daemon import config as configuration
-from daemon import failures, gates, insights, logs, procs, tickets
+from daemon import failures, gates, insights, logs, procs, tickets, wiring
 from daemon.backlog import FOLDERS, LEASE_ENV, Backlog
 from daemon.errors import ConfigError, InvalidTicket, TicketdError
-from daemon.llm.breaker import CircuitBreaker
-from daemon.llm.client import Ollama
 from daemon.llm.health import Monitor
 from daemon.metrics import Metrics
-from daemon.redact import Redactor
-from daemon.repo import Repo, repo_from_remote
+from daemon.runctx import Stop
 from daemon.runner import Active, Runner
 from daemon.sdnotify import Notifier
 from daemon.server import Probes, Server
 from daemon.status import collect
 from daemon.store import Store
 from daemon.watcher import Watcher, ignore_lease_breaks, settle_delay
+from daemon.wiring import preflight
+
+__all__ = ["Supervisor", "preflight", "statuses"]
 
 Clock = Callable[[], datetime]
+CLOCK_STEP_S = 60  # a wall clock that moved this much more or less than the monotonic one
+DISK_FULL_WAIT_S = 30
 
 
 def utcnow() -> datetime:
@@ -59,34 +66,6 @@ def statuses(cfg: configuration.Config) -> dict[str, str]:
     }
 
 
-def preflight(cfg: configuration.Config) -> str | None:
-    """Refuse to start on a repository the runs could not use, or pull requests without a
-    token or a repository name (exit status 2). Returns the GitHub ``owner/name``."""
-    try:
-        repo = Repo(cfg.repo.path, timeout_s=cfg.repo.git_timeout_s)
-        repo.require_branch(cfg.repo.base_branch)
-    except TicketdError as e:
-        raise ConfigError(f"{cfg.path}: repo: {e.message}") from None
-    if not cfg.github.enabled:
-        return None
-    if cfg.github_token() is None:
-        raise ConfigError(
-            f"{cfg.path}: github.enabled is true but ${cfg.github.token_env} is not set "
-            "(github.token_env names the variable holding the token)"
-        )
-    try:
-        url = repo.remote_url(cfg.repo.remote)
-    except TicketdError:
-        url = ""
-    name = cfg.github.repo or repo_from_remote(url)
-    if name is None:
-        raise ConfigError(
-            f"{cfg.path}: github.repo: cannot tell owner/name from remote {cfg.repo.remote!r}; "
-            "set github.repo"
-        )
-    return name
-
-
 class Supervisor:
     def __init__(
         self,
@@ -94,64 +73,38 @@ class Supervisor:
         *,
         once: bool = False,
         clock: Clock = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
         log_to_stderr: bool = True,
-        repo_name: str | None = None,
         notifier: Notifier | None = None,
+        checked: wiring.Checked | None = None,
     ) -> None:
         self.cfg = cfg
         self.once = once
         self.clock = clock
+        self.monotonic = monotonic
         self.log_to_stderr = log_to_stderr
         self.backlog = Backlog(cfg.backlog.dir, statuses(cfg))
         self.store = Store(cfg.state_dir / "history.sqlite3")
-        self.redact = Redactor(cfg.secret_values())
         self.wake = threading.Event()
         self.signals = 0
         self.reload_requested = False
         self.active: dict[str, Active] = {}
         self.next_reconcile = 0.0
+        self.claims_paused_until = 0.0
         self.waiting_for_ollama = False
-        self.llm: Ollama | None = None
-        self.monitor: Monitor | None = None
-        if cfg.agent.kind == "builtin" or cfg.review.enabled:  # only then does a run need Ollama
-            o = cfg.ollama
-            b = o.circuit_breaker
-            breaker = CircuitBreaker(
-                failure_threshold=b.failure_threshold,
-                success_threshold=b.success_threshold,
-                half_open_requests=b.half_open_requests,
-                reset_timeout_s=b.reset_timeout_s,
-            )
-            self.llm = Ollama(
-                o.host,
-                breaker=breaker,
-                timeout_s=o.timeout_s,
-                connect_timeout_s=o.health_check.timeout_s,
-                num_ctx=o.num_ctx,
-                num_predict=o.num_predict,
-                keep_alive=o.keep_alive,
-                retries=o.retries,
-            )
-            self.monitor = Monitor(
-                self.llm,
-                [*o.models, *([o.review_model] if cfg.review.enabled and o.review_model else [])],
-                interval_s=o.health_check.interval_s,
-                timeout_s=o.health_check.timeout_s,
-                on_available=self.wake.set,
-                warm=o.models[0],
-            )
         self.metrics = Metrics(self._depth, self._circuit)
-        self.runner = Runner(
-            cfg,
-            self.backlog,
-            self.store,
-            self.redact,
-            clock,
-            self.llm,
-            repo_name=repo_name,
+        self.hooks = wiring.Hooks(
+            backlog=self.backlog,
+            store=self.store,
             metrics=self.metrics,
+            clock=clock,
+            wake=self.wake.set,
+            retry_job=self.retry_due,
+            learn_job=self.learn,
         )
-        self.last_loop = time.monotonic()
+        self.parts = wiring.build(cfg, self.hooks, checked)
+        self.last_loop = monotonic()
+        self._clock_mark = (clock(), monotonic())
         self.notifier = notifier or Notifier.from_env({})
         self.queue_depth = 0
         self._status = ""
@@ -161,11 +114,19 @@ class Supervisor:
         self._watcher: Watcher | None = None
         self._scheduler = BackgroundScheduler(timezone=UTC)
 
+    @property
+    def runner(self) -> Runner:
+        return self.parts.runner
+
+    @property
+    def monitor(self) -> Monitor | None:
+        return self.parts.monitor
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until stopped (or, with ``once``, until todo/ holds nothing ready). Returns the
-        exit status: 0, or 1 when ``once`` and some ticket failed."""
+        exit status: 0; 1 when ``once`` and some ticket failed; 70 when the loop crashed."""
         previous = self._install_signals()
         c = self.cfg.logging
         logs.setup(
@@ -175,48 +136,40 @@ class Supervisor:
             rotation=c.rotation,
             retention=c.retention,
             compression=c.compression,
-            redactor=self.redact,
+            redactor=lambda text: self.parts.redact(text),
             stderr=self.log_to_stderr,
         )
-        self.backlog.ensure()
-        self.recover(startup=True)
-        self.next_reconcile = time.monotonic() + self.cfg.intake.reconcile_interval_s
-        if self.monitor is not None:
-            health = self.monitor.check_now()
-            if health is not None and not health.ok:
-                self.monitor.breaker.trip()  # down at start: wait for it, do not try tickets
-            self.monitor.start()
-        self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
-        self._watcher.start()
-        if self.cfg.retry.enabled and not self.once:
-            self._scheduler.add_job(
-                self.retry_due,
-                IntervalTrigger(seconds=self.cfg.retry.check_interval_s),
-                id="retry-failed",
-                replace_existing=True,
-                coalesce=True,
-                max_instances=1,
-                next_run_time=datetime.now(UTC),
-            )
-        if not self.once and self.cfg.agent.kind == "builtin":
-            self._scheduler.add_job(
-                self.learn,
-                IntervalTrigger(seconds=self.cfg.insights.interval_s),
-                id="insights",
-                replace_existing=True,
-                coalesce=True,
-                max_instances=1,
-            )
-        if self._scheduler.get_jobs():
-            self._scheduler.start()
-        if self.cfg.server.enabled:
-            self._start_server()
-        logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
-        self.notifier.ready(status="watching " + str(self.backlog.folder("todo")))
-        ping = self.notifier.watchdog_interval()
         try:
+            return self._serve()
+        except Exception as e:  # the loop itself failed: say so where operators look
+            logger.opt(exception=e).critical("the run loop crashed: {}: {}", type(e).__name__, e)
+            return 70
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _serve(self) -> int:
+        if self.store.recovered_from is not None:
+            logger.warning(
+                "the history could not be read; it was moved aside to {} and a new one started",
+                self.store.recovered_from,
+            )
+        self.backlog.ensure()
+        try:
+            self.parts.start(self._scheduler, self.hooks, once=self.once)
+            self.recover(startup=True)
+            self.next_reconcile = self.monotonic() + self.cfg.intake.reconcile_interval_s
+            self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
+            self._watcher.start()
+            if self._scheduler.get_jobs():
+                self._scheduler.start()
+            if self.cfg.server.enabled:
+                self._server = wiring.serve(self.cfg, self._probes(), self.metrics, self._redact)
+            logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
+            self.notifier.ready(status="watching " + str(self.backlog.folder("todo")))
+            ping = self.notifier.watchdog_interval()
             while self.signals == 0:
-                self.last_loop = time.monotonic()
+                self.last_loop = self.monotonic()
                 self.notifier.watchdog()  # only from here: a stuck loop stops the pings
                 wait = self.run_once()
                 if wait is None:
@@ -226,40 +179,33 @@ class Supervisor:
                 self.wake.clear()
             self.notifier.stopping(status=f"stopping; {len(self.active)} ticket(s) running")
         finally:
-            if self._server is not None:
-                self._server.stop()
-            if self._scheduler.running:
-                self._scheduler.shutdown(wait=True)
-            self._watcher.stop()
-            if self.monitor is not None:
-                self.monitor.stop()
-            self._drain()
-            if self.llm is not None:
-                self.llm.close()
-            self.store.close()
-            logger.info("stopped")
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            self._shutdown()
         return 1 if self.once and (self.runner.failed or self.waiting_for_ollama) else 0
+
+    def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._drain()
+        self.parts.stop()
+        self.store.close()
+        logger.info("stopped")
 
     # -- operations -------------------------------------------------------------------------
 
-    def _start_server(self) -> None:
-        c = self.cfg.server
-        ollama = self.monitor.describe if self.monitor else lambda: (200, {"enabled": False})
-        probes = Probes(self._probe_health, self._probe_ready, ollama, self._probe_status)
-        try:
-            self._server = Server(
-                c.host, c.port, probes, self.metrics.registry, token=self.cfg.server_token()
-            )
-        except OSError as e:
-            raise ConfigError(
-                f"{self.cfg.path}: server: cannot listen on {c.host}:{c.port}: {e}"
-            ) from e
-        self._server.start()
-        logger.info(
-            "serving /health, /ready, /health/ollama, /status, /metrics on {}", self._server.url
+    def _probes(self) -> Probes:
+        return Probes(
+            self._probe_health,
+            self._probe_ready,
+            lambda: self.parts.describe_ollama(),
+            self._probe_status,
         )
+
+    def _redact(self, data: Any) -> Any:
+        return self.parts.redact.data(data)
 
     def _depth(self) -> dict[str, int]:
         return {folder: len(self.backlog.files(folder)) for folder in FOLDERS}
@@ -269,7 +215,7 @@ class Supervisor:
 
     def _probe_health(self) -> tuple[int, dict[str, Any]]:
         """Alive while the main loop turns: it wakes at least every reconcile interval."""
-        age = time.monotonic() - self.last_loop
+        age = self.monotonic() - self.last_loop
         ok = age < 2 * self.cfg.intake.reconcile_interval_s + 30 and self.signals == 0
         return (200 if ok else 503), {
             "ok": ok,
@@ -313,9 +259,6 @@ class Supervisor:
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
-        if self.signals > 1:
-            for run in list(self.active.values()):
-                run.cancel.set()
         self.wake.set()
 
     def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -326,41 +269,49 @@ class Supervisor:
         self.wake.set()
 
     def _drain(self) -> None:
-        """Let running tickets finish within shutdown.grace_s, then end their agents (they go
-        back to todo/). A second signal ends them at once."""
+        """Let running tickets finish within shutdown.grace_s, then cancel them (they go back
+        to todo/). A second signal cancels them at once."""
         if self.active:
             logger.info(
                 "stopping: waiting up to {}s for {} running ticket(s)",
                 self.cfg.shutdown.grace_s,
                 len(self.active),
             )
-        deadline = time.monotonic() + self.cfg.shutdown.grace_s
+        deadline = self.monotonic() + self.cfg.shutdown.grace_s
         extended = 0.0
-        while self.active and time.monotonic() < deadline and self.signals < 2:
-            if time.monotonic() - extended >= 5:  # a long graceful stop: tell systemd to wait
-                left = deadline - time.monotonic()
+        while self.active and self.monotonic() < deadline and self.signals < 2:
+            if self.monotonic() - extended >= 5:  # a long graceful stop: tell systemd to wait
+                left = deadline - self.monotonic()
                 self.notifier.extend_timeout(left + self.cfg.agent.kill_grace_s + 15)
-                extended = time.monotonic()
-            self.wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+                extended = self.monotonic()
+            self.wake.wait(min(0.5, max(0.0, deadline - self.monotonic())))
             self.wake.clear()
             self._reap()
         for run in list(self.active.values()):
-            run.cancel.set()
+            run.ctx.cancel(Stop.STOPPING)
         self._pool.shutdown(wait=True)
         self._reap()
 
     # -- one iteration --------------------------------------------------------------------------
 
-    def run_once(self) -> float | None:
-        """Reap, reconcile, claim. Returns how long to wait for, or None to exit (``once``)."""
+    def run_once(self, now: float | None = None) -> float | None:
+        """Reap, watch the runs, reconcile, claim. ``now`` is monotonic seconds. Returns how
+        long to wait for, or None to exit (``once``)."""
+        now = self.monotonic() if now is None else now
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
+        if self.signals > 1:
+            for run in list(self.active.values()):
+                run.ctx.cancel(Stop.STOPPING)
         self._reap()
-        mono = time.monotonic()
-        if mono >= self.next_reconcile:
-            self.next_reconcile = mono + self.cfg.intake.reconcile_interval_s
+        self._watch_runs()
+        self._check_clock(now)
+        if now >= self.next_reconcile:
+            self.next_reconcile = now + self.cfg.intake.reconcile_interval_s
             self.recover()
+        if now < self.claims_paused_until:
+            return self.claims_paused_until - now
         wait, ready = self.intake()
         if (
             self.once
@@ -371,8 +322,40 @@ class Supervisor:
             return None
         return min(
             wait or self.cfg.intake.reconcile_interval_s,
-            max(0.01, self.next_reconcile - time.monotonic()),
+            max(0.01, self.next_reconcile - now),
         )
+
+    def _watch_runs(self) -> None:
+        """Cancel runs a person asked to end (``ticketd cancel``) and runs whose ticket file
+        left in-progress/ by hand."""
+        for name, run in list(self.active.items()):
+            if run.ctx.cancelled:
+                continue
+            request = self.backlog.cancel_path(name)
+            if request.exists():
+                try:
+                    fail = bool(json.loads(request.read_text() or "{}").get("fail"))
+                except (OSError, ValueError):
+                    fail = False
+                request.unlink(missing_ok=True)
+                logger.bind(ticket=run.ticket.id).warning("cancel requested for {}", name)
+                run.ctx.cancel(Stop.CANCELLED, fail=fail)
+            elif not os.path.lexists(run.lease.path):
+                run.ctx.cancel(Stop.REMOVED)
+
+    def _check_clock(self, now: float) -> None:
+        """After the wall clock steps (NTP, a person), scheduled jobs would wait for the old
+        time: run them again now and keep their intervals from here."""
+        wall, mono = self.clock(), now
+        then_wall, then_mono = self._clock_mark
+        self._clock_mark = (wall, mono)
+        drift = (wall - then_wall).total_seconds() - (mono - then_mono)
+        if abs(drift) < CLOCK_STEP_S:
+            return
+        logger.warning("the wall clock stepped by {:+.0f}s; scheduled jobs run again now", drift)
+        if self._scheduler.running:
+            for job in self._scheduler.get_jobs():
+                job.modify(next_run_time=datetime.now(UTC))
 
     def intake(self) -> tuple[float | None, int]:
         """Claim what is ready in todo/, up to the free workers. Returns (seconds until an
@@ -413,22 +396,47 @@ class Supervisor:
         self.resources_short = short
         if short:
             return wait if wait is not None else 5.0, len(ready)
+        busy = {run.branch for run in self.active.values()}
         for ticket in ready:
             if free <= 0:
                 break
+            branch = self.runner.branch(ticket)
+            if branch in busy:  # one branch per ticket file: wait for the other to finish
+                continue
             if ticket.path.name not in history and self._duplicate(ticket):
                 continue
-            if self._start(ticket):
+            try:
+                started = self._start(ticket, branch)
+            except OSError as e:
+                self._pause_claims(e)
+                break
+            if started:
                 free -= 1
+                busy.add(branch)
         return wait, len(ready)
+
+    def _pause_claims(self, error: OSError) -> None:
+        """A claim could not be written (a full disk): it was undone; wait, then try again."""
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            raise error
+        self.claims_paused_until = self.monotonic() + DISK_FULL_WAIT_S
+        logger.error(
+            "cannot claim: {}; the ticket stays in todo/, trying again in {}s",
+            error.strerror,
+            DISK_FULL_WAIT_S,
+        )
 
     def _reject(self, path: Path, error: InvalidTicket) -> None:
         """A todo file that cannot be read as a ticket goes straight to failed/."""
         now = self.clock()
-        lease = self.backlog.claim(path.name, now, uuid.uuid4().hex)
+        try:
+            lease = self.backlog.claim(path.name, now, uuid.uuid4().hex)
+        except OSError as e:
+            self._pause_claims(e)
+            return
         if lease is None:
             return
-        task_id = tickets.id_from_filename(path)
+        task_id = tickets.id_from_filename(path)[:100]
         logger.bind(ticket=task_id).warning("{}: invalid ticket: {}", path.name, error.message)
         self.runner.fail(lease, task_id, error, stage="intake", models=[], started=time.monotonic())
 
@@ -452,13 +460,12 @@ class Supervisor:
         self.runner.hold(lease, ticket.id, held, stage="intake")
         return True
 
-    def _start(self, ticket: tickets.Ticket) -> bool:
-        now = self.clock()
-        claim_id = uuid.uuid4().hex
-        lease = self.backlog.claim(ticket.path.name, now, claim_id)
+    def _start(self, ticket: tickets.Ticket, branch: str) -> bool:
+        lease = self.backlog.claim(ticket.path.name, self.clock(), uuid.uuid4().hex)
         if lease is None:
             return False
-        run = Active(ticket=ticket, lease=lease, started=time.monotonic())
+        run = Active(ticket=ticket, lease=lease, started=time.monotonic(), branch=branch)
+        run.ctx.clock = self.clock
         self.active[lease.name] = run
         run.future = self._pool.submit(self.runner.work, run)
         run.future.add_done_callback(lambda _: self.wake.set())
@@ -468,6 +475,7 @@ class Supervisor:
         for name, run in list(self.active.items()):
             if run.future is not None and run.future.done():
                 del self.active[name]
+                self.backlog.cancel_path(name).unlink(missing_ok=True)
                 if (error := run.future.exception()) is not None:
                     logger.opt(exception=error).error("worker for {} crashed", name)
 
@@ -496,17 +504,20 @@ class Supervisor:
         self.backlog.trim_cache()
 
     def prune_worktrees(self) -> None:
-        """Remove worktrees no live daemon is using (left by a crash)."""
+        """Remove checkouts no live daemon is using (left by a crash)."""
 
-        def keep() -> set[Path]:  # worktrees of tickets some live daemon is running
+        def keep() -> set[Path]:  # checkouts of tickets some live daemon is running
             return {self.runner.worktree(p.name) for p in self.backlog.files("in-progress")}
 
         try:
-            repo = Repo(self.cfg.repo.path, timeout_s=self.cfg.repo.git_timeout_s)
-            for path in repo.prune_worktrees(self.cfg.state_dir / "worktrees", keep):
-                logger.info("removed stale worktree {}", path)
-        except TicketdError as e:
-            logger.error("cannot prune worktrees: {}", e.message)
+            for path in self.parts.repo.prune(self.cfg.state_dir / "worktrees", keep):
+                logger.info("removed stale checkout {}", path)
+            kept = {path.name for path in keep()}
+            for path in (self.cfg.state_dir / "run").glob("*"):  # sandboxes' sockets
+                if path.name not in kept:
+                    shutil.rmtree(path, ignore_errors=True)
+        except (TicketdError, OSError) as e:
+            logger.error("cannot prune checkouts: {}", e)
 
     def retry_due(self) -> None:
         """The scheduled job: failed tickets whose retry is due go back to todo/."""
@@ -555,16 +566,29 @@ class Supervisor:
             self.notifier.ready()
 
     def _reload(self) -> None:
+        """Build every part anew from the new config and swap them in; running tickets
+        finish with the parts they started with. A bad config changes nothing."""
         try:
             new = configuration.load(self.cfg.path)
+            changed = [k for k in wiring.RESTART_ONLY if getattr(new, k) != getattr(self.cfg, k)]
+            new = new.model_copy(update={k: getattr(self.cfg, k) for k in wiring.RESTART_ONLY})
+            parts = wiring.build(new, self.hooks)
         except ConfigError as e:
             logger.error("config reload refused, keeping the running config: {}", e.message)
             return
-        fixed = ("backlog", "state_dir", "logging", "concurrency")
-        changed = [k for k in fixed if getattr(new, k) != getattr(self.cfg, k)]
         if changed:
             logger.warning("reloaded; changes to {} apply after a restart", ", ".join(changed))
-        self.cfg = new.model_copy(update={k: getattr(self.cfg, k) for k in fixed})
-        self.runner.cfg = self.cfg
-        self.redact.secrets = Redactor(new.secret_values()).secrets
+        old, server_changed = self.parts, new.server != self.cfg.server
+        self.cfg, self.parts = new, parts
+        old.stop()
+        parts.start(self._scheduler, self.hooks, once=self.once)
+        if server_changed:
+            if self._server is not None:
+                self._server.stop()
+                self._server = None
+            if new.server.enabled:
+                try:
+                    self._server = wiring.serve(new, self._probes(), self.metrics, self._redact)
+                except ConfigError as e:
+                    logger.error("{}", e.message)
         logger.info("configuration reloaded from {}", new.path)

@@ -23,6 +23,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.backlog import is_ticket_name
+from daemon.errors import InvalidTicket
+from daemon.tickets import open_file
 
 
 def ignore_lease_breaks() -> None:
@@ -33,8 +35,14 @@ def ignore_lease_breaks() -> None:
 
 def settle_delay(path: Path, now: float, settle_s: float) -> float:
     """0 when ``path`` is whole and can be claimed; else seconds to wait before asking again.
-    ``now`` is ``time.time()``. Raises ``FileNotFoundError`` when it has gone."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    ``now`` is ``time.time()``. Raises ``FileNotFoundError`` when it has gone.
+
+    Anything but a regular file (a link, a directory, a FIFO), or a file it cannot open, is
+    0 at once and never opened: reading it then says why it is no ticket."""
+    try:
+        fd = open_file(path)
+    except InvalidTicket:
+        return 0.0
     try:
         try:
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
@@ -52,19 +60,27 @@ def settle_delay(path: Path, now: float, settle_s: float) -> float:
 class _Handler(FileSystemEventHandler):
     def __init__(self, folder: Path, on_event: Callable[[str, str], None]) -> None:
         self.folder = str(folder)
+        self.running = str(folder.parent / "in-progress")
+        self.leases = str(folder.parent / ".leases")
         self.on_event = on_event
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+        if event.event_type in ("opened", "closed_no_write"):
             return
         target = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
         folder, name = os.path.split(target)
+        source_folder = os.path.dirname(os.fsdecode(event.src_path))
         if folder == self.folder and is_ticket_name(name):
             self.on_event(event.event_type, name)
+        elif source_folder == self.running and event.event_type in ("moved", "deleted"):
+            self.on_event(event.event_type, name)  # a running ticket's file left by hand
+        elif folder == self.leases and name.endswith(".cancel"):
+            self.on_event(event.event_type, name)  # ``ticketd cancel``
 
 
 class Watcher:
-    """Calls ``on_event(kind, name)`` for tickets created, written or moved into ``folder``.
+    """Calls ``on_event(kind, name)`` for tickets created, written or moved into ``folder``
+    (``todo/``), for files leaving ``in-progress/``, and for cancel requests in ``.leases/``.
 
     It watches ``folder``'s parent recursively: a ticket claimed out of ``todo/`` then moves
     within one watch, and watchdog matches the move at once. With ``todo/`` alone, watchdog

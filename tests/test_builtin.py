@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import PY, Project, git, ticketd, wait_until
+from conftest import PY, SIDE_CHANNEL, Project, git, ticketd, wait_until
 from fake_ollama import FakeOllama
 
 from daemon import config as configuration
@@ -311,7 +311,7 @@ def test_static_analysis_commands_get_the_changed_files(
         f"import sys; open({str(seen)!r}, 'w').write(' '.join(sys.argv[1:]))",
         "{files}",
     ]
-    builtin_config(project, fake_ollama,
+    builtin_config(project, fake_ollama, agent=SIDE_CHANNEL,
                    static_analysis={"commands": [{"glob": "*.txt", "run": lint}]})  # fmt: skip
     project.ticket("task-15 - Txt.md", body="Add notes.")
     fake_ollama.reply(block("a.txt", "", "a\n") + block("b.md", "", "b\n"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import PY, Daemon, Project, wait_until
+from conftest import PY, SIDE_CHANNEL, Daemon, Project, wait_until
 
 from daemon import config as configuration
 from daemon.supervisor import Supervisor
@@ -60,7 +60,11 @@ def counting_agent(log: Path, tag: str, sleep: float) -> list[str]:
 def test_kill_9_at_many_points_loses_nothing(project: Project, tmp_path: Path) -> None:
     tag = f"crash-agent-{tmp_path.name}"
     project.write_config(
-        agent={"command": counting_agent(tmp_path / "starts", tag, 0.3), "kill_grace_s": 0.5},
+        agent={
+            "command": counting_agent(tmp_path / "starts", tag, 0.3),
+            "kill_grace_s": 0.5,
+            **SIDE_CHANNEL,
+        },
         concurrency={"max_tickets": 2},
     )
     names = [f"task-{i} - Crash-{i}.md" for i in range(1, 11)]
@@ -108,7 +112,7 @@ def test_agent_of_a_killed_daemon_is_ended_and_the_attempt_counts(
             "sys.exit('second run fails')\n"
         ),
     ]
-    project.write_config(agent={"command": agent, "kill_grace_s": 0.5})
+    project.write_config(agent={"command": agent, "kill_grace_s": 0.5, **SIDE_CHANNEL})
     name = "task-1 - Orphan.md"
     project.ticket(name)
     d = Daemon(project)
@@ -137,7 +141,7 @@ def test_two_daemons_on_one_backlog_never_run_a_ticket_twice(
 ) -> None:
     starts = tmp_path / "starts"
     project.write_config(
-        agent={"command": counting_agent(starts, "two-daemons", 0.1)},
+        agent={"command": counting_agent(starts, "two-daemons", 0.1), **SIDE_CHANNEL},
         concurrency={"max_tickets": 2},
     )
     names = [f"task-{i} - Shared-{i}.md" for i in range(1, 13)]

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import psutil
-from conftest import PY, Daemon, Project, wait_until
+from conftest import PY, SIDE_CHANNEL, Daemon, Project, wait_until
 
 
 def test_ticket_written_into_todo_is_picked_up_and_done(project: Project, daemons: list) -> None:
@@ -71,7 +71,8 @@ def _hanging_agent(project: Project, marker: Path, grace_s: float = 0.5) -> None
         ),
     ]
     project.write_config(
-        agent={"command": agent, "timeout_s": 600, "kill_grace_s": 1}, shutdown={"grace_s": grace_s}
+        agent={"command": agent, "timeout_s": 600, "kill_grace_s": 1, **SIDE_CHANNEL},
+        shutdown={"grace_s": grace_s},
     )
 
 

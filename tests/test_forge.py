@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PY, Project
+from conftest import PY, SIDE_CHANNEL, Project
 from fake_github import FakeGitHub
 
 from daemon import config as configuration
@@ -40,7 +40,7 @@ def counting_agent(starts: Path) -> list[str]:
 def github_config(project: Project, fake: FakeGitHub, tmp_path: Path, **github: object) -> Path:
     starts = tmp_path / "agent-starts"
     project.write_config(
-        agent={"command": counting_agent(starts)},
+        agent={"command": counting_agent(starts), **SIDE_CHANNEL},
         github={
             "enabled": True,
             "repo": "acme/widgets",
@@ -54,7 +54,7 @@ def github_config(project: Project, fake: FakeGitHub, tmp_path: Path, **github: 
 
 def run_once(project: Project) -> int:
     cfg = configuration.load(project.config_path)
-    return Supervisor(cfg, once=True, log_to_stderr=False, repo_name=preflight(cfg)).run()
+    return Supervisor(cfg, once=True, log_to_stderr=False).run()
 
 
 @pytest.mark.usefixtures("token")

@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PY, Project, git
+from conftest import PY, SIDE_CHANNEL, Project, git
 from fake_github import FakeGitHub
 from fake_ollama import FakeOllama
 
 from daemon import config as configuration
-from daemon.supervisor import Supervisor, preflight
+from daemon.supervisor import Supervisor
 
 MODEL = "qwen2.5-coder:7b"
 
@@ -33,7 +33,7 @@ def writing_agent(content: str, path: str = "settings.py") -> list[str]:
 
 def run_once(project: Project) -> int:
     cfg = configuration.load(project.config_path)
-    return Supervisor(cfg, once=True, log_to_stderr=False, repo_name=preflight(cfg)).run()
+    return Supervisor(cfg, once=True, log_to_stderr=False).run()
 
 
 def held(project: Project, name: str) -> dict:
@@ -55,7 +55,7 @@ def test_a_secret_holds_the_ticket_and_nothing_is_committed(
     source = tmp_path_factory.mktemp("elsewhere") / "token"
     source.write_text(f'GITHUB = "{token}"\n')
     copy = f"import shutil; shutil.copy({str(source)!r}, 'settings.py')"
-    project.write_config(agent={"command": [PY, "-c", copy]})
+    project.write_config(agent={"command": [PY, "-c", copy], **SIDE_CHANNEL})
     name = "task-1 - Leaky.md"
     project.ticket(name)
 

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-from conftest import PY, Project, git
+from conftest import PY, SIDE_CHANNEL, Project, git
 
 from daemon import config as configuration
-from daemon.supervisor import Supervisor, preflight
+from daemon.supervisor import Supervisor
 
 
 def run_once(project: Project) -> int:
     cfg = configuration.load(project.config_path)
-    return Supervisor(cfg, once=True, log_to_stderr=False, repo_name=preflight(cfg)).run()
+    return Supervisor(cfg, once=True, log_to_stderr=False).run()
 
 
 def error_json(project: Project, name: str) -> dict:
@@ -121,7 +122,9 @@ def test_agent_timeout_ends_the_whole_process_tree(project: Project, tmp_path: P
             "time.sleep(300)\n"
         ),
     ]
-    project.write_config(agent={"command": agent, "timeout_s": 1.5, "kill_grace_s": 0.5})
+    project.write_config(
+        agent={"command": agent, "timeout_s": 1.5, "kill_grace_s": 0.5, **SIDE_CHANNEL}
+    )
     project.ticket("task-3 - Hang.md")
 
     assert run_once(project) == 1
@@ -179,7 +182,7 @@ def test_priority_then_id_order_and_dependencies(project: Project, tmp_path: Pat
         ),
         "{ticket_id}",
     ]
-    project.write_config(agent={"command": agent})
+    project.write_config(agent={"command": agent, **SIDE_CHANNEL})
     project.ticket("task-10 - Low.md", priority="low")
     project.ticket("task-2 - Medium.md", priority="medium")
     project.ticket("task-11 - High.md", priority="high")
@@ -238,23 +241,45 @@ def test_agent_files_matching_exclude_are_never_committed(project: Project) -> N
 
 
 def test_push_retries_a_transient_failure(project: Project, tmp_path: Path) -> None:
-    # The remote's receive-pack hangs up once (as a flaky network would), then works.
+    # The remote is reached over ssh (the user's GIT_SSH_COMMAND, which ticketd's git keeps);
+    # its first push hangs up as a flaky network would, then it works.
     flag = tmp_path / "failed-once"
-    wrapper = tmp_path / "flaky-receive-pack"
-    wrapper.write_text(
+    ssh = tmp_path / "flaky-ssh"
+    ssh.write_text(
         "#!/bin/sh\n"
-        f'if [ ! -e "{flag}" ]; then touch "{flag}"; echo "connection reset" >&2; exit 128; fi\n'
-        'exec git-receive-pack "$@"\n'
+        "shift\n"  # the host; the rest is the command git asks the remote to run
+        f'case "$*" in *receive-pack*) if [ ! -e "{flag}" ]; then touch "{flag}"; '
+        'echo "Connection reset by peer" >&2; exit 255; fi;; esac\n'
+        'exec sh -c "$*"\n'
     )
-    wrapper.chmod(0o755)
-    git(project.repo, "config", "remote.origin.receivepack", str(wrapper))
-    project.write_config(repo={"push_retries": 2})
+    ssh.chmod(0o755)
+    project.write_config(repo={"push_retries": 2, "remote": f"ssh://localhost{project.remote}"})
     project.ticket("task-1 - Flaky.md")
-
-    assert run_once(project) == 0
+    os.environ["GIT_SSH_COMMAND"] = str(ssh)
+    try:
+        assert run_once(project) == 0
+    finally:
+        del os.environ["GIT_SSH_COMMAND"]
 
     assert flag.exists()
     assert "ticketd/task-1-flaky" in project.remote_branches()
+
+
+def test_a_remote_setting_in_the_users_repository_runs_nothing(
+    project: Project, tmp_path: Path
+) -> None:
+    # An executable setting of the repository (receivepack, as an agent could plant it) is
+    # not ticketd's: its git never runs it.
+    marker = tmp_path / "ran"
+    wrapper = tmp_path / "receive-pack"
+    wrapper.write_text(f'#!/bin/sh\ntouch "{marker}"\nexec git-receive-pack "$@"\n')
+    wrapper.chmod(0o755)
+    git(project.repo, "config", "remote.origin.receivepack", str(wrapper))
+    git(project.repo, "config", "remote.origin.uploadpack", str(wrapper))
+    project.ticket("task-1 - Plain.md")
+    assert run_once(project) == 0
+    assert not marker.exists()
+    assert "ticketd/task-1-plain" in project.remote_branches()
 
 
 def test_push_rejected_is_push_failed_without_retry(project: Project, tmp_path: Path) -> None:

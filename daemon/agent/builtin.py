@@ -5,20 +5,23 @@ cached prefix across calls), then the ticket and the repository context within t
 budget. Apply the edits it answers with; run static analysis and the checks; on any failure
 tell it what failed and ask again, up to ``max_reflections`` times. A model that runs out of
 reflections hands over to the next one, on a clean worktree, with a summary of what failed.
-A missing model (404) hands over at once.
+A missing model (404) hands over at once. The run's ``RunContext`` reaches every model call
+and check: a cancel ends them at once, and ``agent.timeout_s`` bounds the whole run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from daemon import checks
 from daemon.agent import context, edits
 from daemon.agent.command import render_ticket
+from daemon.confine import Confinement
 from daemon.errors import TicketdError
 from daemon.llm.client import Call, LLMError, Message, Ollama, estimate_tokens
+from daemon.repo import Workspace
+from daemon.runctx import RunContext
 from daemon.tickets import Ticket
 
 SYSTEM_PROMPT = """\
@@ -56,7 +59,6 @@ class Settings:
     python_analysis: bool
     analysis: tuple[checks.Command, ...]
     checks: tuple[checks.Command, ...]
-    grace_s: float = 5
     lessons: str = ""  # learned from earlier runs (insights); appended to the system prompt
 
     @property
@@ -103,14 +105,30 @@ class _Truncated(Exception):
         self.tokens = tokens
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every attempt of one run shares."""
+
+    ticket: Ticket
+    task: str
+    workspace: Workspace
+    llm: Ollama
+    s: Settings
+    confine: Confinement
+    ctx: RunContext
+    result: Result
+    log: Callable[[str], None]
+
+
 def run(
     ticket: Ticket,
-    worktree: Path,
+    workspace: Workspace,
     chain: Sequence[str],
     llm: Ollama,
     s: Settings,
+    confine: Confinement,
+    ctx: RunContext,
     *,
-    reset: Callable[[], None],
     log: Callable[[str], None],
     previous: str | None = None,
 ) -> Result:
@@ -125,25 +143,22 @@ def run(
             code="CONTEXT_TOO_LARGE",
             result=result,
         )
+    r = _Run(ticket, task, workspace, llm, s, confine, ctx, result, log)
     last: TicketdError | None = None
     earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
     for model in chain:
         if last is not None and result.changed:
-            reset()
+            workspace.reset()
             result.changed.clear()
         result.models_tried.append(model)
         try:
             try:
-                _attempt(
-                    ticket, task, worktree, model, llm, s, budget, result, last or earlier, log
-                )
+                _attempt(r, model, budget, last or earlier)
             except _Truncated:
                 log(f"{model}: Ollama truncated the prompt; trying again with half the context")
-                reset()
+                workspace.reset()
                 result.changed.clear()
-                _attempt(
-                    ticket, task, worktree, model, llm, s, budget // 2, result, last or earlier, log
-                )
+                _attempt(r, model, budget // 2, last or earlier)
         except _Truncated as e:
             raise AgentFailure(
                 f"Ollama truncated the prompt for {model} (evaluated {e.tokens} tokens) even "
@@ -172,22 +187,12 @@ def run(
     raise AgentFailure(last.message, code=last.code, result=result)
 
 
-def _attempt(
-    ticket: Ticket,
-    task: str,
-    worktree: Path,
-    model: str,
-    llm: Ollama,
-    s: Settings,
-    budget: int,
-    result: Result,
-    previous: TicketdError | None,
-    log: Callable[[str], None],
-) -> None:
-    ctx = context.gather(worktree, task, budget, s.max_context_files)
-    if ctx.dropped:
-        log(f"context: {len(ctx.files)} files shown, over budget: {', '.join(ctx.dropped)}")
-    user = f"{ctx.tree}\n{task}\n## Files\n\n{ctx.text}"
+def _attempt(r: _Run, model: str, budget: int, previous: TicketdError | None) -> None:
+    s, result, log = r.s, r.result, r.log
+    shown = context.gather(r.workspace, r.task, budget, s.max_context_files)
+    if shown.dropped:
+        log(f"context: {len(shown.files)} files shown, over budget: {', '.join(shown.dropped)}")
+    user = f"{shown.tree}\n{r.task}\n## Files\n\n{shown.text}"
     if previous is not None:
         user += f"\n## An earlier attempt failed\n\n{previous.message}\n"
     messages: list[Message] = [
@@ -198,8 +203,12 @@ def _attempt(
     for turn in range(s.max_reflections + 1):
         # a reflection shares most of its prompt with the call before; some Ollama versions
         # count only the uncached part, so only a first call is judged by its shortfall
-        reply = llm.chat(
-            model, _fit(messages, s), on_call=result.calls.append, judge_shortfall=turn == 0
+        reply = r.llm.chat(
+            model,
+            _fit(messages, s),
+            on_call=result.calls.append,
+            judge_shortfall=turn == 0,
+            ctx=r.ctx,
         )
         call = reply.call
         log(
@@ -208,7 +217,16 @@ def _attempt(
         )
         if reply.truncated:
             raise _Truncated(call.prompt_tokens)
-        failure = _apply_and_check(reply.content, worktree, s, result)
+        failure = _apply_and_check(reply.content, r)
+        if failure is not None and reply.done_reason == "length":
+            failure = AgentFailure(
+                f"Your answer was cut off at the length limit (ollama.num_predict: "
+                f"{s.num_predict} tokens) before its edit blocks were complete. Answer "
+                "again, shorter: only the blocks, with SEARCH as small as still matches "
+                "one place.",
+                code="ANSWER_TOO_LONG",
+                result=result,
+            )
         if failure is None:
             result.first_try = result.first_try or (turn == 0 and len(result.models_tried) == 1)
             result.checks_passed = True
@@ -225,10 +243,9 @@ def _attempt(
     raise failure
 
 
-def _apply_and_check(
-    answer: str, worktree: Path, s: Settings, result: Result
-) -> AgentFailure | None:
+def _apply_and_check(answer: str, r: _Run) -> AgentFailure | None:
     """Apply the answer's edits and check them; the failure to reflect on, or None."""
+    s, result, worktree = r.s, r.result, r.workspace.path
     try:
         found = edits.parse(answer)
     except TicketdError as e:
@@ -255,10 +272,19 @@ def _apply_and_check(
         )
     changed = sorted(result.changed)
     analysis = checks.analyse(
-        worktree, changed, python=s.python_analysis, commands=s.analysis, grace_s=s.grace_s
+        worktree,
+        changed,
+        python=s.python_analysis,
+        commands=s.analysis,
+        confine=r.confine,
+        ctx=r.ctx,
     )
     result.fixes += analysis.fixes
-    outcome = analysis if not analysis.ok else checks.run_checks(worktree, s.checks, s.grace_s)
+    outcome = (
+        analysis
+        if not analysis.ok
+        else checks.run_checks(worktree, s.checks, confine=r.confine, ctx=r.ctx)
+    )
     if outcome.ok:
         return None
     text = "\n\n".join(outcome.failures)

@@ -1,19 +1,21 @@
 """The command agent: any CLI coding agent (aider, ...) run as a child process.
 
-The ticket becomes a prompt file; ``agent.command`` runs in the worktree with its
-placeholders filled in. A timeout ends the whole process tree (AGENT_TIMEOUT); a non-zero
-exit is AGENT_FAILED with the tail of the agent's output.
+The ticket becomes a prompt file; ``agent.command`` runs in the worktree, confined (its
+sandbox, own process tree, memory limit), with its placeholders filled in. Its output is
+masked by the redactor on its way to the agent log. The run's deadline ends the whole process
+tree (AGENT_TIMEOUT); a cancel ends it too; a non-zero exit is AGENT_FAILED with the tail of
+the agent's output.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from daemon import procs
-from daemon.errors import AgentError, Interrupted
-from daemon.files import atomic_write
+from daemon.confine import Confinement
+from daemon.errors import AgentError
+from daemon.runctx import RunContext
 from daemon.tickets import Ticket
 
 
@@ -61,49 +63,39 @@ def run(
     template: Sequence[str],
     *,
     values: Mapping[str, str],
+    confine: Confinement,
     worktree: Path,
     output: Path,
-    timeout_s: float,
-    grace_s: float,
-    env: Mapping[str, str],
-    cancel: threading.Event,
+    ctx: RunContext,
     on_start: Callable[[int], None],
     redact: Callable[[str], str],
-    max_memory_mb: float = 0,
 ) -> None:
-    """Run the agent; its output goes to ``output`` with secrets masked once it ends."""
+    """Run the agent until it exits, the run's deadline passes or the run is cancelled."""
     argv = build_argv(template, values)
     try:
-        result = procs.run(
+        result = confine.run(
             argv,
             cwd=worktree,
-            timeout_s=timeout_s,
+            timeout_s=ctx.timeout(ctx.budget_s),
             output=output,
-            env=env,
-            grace_s=grace_s,
-            cancel=cancel,
             on_start=on_start,
-            max_memory_mb=max_memory_mb,
+            filter=redact,
+            limit_memory=True,
         )
     except (FileNotFoundError, PermissionError) as e:
         raise AgentError(
             f"cannot start agent command {argv[0]!r}: {e.strerror}; install it or set agent.command"
         ) from e
-    text = output.read_text(encoding="utf-8", errors="replace")
-    if (clean := redact(text)) != text:
-        atomic_write(output, clean)
     if result.cancelled:
-        raise Interrupted("the daemon is stopping; the agent was ended")
+        raise ctx.error()
     if result.out_of_memory:
         raise AgentError(
-            f"the agent's processes grew past agent.max_memory_mb ({max_memory_mb:g} MiB) "
-            "and were ended",
+            f"the agent's processes grew past agent.max_memory_mb ({confine.max_memory_mb:g} "
+            "MiB) and were ended",
             code="AGENT_OOM",
         )
     if result.timed_out:
-        raise AgentError(
-            f"agent ran past agent.timeout_s ({timeout_s:g}s) and was ended", code="AGENT_TIMEOUT"
-        )
+        raise ctx.timed_out()
     if result.returncode != 0:
         last = " | ".join(procs.tail(output, 1500).strip().splitlines()[-8:])
         raise AgentError(f"agent exited with status {result.returncode}: {last}")

@@ -1,20 +1,23 @@
 """What the builtin agent shows the model about the repository, within a token budget.
 
-The repository's file list (``git ls-files``, trimmed), the files the ticket names, and the
-files where the ticket's identifiers and keywords occur (``git grep``), most relevant first.
-A file is shown whole or not at all: a SEARCH block can only copy lines the model has seen.
+The base commit's file list (trimmed), the files the ticket names, and the files where the
+ticket's identifiers and keywords occur (``git grep`` of the base commit, in ticketd's own
+repository: never git inside the checkout), most relevant first. A file is shown whole or
+not at all: a SEARCH block can only copy lines the model has seen. Only regular files are
+read from the checkout.
 """
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.errors import GitError
 from daemon.llm.client import estimate_tokens
+from daemon.repo import Workspace
 
 MAX_FILE_BYTES = 200_000
 MAX_KEYWORDS = 12
@@ -53,10 +56,9 @@ def keywords(text: str) -> list[str]:
     return [w for _, _, w in sorted(scored)][:MAX_KEYWORDS]
 
 
-def gather(
-    worktree: Path, ticket_text: str, budget_tokens: int, max_files: int, timeout_s: float = 60
-) -> Context:
-    listing = _git(worktree, ["ls-files"], timeout_s).splitlines()
+def gather(workspace: Workspace, ticket_text: str, budget_tokens: int, max_files: int) -> Context:
+    worktree = workspace.path
+    listing = workspace.files()
     tracked = set(listing)
     ranked: Counter[str] = Counter()
     for token in PATHLIKE.findall(ticket_text):
@@ -66,16 +68,9 @@ def gather(
     for word in keywords(ticket_text):
         if PATHLIKE.fullmatch(word):
             continue  # a file name: matched above, not a word to search for
-        hits = _git(
-            worktree,
-            ["grep", "-I", "-c", "-F", "-w", "-e", word.split(".")[-1]],
-            timeout_s,
-            check=False,
-        )
-        for line in hits.splitlines():
-            path, _, count = line.rpartition(":")
+        for path, count in workspace.grep(word.split(".")[-1]).items():
             if path in tracked:
-                ranked[path] += min(int(count or 0), 10)
+                ranked[path] += min(count, 10)
     tree = _file_tree(listing, max(200, budget_tokens // 8))
     used = estimate_tokens(tree)
     shown: list[str] = []
@@ -84,12 +79,8 @@ def gather(
     for path, _ in ranked.most_common():
         if len(shown) >= max_files:
             break
-        full = worktree / path
-        if not full.is_file() or full.is_symlink() or full.stat().st_size > MAX_FILE_BYTES:
-            continue
-        try:
-            body = full.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
+        body = _read(worktree / path)
+        if body is None:
             continue
         block = f"{path}\n```\n{body}{'' if body.endswith(chr(10)) or not body else chr(10)}```\n"
         cost = estimate_tokens(block)
@@ -115,16 +106,17 @@ def _file_tree(listing: list[str], budget_tokens: int) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _git(worktree: Path, args: list[str], timeout_s: float, check: bool = True) -> str:
-    result = subprocess.run(
-        ["git", *args],
-        cwd=worktree,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        errors="replace",
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise GitError(f"git {args[0]} failed: {result.stderr.strip()}")
-    return result.stdout
+def _read(path: Path) -> str | None:
+    """A regular file's text (not a link, FIFO or device; UTF-8; at most MAX_FILE_BYTES)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
+            return None
+        try:
+            return f.read(MAX_FILE_BYTES + 1).decode("utf-8")
+        except UnicodeDecodeError:
+            return None

@@ -6,22 +6,31 @@ are retried with exponential backoff and jitter; a missing model (404) is not. E
 passes through the host's circuit breaker and is reported, with its token counts, to
 ``on_call``. Ollama cuts an over-long prompt silently and still answers 200, so a reply
 whose ``prompt_eval_count`` falls far short of the prompt's size is marked truncated.
+
+A run talks through its own ``session()`` (its own connections, the host's breaker): a
+cancelled ``RunContext`` shuts that session's sockets, so a stop reaches a call blocked
+waiting for the model at once, and each read waits no longer than the run's deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import httpcore
 import httpx
 import ollama
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from daemon.errors import TicketdError
 from daemon.llm.breaker import CircuitBreaker
+from daemon.runctx import RunContext
 
 Message = Mapping[str, str]
 
@@ -63,10 +72,42 @@ class Call:
 class Reply:
     content: str
     call: Call
+    done_reason: str = "stop"  # "length": the answer was cut at num_predict
 
     @property
     def truncated(self) -> bool:
         return self.call.outcome == "truncated"
+
+
+class _Sockets(httpcore.SyncBackend):
+    """httpcore's own network backend, remembering its sockets so ``shut`` can end reads
+    that another thread is blocked in."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+        stream = super().connect_tcp(*args, **kwargs)
+        sock = stream.get_extra_info("socket")
+        if isinstance(sock, socket.socket):
+            with self._lock:
+                self._open = [s for s in self._open if s.fileno() != -1] + [sock]
+        return stream
+
+    def shut(self) -> None:
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _transport(sockets: _Sockets) -> httpx.HTTPTransport:
+    transport = httpx.HTTPTransport()
+    pool = getattr(transport, "_pool", None)
+    if isinstance(pool, httpcore.ConnectionPool) and hasattr(pool, "_network_backend"):
+        pool._network_backend = sockets  # cancel then reaches blocked reads at once
+    return transport
 
 
 class Ollama:
@@ -85,16 +126,39 @@ class Ollama:
     ) -> None:
         self.host = host
         self.breaker = breaker
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.num_ctx = num_ctx
         self.num_predict = num_predict
         self.keep_alive = keep_alive
         self.retries = retries
         self.sleep = sleep
+        self._sockets = _Sockets()
         timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
-        self._client = ollama.Client(host=host, timeout=timeout)
+        self._client = ollama.Client(
+            host=host, timeout=timeout, transport=_transport(self._sockets)
+        )
+
+    def session(self) -> Ollama:
+        """A client of its own for one run: same host, settings and breaker."""
+        return Ollama(
+            self.host,
+            breaker=self.breaker,
+            timeout_s=self.timeout_s,
+            connect_timeout_s=self.connect_timeout_s,
+            num_ctx=self.num_ctx,
+            num_predict=self.num_predict,
+            keep_alive=self.keep_alive,
+            retries=self.retries,
+            sleep=self.sleep,
+        )
 
     def close(self) -> None:
         self._client._client.close()
+
+    def abort(self) -> None:
+        """End every request in flight on this client (a cancelled run)."""
+        self._sockets.shut()
 
     def chat(
         self,
@@ -104,23 +168,39 @@ class Ollama:
         format: dict[str, Any] | None = None,
         on_call: Callable[[Call], None] = lambda call: None,
         judge_shortfall: bool = True,
+        ctx: RunContext | None = None,
     ) -> Reply:
         """Stream one chat completion; ``on_call`` hears of every request, failed or not.
         Raises ``LLMError`` with MODEL_NOT_FOUND, OLLAMA_UNAVAILABLE or LLM_TIMEOUT once
-        retries are used up."""
+        retries are used up. With ``ctx``: a cancel ends the call at once (``ctx.error()``),
+        and the deadline bounds it (AGENT_TIMEOUT)."""
+        ctx = ctx or RunContext()
+
+        def pause(seconds: float) -> None:  # between tries; a cancel cuts it short
+            if self.sleep is time.sleep:
+                ctx.event.wait(seconds)
+            else:
+                self.sleep(seconds)
+            ctx.check()
+
         retrying = Retrying(
             retry=retry_if_exception_type(_Transient),
             stop=stop_after_attempt(self.retries + 1),
             wait=wait_exponential_jitter(initial=1, max=20),
-            sleep=self.sleep,
+            sleep=pause,
             reraise=True,
         )
-        try:
-            for attempt in retrying:
-                with attempt:
-                    return self._chat_once(model, messages, format, on_call, judge_shortfall)
-        except _Transient as e:
-            raise LLMError(e.message, code=e.code) from None
+        with ctx.on_cancel(self.abort):
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        ctx.check()
+                        return self._chat_once(
+                            model, messages, format, on_call, judge_shortfall, ctx
+                        )
+            except _Transient as e:
+                ctx.check()  # a cancel or the deadline cut the request: say that instead
+                raise LLMError(e.message, code=e.code) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _chat_once(
@@ -130,6 +210,7 @@ class Ollama:
         format: dict[str, Any] | None,
         on_call: Callable[[Call], None],
         judge_shortfall: bool,
+        ctx: RunContext,
     ) -> Reply:
         if not self.breaker.allow():
             raise LLMError(
@@ -139,6 +220,8 @@ class Ollama:
         start = time.monotonic()
         content: list[str] = []
         final: Any = None
+        read_s = ctx.timeout(self.timeout_s)
+        self._client._client.timeout = httpx.Timeout(read_s, connect=self.connect_timeout_s)
         try:
             stream = self._client.chat(
                 model=model,
@@ -152,10 +235,17 @@ class Ollama:
                 content.append(part.message.content or "")
                 if part.done:
                     final = part
+                if ctx.cancelled or ctx.remaining() <= 0:
+                    self.abort()
+                    break
         except ollama.ResponseError as e:
-            self._failed(model, start, e, on_call)
+            self._failed(model, start, e, on_call, ctx)
         except (ConnectionError, httpx.TransportError) as e:
-            self._failed(model, start, e, on_call)
+            self._failed(model, start, e, on_call, ctx)
+        if final is None:  # ended by a cancel or the deadline, not by the server
+            on_call(Call(model, 0, 0, time.monotonic() - start, "cancelled"))
+            ctx.check()
+            raise _Transient(f"Ollama at {self.host} ended the answer without its last line")
         self.breaker.success()
         text = "".join(content)
         prompt_tokens = int(getattr(final, "prompt_eval_count", 0) or 0)
@@ -170,13 +260,21 @@ class Ollama:
             outcome=outcome,
         )
         on_call(call)
-        return Reply(text, call)
+        return Reply(text, call, str(getattr(final, "done_reason", None) or "stop"))
 
     def _failed(
-        self, model: str, start: float, error: Exception, on_call: Callable[[Call], None]
+        self,
+        model: str,
+        start: float,
+        error: Exception,
+        on_call: Callable[[Call], None],
+        ctx: RunContext,
     ) -> NoReturn:
         """Classify a failed request, count it against the breaker, report it, raise."""
         took = time.monotonic() - start
+        if ctx.cancelled or ctx.remaining() <= 0:  # we cut it: says nothing about Ollama
+            on_call(Call(model, 0, 0, took, "cancelled"))
+            ctx.check()
         status = getattr(error, "status_code", None)
         if isinstance(error, ollama.ResponseError) and status == 404:
             self.breaker.success()  # the server answered: it is up

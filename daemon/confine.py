@@ -1,0 +1,93 @@
+"""Where an agent and its checks run: one function starts every such child.
+
+``Confinement.run`` puts the command in the run's sandbox (bubblewrap, when there is one:
+see ``daemon/sandbox.py``), in its own process tree, with the run's environment (never the
+daemon's tokens), its time limit, the run's cancel and, for the agent, its memory limit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit, urlunsplit
+
+from daemon import procs
+from daemon.sandbox import Sandbox
+
+
+class Confinement:
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str],
+        grace_s: float,
+        max_memory_mb: float,
+        cancel: threading.Event,
+        sandbox: Sandbox | None = None,
+    ) -> None:
+        self.base_env = dict(env)
+        self.grace_s = grace_s
+        self.max_memory_mb = max_memory_mb
+        self.cancel = cancel
+        self.sandbox = sandbox
+        self.env = self.base_env
+
+    def __enter__(self) -> Confinement:
+        if self.sandbox is not None:
+            self.sandbox.__enter__()
+            self.env = {k: self._inside(v) for k, v in self.base_env.items()}
+            self.env.update(TMPDIR="/tmp", XDG_CACHE_HOME="/tmp/.cache")  # noqa: S108 - its own
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.sandbox is not None:
+            self.sandbox.__exit__(kind, error, tb)
+
+    def _inside(self, value: str) -> str:
+        """A forwarded host's URL as the sandbox reaches it (``OLLAMA_HOST``)."""
+        assert self.sandbox is not None
+        try:
+            url = urlsplit(value if "://" in value else f"http://{value}")
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:
+            return value
+        try:
+            host, inner = self.sandbox.address(url.hostname or "", port)
+        except KeyError:  # not a forwarded host
+            return value
+        return urlunsplit((url.scheme or "http", f"{host}:{inner}", url.path, "", ""))
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        timeout_s: float,
+        output: Path,
+        on_start: Callable[[int], None] | None = None,
+        filter: Callable[[str], str] | None = None,
+        limit_memory: bool = False,
+    ) -> procs.Result:
+        """Run ``argv`` confined; see ``procs.run``."""
+        command, env = list(argv), self.env
+        if self.sandbox is not None:
+            command, env = self.sandbox.command(argv, self.env)
+        return procs.run(
+            command,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            output=output,
+            env=env,
+            grace_s=self.grace_s,
+            cancel=self.cancel,
+            on_start=on_start,
+            max_memory_mb=self.max_memory_mb if limit_memory else 0,
+            filter=filter,
+        )
