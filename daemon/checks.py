@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-import os
 import shutil
-import stat
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon import procs
+from daemon import files, procs
 from daemon.confine import Confinement
 from daemon.runctx import RunContext
 
@@ -101,14 +99,9 @@ def _source(path: Path) -> str | None:
     """A changed file's text when it is a regular file (not a link, FIFO or device) of at
     most ``MAX_SOURCE_BYTES``; else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        return files.read_regular(path, MAX_SOURCE_BYTES).decode("utf-8", "replace")
+    except (files.NotAFile, files.TooLarge, OSError):
         return None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SOURCE_BYTES:
-            return None
-        return f.read(MAX_SOURCE_BYTES + 1).decode("utf-8", "replace")
 
 
 def _ruff() -> str | None:

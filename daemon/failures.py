@@ -15,17 +15,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.backlog import Backlog
-from daemon.errors import CODES
+from daemon.errors import CODES, InvalidTicket
 from daemon.files import atomic_write
-from daemon.tickets import id_from_filename
+from daemon.tickets import id_from_filename, read_bytes
+
+if TYPE_CHECKING:
+    from daemon.config import RetryConfig
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,16 @@ class Policy:
     backoff: Backoff = Backoff()
 
 
+def policy_from(retry: RetryConfig, *, max_age_days: float | None = None) -> Policy:
+    """The policy ``retry.*`` describes (``max_age_days`` overrides its age limit)."""
+    b = retry.backoff
+    return Policy(
+        retry.max_retries,
+        retry.max_age_days if max_age_days is None else max_age_days,
+        Backoff(b.base_s, b.factor, b.max_s),
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
     task_id: str
@@ -128,6 +142,15 @@ class Decision:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def content_sha256(path: Path) -> str:
+    """The SHA-256 of a ticket file; "" when it is no readable ticket file (a link, a FIFO,
+    a folder, gone): such a file never counts as edited."""
+    try:
+        return sha256(read_bytes(path))
+    except (InvalidTicket, OSError):
+        return ""
 
 
 def read(path: Path) -> dict[str, Any] | None:
@@ -214,10 +237,9 @@ def plan(
         tid = str(record.get("taskId")) if record else id_from_filename(path)
         if task_id is not None and tid.lower() != task_id.lower():
             continue
-        try:
-            content = sha256(path.read_bytes())
-        except FileNotFoundError:
-            continue
+        if not os.path.lexists(path):
+            continue  # moved meanwhile
+        content = content_sha256(path)
         ok, why, exhausted = eligibility(record, content, now, policy, force=force)
         decisions.append((path, Decision(tid, path.name, ok, why, exhausted=exhausted)))
     return decisions

@@ -1,8 +1,11 @@
-"""Crash-safe file operations: atomic writes and renames that never overwrite.
+"""Crash-safe file operations: atomic writes and renames that never overwrite, and reads
+that a hostile file cannot hurt.
 
 A kill -9 at any instant leaves either the old or the new content, never a mix, and a
 ticket in exactly one folder. Temporary files are hidden (``.name.tmp-...``) so the
 watcher ignores them, and ``remove_stale_temp`` clears what a dead process left.
+``open_regular``/``read_regular`` read a file someone else controls (a ticket, the agent's
+checkout): never through a symbolic link, never blocking on a FIFO, never past a limit.
 """
 
 from __future__ import annotations
@@ -11,10 +14,20 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
@@ -90,3 +103,64 @@ def remove_stale_temp(folder: Path) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+class NotAFile(Exception):
+    """Not a regular file; ``kind`` says what it is ("a symbolic link", "a FIFO", ...)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def kind_of(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is when it is not a regular file; None when it is."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor on ``path`` when it is a regular file (the caller closes it);
+    ``NotAFile`` otherwise, without opening it. ``OSError`` (``FileNotFoundError`` when gone)
+    passes through."""
+    kind = kind_of(os.lstat(path).st_mode)
+    if kind is not None:
+        raise NotAFile(kind)
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a link put there since the lstat
+            raise NotAFile("a symbolic link") from e
+        raise
+    kind = kind_of(os.fstat(fd).st_mode)  # something else put there since the lstat
+    if kind is not None:
+        os.close(fd)
+        raise NotAFile(kind)
+    return fd
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` when it is a regular file of at most ``limit`` bytes, never read
+    past the limit. Raises ``NotAFile``, ``TooLarge`` or ``OSError``."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise TooLarge(size)
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:  # it grew while it was read
+            raise TooLarge(os.fstat(fd).st_size)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -23,8 +23,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.backlog import is_ticket_name
-from daemon.errors import InvalidTicket
-from daemon.tickets import open_file
+from daemon.files import NotAFile, open_regular
 
 
 def ignore_lease_breaks() -> None:
@@ -40,8 +39,10 @@ def settle_delay(path: Path, now: float, settle_s: float) -> float:
     Anything but a regular file (a link, a directory, a FIFO), or a file it cannot open, is
     0 at once and never opened: reading it then says why it is no ticket."""
     try:
-        fd = open_file(path)
-    except InvalidTicket:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        raise
+    except (NotAFile, OSError):
         return 0.0
     try:
         try:

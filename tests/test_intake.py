@@ -22,6 +22,7 @@ from conftest import Project, ticketd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemon import frontmatter as frontmatter_module
 from daemon import tickets
 from daemon.backlog import Backlog
 from daemon.errors import InvalidTicket
@@ -286,7 +287,7 @@ def test_nesting_stops_at_32_levels() -> None:
 def test_pyyaml_composer_stops_before_the_recursion_limit(levels: int) -> None:
     """Without libyaml, PyYAML's composer recurses once per level; it stops at the limit."""
     source = "x: " + "[" * levels + "]" * levels + "\n"
-    loader = tickets._PyLoader(source)
+    loader = frontmatter_module._PyLoader(source)
     with pytest.raises(InvalidTicket, match=r"^YAML frontmatter nests deeper than 32 levels"):
         loader.get_single_node()
     with pytest.raises(InvalidTicket, match=r"deeper than 32 levels \(line 2\)$"):

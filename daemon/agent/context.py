@@ -9,13 +9,12 @@ read from the checkout.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import files
 from daemon.llm.client import estimate_tokens
 from daemon.repo import Workspace
 
@@ -109,14 +108,6 @@ def _file_tree(listing: list[str], budget_tokens: int) -> str:
 def _read(path: Path) -> str | None:
     """A regular file's text (not a link, FIFO or device; UTF-8; at most MAX_FILE_BYTES)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        return files.read_regular(path, MAX_FILE_BYTES).decode("utf-8")
+    except (files.NotAFile, files.TooLarge, OSError, UnicodeDecodeError):
         return None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
-            return None
-        try:
-            return f.read(MAX_FILE_BYTES + 1).decode("utf-8")
-        except UnicodeDecodeError:
-            return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import difflib
-import errno
 import heapq
 import os
 import re
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import files
 from daemon.errors import TicketdError
 from daemon.files import atomic_write
 
@@ -69,7 +69,6 @@ _SHOWN = 12  # at most this many lines shown
 _SCORED = 40  # SEARCH lines that rank the windows
 _CANDIDATES = 5  # best-ranked windows that difflib compares
 _MAX_BYTES = 1 << 20  # a larger file is not read
-_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 Shift = tuple[str, str]  # (indentation to add, indentation to remove) on REPLACE lines
 
@@ -249,27 +248,21 @@ def apply(root: Path, edits: Sequence[Edit]) -> Applied:
 def _load(path: Path, rel: str) -> _File:
     """The file as it is now: read only if it is a regular file of at most 1 MiB, opened
     without following a symlink or blocking (the model's code has run in the worktree)."""
-    raw = b""
     try:
-        info = os.lstat(path)
-        if stat.S_ISREG(info.st_mode) and info.st_size <= _MAX_BYTES:
-            with os.fdopen(os.open(path, _OPEN), "rb") as f:
-                info = os.fstat(f.fileno())  # what was opened, whatever lstat saw
-                if stat.S_ISREG(info.st_mode) and info.st_size <= _MAX_BYTES:
-                    raw = f.read(_MAX_BYTES + 1)
+        raw = files.read_regular(path, _MAX_BYTES)
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
     except (FileNotFoundError, NotADirectoryError):
         return _File(None, None)
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # a symlink put there since resolve()
+    except files.NotAFile as e:
+        if e.kind == "a symbolic link":  # put there since resolve()
             raise _refuse(rel, f"{rel} is a symbolic link") from e
-        return _File(None, None, error=f"cannot be read ({e.strerror})")
-    if stat.S_ISLNK(info.st_mode):
-        raise _refuse(rel, f"{rel} is a symbolic link")
-    if not stat.S_ISREG(info.st_mode):
-        folder = stat.S_ISDIR(info.st_mode)
-        return _File(None, None, error="is a folder" if folder else "is not a regular file")
-    if info.st_size > _MAX_BYTES or len(raw) > _MAX_BYTES:
+        return _File(
+            None, None, error="is a folder" if e.kind == "a directory" else "is not a regular file"
+        )
+    except files.TooLarge:
         return _File(None, None, error="is too large to edit (over 1 MiB)")
+    except OSError as e:
+        return _File(None, None, error=f"cannot be read ({e.strerror})")
     bom = raw.startswith(codecs.BOM_UTF8)
     try:
         text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
@@ -277,7 +270,7 @@ def _load(path: Path, rel: str) -> _File:
         text = "\x00"  # not UTF-8: binary
     if "\x00" in text:
         return _File(None, None, error="is not a text file")
-    return _File(text, text, bom=bom, mode=stat.S_IMODE(info.st_mode))
+    return _File(text, text, bom=bom, mode=mode)
 
 
 def _blocked(base: Path, target: Path, files: dict[Path, _File]) -> bool:
