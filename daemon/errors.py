@@ -12,6 +12,7 @@ a server comes back, a network heals) and whether retrying the ticket can help. 
      +-- GitError             GIT_FAILED, PUSH_FAILED
      +-- Interrupted          INTERRUPTED: the daemon stopped or died mid-run
      +-- Cancelled            CANCELLED: a person ended the run (or moved its file away)
+     +-- HistoryUnavailable   the run history cannot be opened, nor a fresh one created
 
 ``StopNow`` is a ``BaseException`` so that ``except Exception`` cannot swallow a forced stop.
 """
@@ -118,6 +119,10 @@ class Cancelled(TicketdError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class HistoryUnavailable(TicketdError):
+    """The history cannot be opened, and no fresh one can be created in its place."""
 
 
 class StopNow(BaseException):

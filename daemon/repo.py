@@ -1,11 +1,7 @@
-"""ticketd's own git, and the agent's checkout.
+"""ticketd's own repositories, and the agent's checkout.
 
-Every git command ticketd runs goes through ``Git``: an environment of its own (no inherited
-``GIT_DIR`` and the like, no terminal prompt, C locale), a timeout, a cancel, and settings
-that switch off whatever in a repository could run a program (hooks, fsmonitor, the ``ext::``
-transport, submodule recursion).
-
-ticketd keeps two bare repositories under ``state_dir/git``:
+Every git command here goes through ``gitcmd.Git`` (nothing a repository says runs a
+program). ticketd keeps two bare repositories under ``state_dir/git``:
 
 - ``base.git`` holds only what was fetched from the remote: the base branch. Checkouts borrow
   its objects (git alternates); the sandbox shows them read-only.
@@ -25,40 +21,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import shutil
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from daemon import procs
 from daemon.errors import GitError
+from daemon.gitcmd import Git, Remote
 
-# Settings on every command: nothing a repository's config, hooks or attributes say may run
-# a program inside ticketd's git.
-SAFE_CONFIG = (
-    "core.hooksPath=/dev/null",
-    "core.fsmonitor=false",
-    "core.untrackedCache=false",
-    "core.pager=cat",
-    "protocol.ext.allow=never",
-    "submodule.recurse=false",
-    "fetch.recurseSubmodules=false",
-    "push.recurseSubmodules=no",
-    "gc.auto=0",
-    "maintenance.auto=false",
-    "advice.detachedHead=false",
-)
-# The user's own ways of reaching a remote; every other GIT_* variable is dropped.
-KEPT_GIT_VARS = re.compile(
-    r"GIT_(SSH|SSH_COMMAND|SSH_VARIANT|ASKPASS|PROXY_COMMAND|SSL_\w+|HTTP_\w+|CONFIG_GLOBAL"
-    r"|CONFIG_SYSTEM|CONFIG_NOSYSTEM|(AUTHOR|COMMITTER)_(NAME|EMAIL))"
-)
 GITLINK = "160000"  # a submodule entry
 SYMLINK = "120000"
 
@@ -75,118 +50,9 @@ PERMANENT_PUSH = (
     "protected branch",
 )
 
-REMOTE_PATTERNS = (
-    re.compile(r"^[\w.-]+@[\w.-]+:(?P<repo>[\w.-]+/[\w.-]+?)(?:\.git)?/?$"),  # git@host:o/r.git
-    re.compile(r"^[a-z+]+://(?:[^@/]+@)?[^/]+(?::\d+)?/(?P<repo>[\w.-]+/[\w.-]+?)(?:\.git)?/?$"),
-)
-
-
-def repo_from_remote(url: str) -> str | None:
-    """``owner/name`` from a remote URL (ssh, scp-like or https), or None."""
-    for pattern in REMOTE_PATTERNS:
-        if m := pattern.match(url.strip()):
-            return m["repo"]
-    return None
-
 
 class PushTransient(GitError):
     code = "PUSH_FAILED"
-
-
-class Git:
-    """Runs ticketd's own git commands."""
-
-    def __init__(self, env: Mapping[str, str], *, timeout_s: float) -> None:
-        self.env = {k: v for k, v in env.items() if not k.startswith("GIT_")}
-        self.env.update({k: v for k, v in env.items() if KEPT_GIT_VARS.fullmatch(k)})
-        self.env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", GCM_INTERACTIVE="never")
-        self.timeout_s = timeout_s
-
-    def __call__(
-        self,
-        *args: str,
-        git_dir: Path | None = None,
-        work_tree: Path | None = None,
-        cwd: Path | None = None,
-        index: Path | None = None,
-        config: Sequence[str] = (),
-        input: str | None = None,
-        cancel: threading.Event | None = None,
-        code: str = "GIT_FAILED",
-    ) -> str:
-        argv = ["git"]
-        for setting in (*SAFE_CONFIG, *config):
-            argv += ["-c", setting]
-        if git_dir is not None:
-            argv.append(f"--git-dir={git_dir}")
-        if work_tree is not None:
-            argv.append(f"--work-tree={work_tree}")
-        env = dict(self.env, GIT_INDEX_FILE=str(index)) if index is not None else self.env
-        try:
-            done = procs.capture(
-                [*argv, *args],
-                cwd=cwd or git_dir or work_tree,
-                env=env,
-                timeout_s=self.timeout_s,
-                cancel=cancel,
-                input=input.encode() if input is not None else None,
-            )
-        except OSError as e:
-            raise GitError(f"cannot run git: {e.strerror}", code=code) from None
-        if done.cancelled:
-            raise GitError(f"git {args[0]} was cancelled", code=code)
-        if done.timed_out:
-            raise GitError(f"git {args[0]} ran past repo.git_timeout_s", code=code)
-        if done.returncode != 0:
-            detail = _last_lines(done.stderr.decode("utf-8", "replace") or str(done.returncode))
-            raise GitError(f"git {args[0]} failed: {detail}", code=code)
-        return done.stdout.decode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
-class Remote:
-    fetch_url: str
-    push_url: str
-    identity: tuple[
-        str, ...
-    ]  # ``key=value`` settings (user.name, user.email, user.signingkey, gpg.*)
-
-
-def resolve_remote(git: Git, repo: Path, remote: str) -> Remote:
-    """The URLs of ``remote`` (a remote of the user's repository ``repo``, or a URL) and the
-    commit identity configured there. Read once at start; nothing read later changes them."""
-    try:
-        git("rev-parse", "--git-dir", cwd=repo)
-    except GitError:
-        raise GitError(f"{repo} is not a git repository") from None
-    try:
-        fetch = git("remote", "get-url", remote, cwd=repo).strip()
-        push = git("remote", "get-url", "--push", remote, cwd=repo).strip()
-    except GitError:
-        if not _looks_like_url(remote):
-            raise GitError(f"{repo} has no remote named {remote!r}") from None
-        fetch = push = remote
-    try:
-        listed = git(
-            "config", "-z", "--get-regexp", r"^(user\.(name|email|signingkey)|gpg\.)", cwd=repo
-        )
-    except GitError:
-        listed = ""  # none set
-    identity = tuple(
-        f"{k}={v}" for k, _, v in (item.partition("\n") for item in listed.split("\0") if item)
-    )
-    return Remote(_absolute(fetch, repo), _absolute(push, repo), identity)
-
-
-def _looks_like_url(text: str) -> bool:
-    return "://" in text or re.match(r"^[\w.-]+@[\w.-]+:", text) is not None or "/" in text
-
-
-def _absolute(url: str, base: Path) -> str:
-    """A local path remote, made absolute against the repository it was configured in."""
-    if "://" in url or re.match(r"^[\w.-]+@[\w.-]+:", url) or Path(url).is_absolute():
-        return url
-    return str((base / url).resolve())
 
 
 @dataclass(frozen=True)
@@ -233,6 +99,7 @@ class Repo:
         self.base_dir = root / "base.git"
         self.work_dir = root / "work.git"
         self.objects = self.base_dir / "objects"
+        self._fetched: set[str] = set()  # base commits known to be in base.git
 
     def ensure(self) -> None:
         """Create the two repositories (idempotent; safe with other daemons on one state)."""
@@ -276,8 +143,11 @@ class Repo:
     def fetch_base(self, branch: str, sha: str, cancel: threading.Event | None = None) -> None:
         """Make sure ``base.git`` has commit ``sha`` (the remote's ``branch``), fetching it
         when it does not."""
+        if sha in self._fetched:
+            return
         with self._locked("fetch"):
             if self._has(sha):
+                self._fetched.add(sha)
                 return
             self.git(
                 "fetch",
@@ -291,6 +161,7 @@ class Repo:
             )
         if not self._has(sha):
             raise GitError(f"{branch} moved on the remote while it was fetched; try again")
+        self._fetched.add(sha)
 
     def _has(self, sha: str) -> bool:
         try:
@@ -308,8 +179,7 @@ class Repo:
         self.git("init", "--quiet", "--template=", f"--initial-branch={branch}", str(path))
         dot = path / ".git"
         (dot / "objects" / "info" / "alternates").write_text(f"{self.objects}\n")
-        self.git("update-ref", f"refs/heads/{branch}", base, git_dir=dot)
-        self.git("reset", "--quiet", "--hard", git_dir=dot, work_tree=path, cwd=path)
+        self.git("reset", "--quiet", "--hard", base, git_dir=dot, work_tree=path, cwd=path)
         index = self.work_dir / "indexes" / f"{path.name}-{uuid.uuid4().hex[:8]}.index"
         shutil.copyfile(dot / "index", index)  # made by us just now: trusted stat data
         return Checkout(path, base, branch, index)
@@ -538,11 +408,6 @@ def _entries(raw: str) -> tuple[Entry, ...]:
         if len(fields) >= 5:
             entries.append(Entry(fields[0], fields[1], fields[4][:1], path, fields[3]))
     return tuple(entries)
-
-
-def _last_lines(text: str, n: int = 6) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return " | ".join(lines[-n:])
 
 
 class Workspace:

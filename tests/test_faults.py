@@ -26,8 +26,9 @@ from test_retry import NOW, POLICY, record, write_failed
 from test_server import get
 
 from daemon import failures
+from daemon.errors import HistoryUnavailable
 from daemon.server import MAX_CONNECTIONS, Probes, Server
-from daemon.store import HistoryUnavailable, Store
+from daemon.store import Store
 
 AT = "2026-11-22T10:00:00Z"
 ASIDE = re.compile(r"history\.sqlite3\.corrupt-\d{8}T\d{6}Z")
