@@ -332,17 +332,6 @@ def _claim_id(backlog: Backlog, name: str) -> str:
     return str(info.get("claimId", "")) if isinstance(info, dict) else ""
 
 
-def retry_policy(cfg: configuration.Config, max_age_days: float | None = None) -> Any:
-    from daemon import failures
-
-    b = cfg.retry.backoff
-    return failures.Policy(
-        max_retries=cfg.retry.max_retries,
-        max_age_days=max_age_days if max_age_days is not None else cfg.retry.max_age_days,
-        backoff=failures.Backoff(b.base_s, b.factor, b.max_s),
-    )
-
-
 @app.command("retry-failed")
 def retry_failed(
     config: ConfigOption = None,
@@ -380,7 +369,11 @@ def retry_failed(
     backlog.ensure()
     now = datetime.now(UTC)
     decisions = failures.plan(
-        backlog.files("failed"), now, retry_policy(cfg, max_age_days), force=force, task_id=task_id
+        backlog.files("failed"),
+        now,
+        failures.policy_from(cfg.retry, max_age_days=max_age_days),
+        force=force,
+        task_id=task_id,
     )
     if task_id is not None and not decisions:
         err.print(f"ticketd: no ticket {task_id} in {backlog.folder('failed')}", markup=False)

@@ -1,20 +1,72 @@
 """Where an agent and its checks run: one function starts every such child.
 
-``Confinement.run`` puts the command in the run's sandbox (bubblewrap, when there is one:
-see ``daemon/sandbox.py``), in its own process tree, with the run's environment (never the
-daemon's tokens), its time limit, the run's cancel and, for the agent, its memory limit.
+A ``Plan`` (built from the config by ``wiring``) says how every run is confined: the
+sandbox to use (bubblewrap, see ``daemon/sandbox.py``; None runs unsandboxed), what it hides,
+what it shows read-only, which hosts it reaches. ``Plan.confinement`` makes one run's
+``Confinement``, whose ``run`` puts a command in that sandbox, in its own process tree, with
+the run's environment (never the daemon's tokens), its time limit, the run's cancel and, for
+the agent, its memory limit.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
 from daemon import procs
-from daemon.sandbox import Sandbox
+from daemon.sandbox import Sandbox, Spec
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How every run of one configuration is confined."""
+
+    bwrap: str | None  # None: no sandbox
+    hide: tuple[Path, ...]  # ticketd's own folders and the user's repository
+    read_only: tuple[Path, ...]  # shown to every run (the base objects)
+    forward: tuple[tuple[str, int], ...]  # the Ollama host
+    allow_hosts: tuple[str, ...]
+    env: Mapping[str, str]
+    grace_s: float
+    max_memory_mb: float
+    runtime: Path  # the sandboxes' sockets, one folder a run
+
+    def confinement(
+        self,
+        workdir: Path,
+        readable: Sequence[Path],
+        env: Mapping[str, str],
+        cancel: threading.Event,
+    ) -> Confinement:
+        """One run's confinement: ``workdir`` writable, ``readable`` files shown read-only,
+        ``env`` added to the plan's environment."""
+        sandbox = None
+        if self.bwrap is not None:
+            spec = Spec(
+                workdir=workdir,
+                hide=self.hide,
+                read_only=(*self.read_only, *readable),
+                forward=self.forward,
+                proxy_hosts=self.allow_hosts,
+            )
+            sandbox = Sandbox(spec, bwrap=self.bwrap, runtime_dir=self.runtime / workdir.name)
+        return Confinement(
+            env={**self.env, **env},
+            grace_s=self.grace_s,
+            max_memory_mb=self.max_memory_mb,
+            cancel=cancel,
+            sandbox=sandbox,
+        )
+
+
+def host_port(url: str) -> tuple[str, int]:
+    """``(host, port)`` of an ``http(s)://host:port`` URL (or a bare ``host:port``)."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 class Confinement:

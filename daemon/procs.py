@@ -34,6 +34,7 @@ POLL_S = 0.05
 TAIL_BYTES = 4000
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 
 _started: set[int] = set()  # pids this process started: mirrors the kernel's table of our children
 _started_lock = threading.Lock()
@@ -84,7 +85,13 @@ def _forget(pid: int) -> None:
 
 def end_strays(grace_s: float) -> int:
     """End the daemon's children it did not start: descendants of finished runs that
-    escaped their group and were orphaned to it. Reaps their zombies. Returns how many."""
+    escaped their group and were orphaned to it. Reaps their zombies. Returns how many.
+    Nothing to do in a process that is not a subreaper (``harden_self``): its orphans go to
+    init, and its children are its own business."""
+    flag = ctypes.c_int(0)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    if not flag.value:
+        return 0
     with _started_lock:
         try:
             children = psutil.Process().children()

@@ -18,8 +18,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from daemon.errors import AgentError, Cancelled, Interrupted
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from daemon.backlog import Lease
+    from daemon.tickets import Ticket
 
 
 class Stop(Enum):
@@ -102,3 +109,16 @@ class RunContext:
             f"the agent ran past agent.timeout_s ({self.budget_s:g}s) and was ended",
             code="AGENT_TIMEOUT",
         )
+
+
+@dataclass
+class Active:
+    """A ticket being run: its claim, its context, where it is."""
+
+    ticket: Ticket
+    lease: Lease
+    started: float
+    branch: str = ""
+    ctx: RunContext = field(default_factory=RunContext)
+    stage: str = "claimed"
+    future: Future[None] | None = None

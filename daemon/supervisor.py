@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -30,13 +29,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from daemon import config as configuration
-from daemon import failures, gates, insights, logs, procs, tickets, wiring
-from daemon.backlog import FOLDERS, LEASE_ENV, Backlog
-from daemon.errors import ConfigError, InvalidTicket, TicketdError
+from daemon import gates, logs, procs, tickets, wiring
+from daemon.backlog import FOLDERS, Backlog
+from daemon.errors import ConfigError, InvalidTicket
 from daemon.llm.health import Monitor
 from daemon.metrics import Metrics
-from daemon.runctx import Stop
-from daemon.runner import Active, Runner
+from daemon.runctx import Active, Stop
+from daemon.runner import Runner
 from daemon.sdnotify import Notifier
 from daemon.server import Probes, Server
 from daemon.status import collect
@@ -99,8 +98,6 @@ class Supervisor:
             metrics=self.metrics,
             clock=clock,
             wake=self.wake.set,
-            retry_job=self.retry_due,
-            learn_job=self.learn,
         )
         self.parts = wiring.build(cfg, self.hooks, checked)
         self.last_loop = monotonic()
@@ -157,7 +154,7 @@ class Supervisor:
         self.backlog.ensure()
         try:
             self.parts.start(self._scheduler, self.hooks, once=self.once)
-            self.recover(startup=True)
+            self.parts.recover(self.hooks, startup=True)
             self.next_reconcile = self.monotonic() + self.cfg.intake.reconcile_interval_s
             self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
             self._watcher.start()
@@ -180,7 +177,7 @@ class Supervisor:
             self.notifier.stopping(status=f"stopping; {len(self.active)} ticket(s) running")
         finally:
             self._shutdown()
-        return 1 if self.once and (self.runner.failed or self.waiting_for_ollama) else 0
+        return 1 if self.once and (self.runner.outcomes.failed or self.waiting_for_ollama) else 0
 
     def _shutdown(self) -> None:
         if self._server is not None:
@@ -309,7 +306,7 @@ class Supervisor:
         self._check_clock(now)
         if now >= self.next_reconcile:
             self.next_reconcile = now + self.cfg.intake.reconcile_interval_s
-            self.recover()
+            self.parts.recover(self.hooks)
         if now < self.claims_paused_until:
             return self.claims_paused_until - now
         wait, ready = self.intake()
@@ -438,7 +435,9 @@ class Supervisor:
             return
         task_id = tickets.id_from_filename(path)[:100]
         logger.bind(ticket=task_id).warning("{}: invalid ticket: {}", path.name, error.message)
-        self.runner.fail(lease, task_id, error, stage="intake", models=[], started=time.monotonic())
+        self.runner.outcomes.fail(
+            lease, task_id, error, stage="intake", models=[], started=time.monotonic()
+        )
 
     def _duplicate(self, ticket: tickets.Ticket) -> bool:
         """A new ticket that repeats another goes to review/ instead of running."""
@@ -457,7 +456,7 @@ class Supervisor:
             folder="review",
             details={"duplicateOf": other.id},
         )
-        self.runner.hold(lease, ticket.id, held, stage="intake")
+        self.runner.outcomes.hold(lease, ticket.id, held, stage="intake")
         return True
 
     def _start(self, ticket: tickets.Ticket, branch: str) -> bool:
@@ -480,73 +479,6 @@ class Supervisor:
                     logger.opt(exception=error).error("worker for {} crashed", name)
 
     # -- recovery and reload ----------------------------------------------------------------------
-
-    def recover(self, startup: bool = False) -> None:
-        """Return tickets a dead daemon left in in-progress/ to todo/, ending its agents first."""
-        now = self.clock()
-        recovered = 0
-        for lease in self.backlog.orphans():
-            recovered += 1
-            ended = procs.terminate(
-                procs.with_env(LEASE_ENV, f"{lease.lock_path}:"), self.cfg.agent.kill_grace_s
-            )
-            task_id = tickets.id_from_filename(lease.path)
-            self.store.interrupt(
-                str(lease.info.get("claimId", "")), lease.name, task_id, failures.iso(now)
-            )
-            self.backlog.move(lease.path, "todo", now)
-            self.backlog.release(lease)
-            logger.warning(
-                "recovered {} from a stopped daemon (ended {} agent process(es))", lease.name, ended
-            )
-        if recovered or startup:
-            self.prune_worktrees()
-        self.backlog.trim_cache()
-
-    def prune_worktrees(self) -> None:
-        """Remove checkouts no live daemon is using (left by a crash)."""
-
-        def keep() -> set[Path]:  # checkouts of tickets some live daemon is running
-            return {self.runner.worktree(p.name) for p in self.backlog.files("in-progress")}
-
-        try:
-            for path in self.parts.repo.prune(self.cfg.state_dir / "worktrees", keep):
-                logger.info("removed stale checkout {}", path)
-            kept = {path.name for path in keep()}
-            for path in (self.cfg.state_dir / "run").glob("*"):  # sandboxes' sockets
-                if path.name not in kept:
-                    shutil.rmtree(path, ignore_errors=True)
-        except (TicketdError, OSError) as e:
-            logger.error("cannot prune checkouts: {}", e)
-
-    def retry_due(self) -> None:
-        """The scheduled job: failed tickets whose retry is due go back to todo/."""
-        b = self.cfg.retry
-        policy = failures.Policy(
-            b.max_retries,
-            b.max_age_days,
-            failures.Backoff(b.backoff.base_s, b.backoff.factor, b.backoff.max_s),
-        )
-        now = self.clock()
-        decisions = failures.plan(self.backlog.files("failed"), now, policy)
-        for d in failures.apply(self.backlog, decisions, now, dry_run=False):
-            if d.action == "retried":
-                logger.info("retrying {} ({})", d.file, d.reason)
-                self.wake.set()
-            elif d.action == "marked not retryable":
-                logger.warning("{} stays in failed/: {}", d.file, d.reason)
-
-    def learn(self) -> None:
-        """The scheduled analysis of recent runs (the learning loop); logs what it changed."""
-        c = self.cfg.insights
-        store = Store(self.cfg.state_dir / "history.sqlite3")
-        try:
-            now = self.clock()
-            found = insights.analyse(store, now=now, window_days=c.window_days, min_runs=c.min_runs)
-            for line in insights.apply(store, found, now):
-                logger.info("insights: {}", line)
-        finally:
-            store.close()
 
     def _tell_status(self) -> None:
         """STATUS= for systemd: the queue and what runs, sent when it changes."""

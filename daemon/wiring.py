@@ -3,33 +3,40 @@
 ``preflight`` checks what a start needs and refuses to start on what is bound to fail (exit
 status 2): the user's repository and its remote, the base branch there, a token for pull
 requests, bubblewrap when ``agent.sandbox: required``. ``build`` makes every running part
-from a config: the redactor, ticketd's git, the Ollama client and its health monitor, the
-runner, the HTTP server and the scheduled jobs. The supervisor calls it again on SIGHUP and
-swaps the whole set (running tickets finish with the parts they started with); only the
-keys in ``RESTART_ONLY`` wait for a restart.
+from a config: the redactor, ticketd's git, the Ollama client and its health monitor, how
+runs are confined (``plan``), the runner and its settings, and the scheduled work (the retry
+job, the learning loop, recovery of a dead daemon's tickets); ``serve`` the HTTP server. The
+supervisor calls ``build`` again on SIGHUP and swaps the whole set (running tickets finish
+with the parts they started with); only the keys in ``RESTART_ONLY`` wait for a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from loguru import logger
 
+from daemon import checks, failures, insights, pipeline, procs, review, sandbox, tickets
 from daemon import config as configuration
-from daemon import sandbox
-from daemon.backlog import Backlog
+from daemon.agent import builtin
+from daemon.backlog import LEASE_ENV, Backlog
+from daemon.confine import Plan, host_port
 from daemon.errors import ConfigError, TicketdError
+from daemon.gitcmd import Git, Remote, repo_from_remote, resolve_remote
 from daemon.llm.breaker import CircuitBreaker
 from daemon.llm.client import Ollama
 from daemon.llm.health import Monitor
 from daemon.metrics import Metrics
 from daemon.redact import Redactor
-from daemon.repo import Git, Remote, Repo, repo_from_remote, resolve_remote
+from daemon.repo import Repo
 from daemon.runner import Runner
 from daemon.server import Probes, Server
 from daemon.store import Store
@@ -115,8 +122,6 @@ class Hooks:
     metrics: Metrics
     clock: Callable[[], datetime]
     wake: Callable[[], None]
-    retry_job: Callable[[], None]
-    learn_job: Callable[[], None]
 
 
 @dataclass
@@ -148,10 +153,10 @@ class Parts:
     def _schedule(self, scheduler: BackgroundScheduler, hooks: Hooks, *, once: bool) -> None:
         cfg = self.cfg
         jobs = {
-            "retry-failed": (hooks.retry_job, cfg.retry.check_interval_s)
+            "retry-failed": (lambda: self.retry_due(hooks), cfg.retry.check_interval_s)
             if cfg.retry.enabled and not once
             else None,
-            "insights": (hooks.learn_job, cfg.insights.interval_s)
+            "insights": (lambda: self.learn(hooks), cfg.insights.interval_s)
             if cfg.agent.kind == "builtin" and not once
             else None,
         }
@@ -170,6 +175,71 @@ class Parts:
                 max_instances=1,
                 next_run_time=datetime.now(UTC) if job_id == "retry-failed" else None,
             )
+
+    def recover(self, hooks: Hooks, *, startup: bool = False) -> None:
+        """Return tickets a dead daemon left in in-progress/ to todo/, ending its agents
+        first; then remove the checkouts no live daemon uses."""
+        now = hooks.clock()
+        recovered = 0
+        for lease in hooks.backlog.orphans():
+            recovered += 1
+            ended = procs.terminate(
+                procs.with_env(LEASE_ENV, f"{lease.lock_path}:"), self.cfg.agent.kill_grace_s
+            )
+            task_id = tickets.id_from_filename(lease.path)
+            hooks.store.interrupt(
+                str(lease.info.get("claimId", "")), lease.name, task_id, failures.iso(now)
+            )
+            with contextlib.suppress(FileNotFoundError):  # moved away by hand meanwhile
+                hooks.backlog.move(lease.path, "todo", now)
+            hooks.backlog.release(lease)
+            logger.warning(
+                "recovered {} from a stopped daemon (ended {} agent process(es))", lease.name, ended
+            )
+        if recovered or startup:
+            self._prune(hooks)
+        hooks.backlog.trim_cache()
+
+    def _prune(self, hooks: Hooks) -> None:
+        """Remove checkouts (and sandbox folders) no live daemon is using (left by a crash)."""
+
+        def keep() -> set[Path]:  # checkouts of tickets some live daemon is running
+            return {self.runner.worktree(p.name) for p in hooks.backlog.files("in-progress")}
+
+        try:
+            for path in self.repo.prune(self.cfg.state_dir / "worktrees", keep):
+                logger.info("removed stale checkout {}", path)
+            kept = {path.name for path in keep()}
+            for path in (self.cfg.state_dir / "run").glob("*"):
+                if path.name not in kept:
+                    shutil.rmtree(path, ignore_errors=True)
+        except (TicketdError, OSError) as e:
+            logger.error("cannot prune checkouts: {}", e)
+
+    def retry_due(self, hooks: Hooks) -> None:
+        """The scheduled job: failed tickets whose retry is due go back to todo/."""
+        now = hooks.clock()
+        decisions = failures.plan(
+            hooks.backlog.files("failed"), now, failures.policy_from(self.cfg.retry)
+        )
+        for d in failures.apply(hooks.backlog, decisions, now, dry_run=False):
+            if d.action == "retried":
+                logger.info("retrying {} ({})", d.file, d.reason)
+                hooks.wake()
+            elif d.action == "marked not retryable":
+                logger.warning("{} stays in failed/: {}", d.file, d.reason)
+
+    def learn(self, hooks: Hooks) -> None:
+        """The scheduled analysis of recent runs (the learning loop); logs what it changed."""
+        c = self.cfg.insights
+        store = Store(self.cfg.state_dir / "history.sqlite3")
+        try:
+            now = hooks.clock()
+            found = insights.analyse(store, now=now, window_days=c.window_days, min_runs=c.min_runs)
+            for line in insights.apply(store, found, now):
+                logger.info("insights: {}", line)
+        finally:
+            store.close()
 
     def stop(self) -> None:
         if self.monitor is not None:
@@ -192,7 +262,8 @@ def build(cfg: configuration.Config, hooks: Hooks, checked: Checked | None = Non
         hooks.clock,
         repo=repo,
         llm=llm,
-        bwrap=checked.bwrap,
+        plan=plan(cfg, checked.bwrap, repo),
+        settings=settings(cfg),
         repo_name=checked.repo_name,
         metrics=hooks.metrics,
     )
@@ -252,3 +323,58 @@ def _ollama(
         warm=o.models[0],
     )
     return llm, monitor
+
+
+def plan(cfg: configuration.Config, bwrap: str | None, repo: Repo) -> Plan:
+    """How runs are confined: ticketd's folders and the user's repository hidden, the base
+    objects shown, Ollama reachable (and agent.allow_hosts through the proxy)."""
+    return Plan(
+        bwrap=bwrap,
+        hide=(cfg.state_dir, cfg.logging.dir, cfg.backlog.dir, cfg.repo.path),
+        read_only=(repo.objects,),
+        forward=(host_port(cfg.ollama.host),),
+        allow_hosts=cfg.agent.allow_hosts,
+        env=cfg.agent_env(),
+        grace_s=cfg.agent.kill_grace_s,
+        max_memory_mb=cfg.agent.max_memory_mb,
+        runtime=cfg.state_dir / "run",
+    )
+
+
+def settings(cfg: configuration.Config) -> pipeline.Settings:
+    return pipeline.Settings(
+        base_branch=cfg.repo.base_branch,
+        branch_prefix=cfg.repo.branch_prefix,
+        push_retries=cfg.repo.push_retries,
+        prompts=cfg.state_dir / "prompts",
+        logs=cfg.logging.dir / "tasks",
+        command=cfg.agent.command,
+        timeout_s=cfg.agent.timeout_s,
+        exclude=cfg.agent.exclude,
+        models=cfg.ollama.models,
+        kind=cfg.agent.kind,
+        models_by_label=cfg.ollama.models_by_label,
+        builtin=builtin.Settings(
+            num_ctx=cfg.ollama.num_ctx,
+            num_predict=cfg.ollama.num_predict,
+            max_reflections=cfg.agent.max_reflections,
+            max_context_files=cfg.agent.max_context_files,
+            python_analysis=cfg.static_analysis.python,
+            analysis=tuple(
+                checks.Command(c.glob, c.run, c.timeout_s, c.glob)
+                for c in cfg.static_analysis.commands
+            ),
+            checks=tuple(checks.Command(c.name, c.run, c.timeout_s) for c in cfg.checks),
+        ),
+        sensitive_paths=cfg.repo.sensitive_paths,
+        sign_commits=cfg.repo.sign_commits,
+        secrets=cfg.secrets.enabled,
+        secrets_on_finding=cfg.secrets.on_finding,
+        secrets_baseline=cfg.secrets.baseline,
+        review=review.Policy(r.strictness, r.check_for, r.block_on_critical, r.on_error)
+        if (r := cfg.review).enabled
+        else None,
+        review_model=cfg.ollama.review_model or cfg.ollama.models[0],
+        review_on_block=cfg.review.on_block,
+        pr=pipeline.PRSettings(cfg.github.draft, cfg.github.labels) if cfg.github.enabled else None,
+    )

@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sqlite3
+import subprocess
 import textwrap
 import uuid
 from pathlib import Path
@@ -416,3 +418,43 @@ def _served(d: Daemon) -> str | None:
 
     m = re.search(r"serving .* on (http://\S+)", d.text())
     return m[1] if m else None
+
+
+def test_required_sandbox_without_bubblewrap_refuses_to_start(
+    project: Project, tmp_path: Path
+) -> None:
+    bin_dir = tmp_path / "bin"  # a PATH with git but no bwrap
+    bin_dir.mkdir()
+    (bin_dir / "git").symlink_to(shutil.which("git") or "/usr/bin/git")
+    project.ticket("task-1 - Wait.md")
+    env = {"PATH": str(bin_dir)}
+
+    project.write_config(agent={"sandbox": "required"})
+    refused = ticketd("run", "--once", "--config", str(project.config_path), env=env)
+    assert refused.returncode == 2
+    assert "agent.sandbox is required but bubblewrap cannot run here" in refused.stderr
+    assert "apt install bubblewrap" in refused.stderr
+    assert project.where() == {"todo": ["task-1 - Wait.md"]}
+
+    project.write_config(agent={"sandbox": "auto", "command": [PY, "-c", "open('x', 'w')"]})
+    ran = ticketd("run", "--once", "--config", str(project.config_path), env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert "agents run without a sandbox: bwrap is not installed" in ran.stderr
+
+
+def test_the_daemon_hides_its_memory_and_adopts_orphans() -> None:
+    # What `ticketd run` does first: non-dumpable (other processes of the same user cannot
+    # read /proc/<pid>/environ or its memory) and the subreaper of its descendants.
+    probe = textwrap.dedent("""
+        import ctypes
+        from daemon import procs
+        libc = ctypes.CDLL(None)
+        before = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+        procs.harden_self()
+        after = libc.prctl(3, 0, 0, 0, 0)
+        flag = ctypes.c_int(0)
+        libc.prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+        print(before, after, flag.value)
+    """)
+    done = subprocess.run([PY, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["1", "0", "1"], done.stderr

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PY, SIDE_CHANNEL, Project
+from conftest import PY, SIDE_CHANNEL, Project, git
 from fake_github import FakeGitHub
 
 from daemon import config as configuration
-from daemon.repo import repo_from_remote
+from daemon.gitcmd import repo_from_remote
 from daemon.supervisor import Supervisor, preflight
 
 TOKEN = "t0k3n"
@@ -157,3 +157,29 @@ def test_github_without_a_token_is_a_config_error(
 )
 def test_repo_from_remote(url: str, repo: str | None) -> None:
     assert repo_from_remote(url) == repo
+
+
+@pytest.mark.usefixtures("token")
+def test_secrets_in_the_ticket_never_reach_the_pull_request_or_the_commit(
+    project: Project, fake_github: FakeGitHub, tmp_path: Path
+) -> None:
+    key = "AKIA" + "Q4Z7NW2LP8XM5RTV"
+    pat = "ghp_" + "Vb3Nq8Lm2Xc6Zk9Wp1Rt4Yh7Jd0Fs5Ga3Ee7"
+    assert len(key) == 20 and len(pat) == 40
+    github_config(project, fake_github, tmp_path)
+    project.ticket(
+        "task-4 - Rotate.md",
+        title=f"Rotate {key}",
+        body=f"The old token {pat} leaked; AWS_SECRET_ACCESS_KEY={key}.",
+    )
+
+    assert run_once(project) == 0
+
+    [created] = fake_github.requests_to("/repos/acme/widgets/pulls", method="POST")
+    sent = json.dumps(created.body)
+    assert key not in sent and pat not in sent, sent
+    assert "***(" in created.body["title"] and "The old token ***(" in created.body["body"]
+    [branch] = [b for b in project.remote_branches() if b != "main"]
+    assert key.lower() not in branch
+    message = git(project.remote, "log", "-1", "--format=%B", branch)
+    assert key not in message and message.startswith("Rotate ***(")

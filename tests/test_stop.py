@@ -325,6 +325,11 @@ def test_the_file_zoo_goes_to_failed_and_the_good_ticket_runs(project: Project) 
         assert error_json(project, name)["errorCode"] == "INVALID_TICKET"
     passwd = Path("/etc/passwd").read_text().splitlines()[0]
     assert passwd not in git(project.remote, "log", "-p", "--all")
+    # the retry job and a person's retry-failed look at them without hanging or crashing
+    retry = ticketd("retry-failed", "--json", "--config", str(project.config_path), timeout=60)
+    assert retry.returncode == 0, retry.stderr
+    rows = json.loads(retry.stdout)["tickets"]
+    assert len(rows) == 8 and not any(r["eligible"] for r in rows)
 
 
 def test_idle_connections_do_not_take_the_daemon_down(project: Project, daemons: list) -> None:
@@ -354,3 +359,73 @@ def test_idle_connections_do_not_take_the_daemon_down(project: Project, daemons:
     project.ticket("task-1 - Alive.md")
     wait_until(lambda: project.where() == {"done": ["task-1 - Alive.md"]}, what="still working")
     assert d.proc.poll() is None
+
+
+def test_after_the_clock_steps_back_a_day_retries_go_on(project: Project) -> None:
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from daemon import config as configuration
+    from daemon.supervisor import Supervisor
+
+    offset = [timedelta(0)]
+
+    def clock() -> datetime:  # the wall clock, which a person or NTP may step
+        return datetime.now(UTC) + offset[0]
+
+    project.write_config(retry={"check_interval_s": 3600})  # the job runs once an hour
+    sup = Supervisor(configuration.load(project.config_path), clock=clock, log_to_stderr=False)
+    thread = threading.Thread(target=sup.run)
+    thread.start()
+    try:
+        job = wait_until(lambda: sup._scheduler.get_job("retry-failed"), what="the retry job")
+        wait_until(
+            lambda: job.next_run_time > datetime.now(UTC) + timedelta(minutes=50),
+            what="its first run at start",
+        )
+        # a ticket failed a minute ago, due now; then the clock steps back a day
+        name = "task-1 - Again.md"
+        project.ticket(name, folder="failed")
+        failed_at = clock() - timedelta(minutes=1)
+        record = {
+            "taskId": "task-1",
+            "file": name,
+            "timestamp": failed_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "errorCode": "AGENT_FAILED",
+            "retryable": True,
+            "retryCount": 0,
+            "nextRetryAt": failed_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        (project.folder("failed") / "task-1 - Again.error.json").write_text(json.dumps(record))
+        offset[0] = timedelta(days=-1)
+        sup.wake.set()
+        wait_until(lambda: project.where() == {"done": [name]}, what="the retry after the step")
+    finally:
+        sup.signals = 1
+        sup.wake.set()
+        thread.join(timeout=30)
+    log = (project.root / "logs" / "ticketd.log").read_text()
+    assert "the wall clock stepped by -86400s" in log
+
+
+def test_a_crash_of_the_run_loop_is_in_the_log_and_exits_for_a_restart(project: Project) -> None:
+    from datetime import UTC, datetime
+
+    from daemon import config as configuration
+    from daemon.supervisor import Supervisor
+
+    calls = [0]
+
+    def failing_clock() -> datetime:  # a fault deep in the loop, as a bug would be
+        calls[0] += 1
+        if calls[0] > 3:
+            raise RuntimeError("the clock broke")
+        return datetime.now(UTC)
+
+    sup = Supervisor(
+        configuration.load(project.config_path), clock=failing_clock, log_to_stderr=False
+    )
+    assert sup.run() == 70
+    log = (project.root / "logs" / "ticketd.log").read_text()
+    assert "the run loop crashed: RuntimeError: the clock broke" in log
+    assert "Traceback (most recent call last)" in log
