@@ -315,7 +315,7 @@ class Config(_Section):
         """The agents' (and checks') environment: a few harmless variables of the daemon's
         (AGENT_ENV), those named in agent.pass_env, the Ollama host, then agent.env. Never the
         daemon's tokens, whatever pass_env says."""
-        hidden = {self.github.token_env, self.server.token_env, *NOTIFY_VARS}
+        hidden = self._hidden_vars()
         env = {
             k: v
             for k, v in os.environ.items()
@@ -330,8 +330,12 @@ class Config(_Section):
     def git_env(self) -> dict[str, str]:
         """The environment of ticketd's own git commands: the daemon's, less its tokens (a
         push uses the user's git credentials: ssh keys, a credential helper)."""
-        hidden = {self.github.token_env, self.server.token_env, *NOTIFY_VARS}
+        hidden = self._hidden_vars()
         return {k: v for k, v in os.environ.items() if k not in hidden}
+
+    def _hidden_vars(self) -> set[str | None]:
+        """The daemon's own variables no child of it gets: its tokens and systemd's."""
+        return {self.github.token_env, self.server.token_env, *NOTIFY_VARS}
 
 
 NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
+from loguru import logger
+
 from daemon import procs
 from daemon.sandbox import Sandbox, Spec
 
@@ -100,6 +102,10 @@ class Confinement:
         tb: TracebackType | None,
     ) -> None:
         if self.sandbox is not None:
+            if refused := self.sandbox.refused:  # say why the agent could not reach a host
+                logger.warning(
+                    "the sandbox refused {} (not in agent.allow_hosts)", ", ".join(refused)
+                )
             self.sandbox.__exit__(kind, error, tb)
 
     def _inside(self, value: str) -> str:

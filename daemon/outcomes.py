@@ -169,7 +169,7 @@ class Outcomes:
     def fail_run(
         self,
         run: Active,
-        run_id: int,
+        run_id: int | None,
         error: TicketdError,
         *,
         models: Sequence[str] = (),

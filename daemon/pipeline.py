@@ -210,8 +210,6 @@ def run(
                     ctx=ctx,
                 )
                 draft = gates.check_review(verdict, s.review_on_block) or draft
-        ctx.check()
-        still_ours()
         with stage("commit"):
             commit = repo.commit(
                 change, branch, commit_message(ticket, redact), sign=s.sign_commits

@@ -84,10 +84,6 @@ class Change:
     entries: tuple[Entry, ...]
     diff: str  # unified, new files whole: what the gates see
 
-    @property
-    def paths(self) -> list[str]:
-        return [e.path for e in self.entries]
-
 
 class Repo:
     """ticketd's repositories under ``root`` (``state_dir/git``) and the remote they serve."""

@@ -121,4 +121,5 @@ class Active:
     branch: str = ""
     ctx: RunContext = field(default_factory=RunContext)
     stage: str = "claimed"
+    run_id: int | None = None  # in the history, once recorded
     future: Future[None] | None = None

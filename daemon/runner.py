@@ -118,7 +118,7 @@ class Runner:
             snapshot,
             branch=run.branch,
         )
-        run.stage = "claimed"
+        run.run_id = run_id
         logger.info("claimed {} ({})", lease.name, ticket.title)
         s = self.settings
         self.store.set_labels(run_id, list(ticket.labels))
@@ -153,7 +153,7 @@ class Runner:
         )
         tools = pipeline.Tools(self.repo, confine, self.redact, llm, forge)
         try:
-            with confine, ctx.on_cancel(llm.abort if llm else lambda: None):
+            with confine:
                 after = previous["error_code"] if previous else None
                 if after == "PUSH_FAILED" or (after == "PR_FAILED" and forge is not None):
                     delivered = pipeline.resume(
@@ -218,15 +218,9 @@ class Runner:
         if run.lease.released:
             return
         with contextlib.suppress(Exception):
-            if run.lease.path.exists():
-                self.outcomes.fail(
-                    run.lease,
-                    run.ticket.id,
-                    TicketdError(f"internal error in stage {run.stage}: {type(error).__name__}"),
-                    stage=run.stage,
-                    models=[],
-                    started=run.started,
-                )
+            if os.path.lexists(run.lease.path):
+                crash = TicketdError(f"internal error in stage {run.stage}: {type(error).__name__}")
+                self.outcomes.fail_run(run, run.run_id, crash)
         if not run.lease.released:
             self.backlog.release(run.lease)
 

@@ -298,9 +298,6 @@ class Supervisor:
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
-        if self.signals > 1:
-            for run in list(self.active.values()):
-                run.ctx.cancel(Stop.STOPPING)
         self._reap()
         self._watch_runs()
         self._check_clock(now)

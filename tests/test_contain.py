@@ -458,3 +458,34 @@ def test_the_daemon_hides_its_memory_and_adopts_orphans() -> None:
     """)
     done = subprocess.run([PY, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["1", "0", "1"], done.stderr
+
+
+@needs_sandbox
+def test_allowed_hosts_are_reached_through_the_proxy_and_others_refused(
+    project: Project, fake_github: object
+) -> None:
+    port = fake_github.port  # type: ignore[attr-defined]
+    attack = script(f"""
+        import json, os, socket
+        proxy = os.environ["HTTPS_PROXY"].removeprefix("http://")
+        host, _, proxy_port = proxy.rpartition(":")
+        seen = {{}}
+        for target in ("127.0.0.1:{port}", "127.0.0.1:1"):
+            s = socket.create_connection((host, int(proxy_port)), timeout=5)
+            s.sendall(f"CONNECT {{target}} HTTP/1.1\\r\\nHost: {{target}}\\r\\n\\r\\n".encode())
+            seen[target] = s.recv(100).decode().split("\\r\\n")[0]
+            s.close()
+        open("seen.json", "w").write(json.dumps(seen))
+    """)
+    project.write_config(
+        agent={"command": attack, "sandbox": "required", "allow_hosts": [f"127.0.0.1:{port}"]}
+    )
+    project.ticket("task-1 - Reach.md")
+
+    assert once(project) == 0
+
+    seen = json.loads(git(project.remote, "show", "ticketd/task-1-reach:seen.json"))
+    assert seen[f"127.0.0.1:{port}"].split()[1] == "200"
+    assert seen["127.0.0.1:1"].split()[1] == "403"
+    log = (project.root / "logs" / "tasks" / "task-1.log").read_text()
+    assert "the sandbox refused 127.0.0.1:1 (not in agent.allow_hosts)" in log

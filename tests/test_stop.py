@@ -97,15 +97,21 @@ def test_an_endless_answer_is_ended_by_the_agents_time_budget(
 # -- cancelling --------------------------------------------------------------------------------
 
 
+def hanging_run(project: Project, daemons: list, name: str) -> Daemon:
+    """A daemon whose agent for ticket ``name`` runs (and would for ten minutes)."""
+    project.write_config(agent={"command": HANG, "timeout_s": 600})
+    daemons.append(d := Daemon(project))
+    project.ticket(name)
+    wait_until(lambda: running_stage(project) == "agent", what="the agent to run")
+    return d
+
+
 @pytest.mark.parametrize("fail", [False, True])
 def test_ticketd_cancel_ends_the_run_and_puts_the_ticket_back(
     project: Project, daemons: list, fail: bool
 ) -> None:
-    project.write_config(agent={"command": HANG, "timeout_s": 600})
-    daemons.append(d := Daemon(project))
     name = "task-3 - Long.md"
-    project.ticket(name)
-    wait_until(lambda: running_stage(project) == "agent", what="the agent to run")
+    d = hanging_run(project, daemons, name)
 
     done = ticketd(
         "cancel", "task-3", *(["--fail"] if fail else []), "--config", str(project.config_path)
@@ -132,11 +138,8 @@ def test_ticketd_cancel_ends_the_run_and_puts_the_ticket_back(
 def test_a_ticket_moved_away_by_hand_cancels_its_run_and_nothing_is_pushed(
     project: Project, daemons: list, how: str
 ) -> None:
-    project.write_config(agent={"command": HANG, "timeout_s": 600})
-    daemons.append(d := Daemon(project))
     name = "task-4 - Moved.md"
-    project.ticket(name)
-    wait_until(lambda: running_stage(project) == "agent", what="the agent to run")
+    d = hanging_run(project, daemons, name)
     path = project.folder("in-progress") / name
     if how == "moved":
         path.rename(project.folder("review") / name)
