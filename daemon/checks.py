@@ -40,6 +40,32 @@ class Outcome:
     passed: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Suite:
+    """What checks an agent's work: static analysis, then the project's checks."""
+
+    python: bool = True
+    analysis: tuple[Command, ...] = ()
+    checks: tuple[Command, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.analysis or self.checks)
+
+    def verify(
+        self, worktree: Path, changed: Sequence[str], *, confine: Confinement, ctx: RunContext
+    ) -> Outcome:
+        """Static analysis of the changed files (with auto-fix); the checks when it passes."""
+        out = analyse(
+            worktree, changed, python=self.python, commands=self.analysis, confine=confine, ctx=ctx
+        )
+        if out.ok:
+            fixes = out.fixes
+            out = run_checks(worktree, self.checks, confine=confine, ctx=ctx)
+            out.fixes = fixes
+        return out
+
+
 def analyse(
     worktree: Path,
     changed: Sequence[str],

@@ -461,34 +461,30 @@ def install_service(
 ) -> None:
     """Render the systemd unit for this installation (this ticketd, this config) and install it.
 
+    The unit sets `Environment=PATH=` to this shell's PATH, so that the daemon (and its
+    agents) find the programs this shell finds; run it again after PATH changes (under
+    sudo: `sudo env "PATH=$PATH" ticketd install-service`). `ticketd doctor` says whether the
+    installed unit is still what this command would write.
+
     Then: `systemctl [--user] daemon-reload && systemctl [--user] enable --now ticketd`;
     logs with `journalctl [--user] -u ticketd -f`.
     """
-    import pwd
-    import shutil
-
     from daemon import service
 
     cfg = _load(config)
-    exe = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "ticketd" else None
-    exe = exe or (Path(found).resolve() if (found := shutil.which("ticketd")) else None)
-    beside = Path(sys.executable).parent / "ticketd"  # installed in the same virtualenv
-    exe = exe or (beside if beside.is_file() else None)
+    exe = service.find_executable(sys.argv[0], sys.executable)
     if exe is None:
         err.print("ticketd: cannot find the ticketd executable on PATH", markup=False)
         raise typer.Exit(2)
-    owner = run_as or pwd.getpwuid(cfg.path.stat().st_uid).pw_name
-    rw = [cfg.repo.path, cfg.backlog.dir, cfg.state_dir, cfg.logging.dir]
-    for folder in rw:
+    for folder in service.writable_paths(cfg):
         folder.mkdir(parents=True, exist_ok=True)
     try:
-        text = service.render(
-            service.load_template(user),
+        text = service.unit_for(
+            cfg,
+            user_unit=user,
             executable=exe,
-            config=cfg.path,
-            workdir=cfg.path.parent,
-            rw_paths=rw,
-            user=None if user else owner,
+            user=run_as or service.default_user(cfg.path),
+            path=os.environ.get("PATH") or os.defpath,
         )
     except ValueError as e:
         err.print(f"ticketd: cannot render the unit: {e}", markup=False)
@@ -510,6 +506,75 @@ def install_service(
         f"systemctl{scope} enable --now ticketd",
         markup=False,
     )
+
+
+@app.command()
+def doctor(
+    config: ConfigOption = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help='Print {"ok": bool, "checks": [{name, status, detail, fix}]}.'),
+    ] = False,
+) -> None:
+    """Check that this installation can run tickets; one line per check: ok, FAIL or warn,
+    its name, what was found and, for a FAIL, the fix (a command or a config key).
+
+    In order: **config** (the file loaded); **agent** (agent.command's program is on the PATH
+    the daemon will have: the installed unit's `Environment=PATH=`, else this shell's);
+    **sandbox** (bubblewrap works); **repo** (repo.path and repo.remote); **remote** (it
+    answers and has repo.base_branch); **push** (it accepts a dry-run push); **ollama** and
+    **model NAME** (when a model is used: Ollama answers, each model is pulled and its context
+    length reaches ollama.num_ctx); **github** (with github.enabled: the token is accepted and
+    may push); **folders** (state_dir, logging.dir, backlog.dir writable; made when missing);
+    **unit** (an installed systemd unit is what `ticketd install-service` writes now). A
+    check that needs a failed one is a FAIL marked "skipped". Tokens are never shown.
+
+    Exit status: 0 when nothing FAILs (warnings allowed), 1 when a check FAILs, 2 when the
+    config cannot be read.
+    """
+    from daemon import doctor as diagnosis
+    from daemon import service
+
+    cfg = _load(config)
+    spinner = err.status("checking...")  # on a terminal, while a slow check runs; never stdout
+    show_progress = err.is_terminal and not as_json
+
+    def starting(name: str) -> None:
+        if show_progress:
+            spinner.update(f"checking {name}...")
+            spinner.start()
+
+    found = []
+    try:
+        for check in diagnosis.run(
+            cfg,
+            home=Path.home(),
+            shell_path=os.environ.get("PATH"),
+            executable=service.find_executable(sys.argv[0], sys.executable),
+            starting=starting,
+        ):
+            spinner.stop()
+            found.append(check)
+            if not as_json:
+                fix = f" -- fix: {check.fix}" if check.fix else ""
+                out.print(f"{check.status:<4}  {check.name:<8}  {check.detail}{fix}", markup=False)
+    finally:
+        spinner.stop()
+    failed = sum(c.status == "FAIL" for c in found)
+    skipped = sum(c.skipped for c in found)
+    if as_json:
+        rows = [
+            {"name": c.name, "status": c.status, "detail": c.detail, "fix": c.fix} for c in found
+        ]
+        out.print_json(json.dumps({"ok": not failed, "checks": rows}))
+    else:
+        warned = sum(c.status == "warn" for c in found)
+        out.print(
+            f"{len(found)} checks: {failed - skipped} failed, {skipped} skipped, "
+            f"{warned} warning{'' if warned == 1 else 's'}",
+            markup=False,
+        )
+    raise typer.Exit(1 if failed else 0)
 
 
 secrets_app = typer.Typer(

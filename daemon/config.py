@@ -115,6 +115,7 @@ class AgentConfig(_Section):
     sandbox: Literal["auto", "required", "off"] = "auto"
     allow_hosts: tuple[str, ...] = ()  # host:port the agent and checks may reach (a proxy)
     pass_env: tuple[str, ...] = ()  # names of the daemon's environment variables to pass on
+    uses_ollama: bool | Literal["auto"] = "auto"  # auto: {model} in its command or env
 
     @field_validator("allow_hosts")
     @classmethod
@@ -299,6 +300,23 @@ class Config(_Section):
         """The effective configuration as plain data, secrets masked, for the run history."""
         masked: dict[str, Any] = _mask(self.model_dump(mode="json", by_alias=True))
         return masked
+
+    @property
+    def agent_uses_ollama(self) -> bool:
+        """Does the agent use a model of ``ollama.models``? The builtin agent does; a command
+        agent does when ``agent.uses_ollama`` says so, or (auto) when ``{model}`` appears in
+        its command or its ``agent.env``."""
+        a = self.agent
+        if a.kind == "builtin" or a.uses_ollama is True:
+            return True
+        return a.uses_ollama == "auto" and any(
+            "{model}" in text for text in (*a.command, *a.env.values())
+        )
+
+    @property
+    def needs_ollama(self) -> bool:
+        """Does any configured work call Ollama (the agent, or the review)?"""
+        return self.agent_uses_ollama or self.review.enabled
 
     def github_token(self) -> str | None:
         return os.environ.get(self.github.token_env) or None

@@ -132,20 +132,26 @@ class Confinement:
         on_start: Callable[[int], None] | None = None,
         filter: Callable[[str], str] | None = None,
         limit_memory: bool = False,
+        env: Mapping[str, str] | None = None,
+        max_output: int = 0,
     ) -> procs.Result:
-        """Run ``argv`` confined; see ``procs.run``."""
-        command, env = list(argv), self.env
+        """Run ``argv`` confined (``env`` added to the run's environment); see ``procs.run``."""
+        extra = dict(env or {})
         if self.sandbox is not None:
-            command, env = self.sandbox.command(argv, self.env)
+            extra = {k: self._inside(v) for k, v in extra.items()}
+        command, full = list(argv), {**self.env, **extra}
+        if self.sandbox is not None:
+            command, full = self.sandbox.command(argv, full)
         return procs.run(
             command,
             cwd=cwd,
             timeout_s=timeout_s,
             output=output,
-            env=env,
+            env=full,
             grace_s=self.grace_s,
             cancel=self.cancel,
             on_start=on_start,
             max_memory_mb=self.max_memory_mb if limit_memory else 0,
             filter=filter,
+            max_output=max_output,
         )

@@ -63,6 +63,7 @@ class TicketdError(Exception):
     """Base of every error ticketd raises on purpose."""
 
     code = "INTERNAL_ERROR"
+    stage: str | None = None  # the innermost stage it left, when stages nest
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

@@ -73,6 +73,7 @@ def build(
     model_outcomes: dict[str, str],
     log_file: str,
     attempts: Sequence[dict[str, Any]],
+    agent_log: str | None = None,
     content_sha256: str = "",
     backoff: Backoff = Backoff(),
 ) -> dict[str, Any]:
@@ -94,6 +95,7 @@ def build(
         "modelOutcomes": dict(model_outcomes),
         "nextRetryAt": iso(next_retry_at(retry_count, now, backoff)) if kind.retryable else None,
         "logFile": log_file,
+        "agentLog": agent_log,
         "attempts": list(attempts),
         "contentSha256": content_sha256,
     }

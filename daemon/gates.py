@@ -80,7 +80,7 @@ def pr_body(
     diffstat: str,
     checks: Sequence[str],
     result: review.Review | None,
-    model: str,
+    model: str | None,
     tokens: tuple[int, int, int] | None,
 ) -> str:
     """Description, acceptance criteria, what changed, checks, review, model and tokens."""
@@ -92,7 +92,7 @@ def pr_body(
     parts.append("")
     if result is not None:
         parts += ["## Review", "", *review.summary_lines(result), ""]
-    used = f"Model: `{model}`"
+    used = f"Model: `{model}`" if model else "No model (a command agent)"
     if tokens is not None:
         used += f"; {tokens[0]} LLM calls, {tokens[1]} prompt + {tokens[2]} eval tokens"
     parts += ["---", f"Opened by ticketd. {used}.", ""]

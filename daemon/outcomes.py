@@ -174,6 +174,7 @@ class Outcomes:
         *,
         models: Sequence[str] = (),
         outcomes: dict[str, str] | None = None,
+        agent_log: Path | None = None,
     ) -> None:
         """The run failed in its current stage: ``fail`` with what the run knows."""
         self.fail(
@@ -185,6 +186,7 @@ class Outcomes:
             started=run.started,
             run_id=run_id,
             outcomes=outcomes,
+            agent_log=agent_log,
         )
 
     def fail(
@@ -198,6 +200,7 @@ class Outcomes:
         started: float,
         run_id: int | None = None,
         outcomes: dict[str, str] | None = None,
+        agent_log: Path | None = None,
     ) -> None:
         """Write ``.error.json`` and move the ticket to failed/."""
         now = self.clock()
@@ -239,6 +242,7 @@ class Outcomes:
             models_tried=list(models),
             model_outcomes=outcomes or {},
             log_file=_display(self.log_path(task_id)),
+            agent_log=_display(agent_log) if agent_log is not None else None,
             attempts=attempts,
         )
         failures.write(dst, self.redact.data(record))

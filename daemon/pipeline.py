@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 from daemon import checks, gates, review, tickets
 from daemon.agent import builtin, command
+from daemon.agent.chain import Result
 from daemon.confine import Confinement
 from daemon.errors import AgentError, GitError
 from daemon.llm.client import Call, Ollama
 from daemon.redact import Redactor
-from daemon.repo import Change, Repo, Workspace
+from daemon.repo import Repo, Workspace
 from daemon.runctx import RunContext
 
 if TYPE_CHECKING:
@@ -43,13 +44,14 @@ class Settings:
     push_retries: int
     prompts: Path
     logs: Path
-    command: tuple[str, ...]
     timeout_s: float
     exclude: tuple[str, ...]
     models: tuple[str, ...]
     kind: str
     models_by_label: Mapping[str, Sequence[str]]
     builtin: builtin.Settings
+    command: command.Settings
+    suite: checks.Suite
     sensitive_paths: tuple[str, ...] = ()
     sign_commits: bool = False
     secrets: bool = True
@@ -82,8 +84,8 @@ class Tools:
 class Delivered:
     branch: str
     commit: str
-    model: str
-    agent: builtin.Result | None = None
+    model: str | None  # None: the agent used no model
+    agent: Result | None = None
     review: review.Review | None = None
     pr_url: str | None = None
 
@@ -138,7 +140,7 @@ def run(
     repo, redact = tools.repo, tools.redact
     branch = branch_name(s.branch_prefix, ticket, redact)
     chain = model_chain(ticket, s.models, s.models_by_label)
-    agent: builtin.Result | None = None
+    agent: Result | None = None
     with stage("worktree"):
         heads = repo.remote_heads(s.base_branch, branch, cancel=ctx.event)
         base = heads.get(s.base_branch)
@@ -157,32 +159,40 @@ def run(
                     chain,
                     tools.llm,
                     s.builtin,
+                    s.suite,
                     tools.confine,
                     ctx,
                     log=log,
                     previous=previous,
                 )
             else:
-                _command_agent(
+                agent, change = command.run(
                     ticket,
-                    ticket_file,
-                    workspace.path,
-                    chain[0],
-                    s,
-                    tools,
-                    ctx,
-                    on_agent_start,
-                    previous,
+                    workspace,
+                    chain,
+                    s.command,
+                    s.suite,
+                    exclude=s.exclude,
+                    paths=command.Paths(
+                        prompt_path(s.prompts, ticket.id), agent_log(s.logs, ticket.id), ticket_file
+                    ),
+                    confine=tools.confine,
+                    ctx=ctx,
+                    on_start=on_agent_start,
+                    redact=redact,
+                    log=log,
+                    stage=stage,
+                    probe=tools.llm.probe if tools.llm is not None else None,
+                    previous=previous,
                 )
         ctx.check()
-        with stage("changes"):
-            change = workspace.snapshot(s.exclude, cancel=ctx.event)
-            if not change.entries:
-                raise AgentError("the agent finished without changing any file", code="NO_CHANGES")
-        if s.kind == "command" and (s.builtin.checks or s.builtin.analysis):
-            with stage("checks"):
-                _check(workspace, change, s, tools.confine, ctx)
-                change = workspace.snapshot(s.exclude, cancel=ctx.event)  # auto-fixes
+        if s.kind == "builtin":
+            with stage("changes"):
+                change = workspace.snapshot(s.exclude, cancel=ctx.event)
+                if not change.entries:
+                    raise AgentError(
+                        "the agent finished without changing any file", code="NO_CHANGES"
+                    )
         with stage("paths"):
             gates.check_paths(change.entries, s.sensitive_paths)
         if s.secrets:
@@ -220,7 +230,7 @@ def run(
             repo.push(commit, branch, expect=heads.get(branch), attempts=s.push_retries)
     finally:
         workspace.release()
-    model = agent.model if agent is not None and agent.model else chain[0]
+    model = agent.model if agent is not None else None
     pr_url = None
     if s.pr is not None and tools.forge is not None:
         calls = (agent.calls if agent else []) + (verdict.calls if verdict else [])
@@ -249,7 +259,7 @@ def open_pr(
     *,
     diffstat: str,
     verdict: review.Review | None,
-    model: str,
+    model: str | None,
     calls: Sequence[Call],
     draft: bool,
 ) -> str:
@@ -327,65 +337,14 @@ def resume(
 
 
 def checks_passed(s: Settings) -> list[str]:
-    names = [c.name for c in s.builtin.checks]
+    names = [c.name for c in s.suite.checks]
     return [f"{n}: passed" for n in names]
-
-
-def _command_agent(
-    ticket: tickets.Ticket,
-    ticket_file: Path,
-    worktree: Path,
-    model: str,
-    s: Settings,
-    tools: Tools,
-    ctx: RunContext,
-    on_agent_start: Callable[[int], None],
-    previous: str | None,
-) -> None:
-    prompt = prompt_path(s.prompts, ticket.id)
-    prompt.parent.mkdir(parents=True, exist_ok=True)
-    prompt.write_text(tools.redact(command.render_prompt(ticket, previous)), encoding="utf-8")
-    values = {
-        "prompt_file": str(prompt),
-        "worktree": str(worktree),
-        "ticket_file": str(ticket_file),
-        "ticket_id": ticket.id,
-        "model": model,
-    }
-    command.run(
-        s.command,
-        values=values,
-        confine=tools.confine,
-        worktree=worktree,
-        output=s.logs / f"{safe_name(ticket.id)}.agent.log",
-        ctx=ctx,
-        on_start=on_agent_start,
-        redact=tools.redact,
-    )
 
 
 def prompt_path(prompts: Path, ticket_id: str) -> Path:
     return prompts / f"{safe_name(ticket_id)}.prompt.md"
 
 
-def _check(
-    workspace: Workspace, change: Change, s: Settings, confine: Confinement, ctx: RunContext
-) -> None:
-    """Static analysis (with auto-fix) of what a command agent changed, then the checks."""
-    changed = [e.path for e in change.entries if e.status != "D"]
-    b = s.builtin
-    out = checks.analyse(
-        workspace.path,
-        changed,
-        python=b.python_analysis,
-        commands=b.analysis,
-        confine=confine,
-        ctx=ctx,
-    )
-    if out.ok:
-        out = checks.run_checks(workspace.path, b.checks, confine=confine, ctx=ctx)
-    ctx.check()
-    if not out.ok:
-        raise AgentError(
-            " | ".join(f.replace("\n", " | ") for f in out.failures)[:1500], code="CHECKS_FAILED"
-        )
+def agent_log(logs: Path, ticket_id: str) -> Path:
+    """A command agent's own output, every attempt under a header."""
+    return logs / f"{safe_name(ticket_id)}.agent.log"

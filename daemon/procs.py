@@ -18,6 +18,7 @@ import ctypes
 import os
 import resource
 import select
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ import psutil
 
 POLL_S = 0.05
 TAIL_BYTES = 4000
+KEPT_TAIL = 64 * 1024  # bytes of the newest output kept when output is cut (procs.run)
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
@@ -120,9 +122,11 @@ def run(
     on_start: Callable[[int], None] | None = None,
     max_memory_mb: float = 0,
     filter: Callable[[str], str] | None = None,
+    max_output: int = 0,
 ) -> Result:
     """Run ``argv`` to completion, its stdout and stderr appended to ``output`` (through
-    ``filter``, a chunk of whole lines at a time, when given).
+    ``filter``, a chunk of whole lines at a time, when given; at most ``max_output`` bytes
+    of it when given, the rest read and dropped with a note of how much).
 
     Ends the whole process tree when ``timeout_s`` passes, ``cancel`` is set, or (with
     ``max_memory_mb``) the tree's resident memory grows past it (checked each second). Raises
@@ -132,7 +136,7 @@ def run(
     output.parent.mkdir(parents=True, exist_ok=True)
     exited = threading.Event()
     pump: threading.Thread | None = None
-    if filter is None:
+    if filter is None and not max_output:
         with output.open("ab") as out:
             proc = _spawn(argv, cwd=cwd, env=_env(env), stdout=out, stderr=subprocess.STDOUT)
     else:
@@ -142,7 +146,7 @@ def run(
         assert proc.stdout is not None
         pump = threading.Thread(
             target=_pump,
-            args=(proc.stdout.fileno(), output, filter, exited),
+            args=(proc.stdout.fileno(), output, filter or str, exited, max_output),
             name="agent-output",
             daemon=True,
         )
@@ -182,11 +186,31 @@ def run(
             proc.stdout.close()
 
 
-def _pump(fd: int, output: Path, filter: Callable[[str], str], done: threading.Event) -> None:
-    """Copy a child's output into ``output``, whole lines at a time through ``filter``. Stops
-    at end of file, or once ``done`` is set and nothing more comes (a stray process may hold
-    the pipe open)."""
-    pending = b""
+def _pump(
+    fd: int, output: Path, filter: Callable[[str], str], done: threading.Event, limit: int
+) -> None:
+    """Copy a child's output into ``output``, whole lines at a time through ``filter``. With
+    ``limit``, keep its first ``limit`` bytes and its last lines (``KEPT_TAIL`` bytes): what
+    comes between is dropped with a note of how much. Stops at end of file, or once ``done``
+    is set and nothing more comes (a stray process may hold the pipe open)."""
+    pending, kept, dropped = b"", 0, 0
+    tail = b""  # the newest output past the limit
+
+    def write(data: bytes) -> None:
+        out.write(filter(data.decode("utf-8", "replace")).encode())
+        out.flush()
+
+    def take(data: bytes) -> None:
+        nonlocal kept, dropped, tail
+        if not limit or kept + len(data) <= limit:
+            kept += len(data)
+            write(data)
+            return
+        tail += data
+        if len(tail) > KEPT_TAIL:
+            cut = tail.find(b"\n", len(tail) - KEPT_TAIL) + 1 or len(tail) - KEPT_TAIL
+            dropped, tail = dropped + cut, tail[cut:]
+
     with output.open("ab") as out:
         while True:
             ready, _, _ = select.select([fd], [], [], 0.2)
@@ -198,11 +222,13 @@ def _pump(fd: int, output: Path, filter: Callable[[str], str], done: threading.E
             if cut == 0 and len(pending) < 1 << 20:
                 continue
             cut = cut or len(pending)
-            out.write(filter(pending[:cut].decode("utf-8", "replace")).encode())
-            out.flush()
+            take(pending[:cut])
             pending = pending[cut:]
-        if pending:
-            out.write(filter(pending.decode("utf-8", "replace")).encode())
+        take(pending)
+        if dropped:
+            out.write(f"\n[ticketd: {dropped} bytes of output not kept]\n".encode())
+        if tail:
+            write(tail)
 
 
 def capture(
@@ -318,11 +344,21 @@ def _signal(proc: psutil.Process, sig: signal.Signals) -> None:
         proc.send_signal(sig)
 
 
-def tail(path: Path, limit: int = TAIL_BYTES) -> str:
-    """The last ``limit`` bytes of a file as text (empty when missing)."""
+def find_program(name: str, path: str | None, cwd: Path) -> str | None:
+    """Where program ``name`` is on ``path`` (a name with a "/" is taken relative to
+    ``cwd``; an absolute one as it is); None when it is not there."""
+    if "/" in name:
+        candidate = cwd / name
+        return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+    return shutil.which(name, path=path if path is not None else os.defpath)
+
+
+def tail(path: Path, limit: int = TAIL_BYTES, *, start: int = 0) -> str:
+    """The last ``limit`` bytes of a file (from offset ``start`` on) as text; empty when
+    missing."""
     try:
         with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            f.seek(max(start, f.seek(0, os.SEEK_END) - limit))
             return f.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ""

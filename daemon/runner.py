@@ -26,7 +26,7 @@ from loguru import logger
 
 from daemon import config as configuration
 from daemon import failures, gates, insights, logs, pipeline, procs, review, tickets
-from daemon.agent import builtin
+from daemon.agent.chain import Result
 from daemon.backlog import LEASE_ENV, Backlog
 from daemon.confine import Plan
 from daemon.errors import Cancelled, Interrupted, TicketdError
@@ -131,7 +131,6 @@ class Runner:
                 models_by_label=learned,
                 builtin=dataclasses.replace(s.builtin, lessons=lessons),
             )
-        chain = pipeline.model_chain(ticket, s.models, s.models_by_label)
         owner = self.store.branch_owner(run.branch, lease.name)
         if owner is not None:
             run.stage = "worktree"
@@ -184,7 +183,10 @@ class Runner:
         except gates.Held as e:
             self.outcomes.held(run, run_id, e)
         except TicketdError as e:
-            result: builtin.Result | None = getattr(e, "result", None)
+            run.stage = e.stage or run.stage
+            result: Result | None = getattr(e, "result", None)
+            ran = result is not None and result.attempts > 0  # a command agent: name its log
+            agent_log = pipeline.agent_log(s.logs, ticket.id) if ran else None
             self._record_agent(run_id, result, None)
             if e.code in OUTAGE_CODES and self._outage(e.code):
                 self.outcomes.requeue(run, run_id, e)
@@ -193,9 +195,9 @@ class Runner:
                     run,
                     run_id,
                     e,
-                    models=(result.models_tried if result else None)
-                    or (chain[:1] if s.kind == "builtin" or "{model}" in str(s.command) else []),
+                    models=result.models_tried if result else [],
                     outcomes=result.outcomes if result else None,
+                    agent_log=agent_log,
                 )
         except Exception as e:  # an unknown error is recorded on the ticket, never passed over
             logger.opt(exception=e).error("unexpected error in stage {}", run.stage)
@@ -257,7 +259,7 @@ class Runner:
         )
 
     def _record_agent(
-        self, run_id: int, result: builtin.Result | None, verdict: review.Review | None
+        self, run_id: int, result: Result | None, verdict: review.Review | None
     ) -> None:
         """The run's LLM calls (agent and review), totals, model outcomes and quality."""
         calls = (result.calls if result else []) + (verdict.calls if verdict else [])
@@ -284,25 +286,34 @@ class Runner:
             )
 
     def _stage_hook(self, run: Active, run_id: int) -> pipeline.StageHook:
+        """Time and record each stage. Stages may nest (an agent's attempts have their
+        changes and checks): leaving an inner one returns ``run.stage`` to the outer, and an
+        error keeps the innermost stage it left in ``error.stage``."""
+        open_stages: list[str] = []
+
         @contextmanager
         def stage(name: str) -> Iterator[None]:
+            open_stages.append(name)
             run.stage = name
             run.lease.record(stage=name)
             self.store.start_stage(run_id, name, failures.iso(self.clock()))
             start = time.monotonic()
+            outcome = "failed"
             with logger.contextualize(stage=name):
                 logger.info("stage {} started", name)
                 try:
                     yield
-                except BaseException:
-                    took = time.monotonic() - start
-                    self.store.end_stage(run_id, name, took, "failed")
-                    self._observe_stage(name, took)
-                    logger.info("stage {} failed after {:.2f}s", name, took)
+                    outcome = "ok"
+                except TicketdError as e:
+                    e.stage = e.stage or name
                     raise
-                took = time.monotonic() - start
-                self.store.end_stage(run_id, name, took, "ok")
-                self._observe_stage(name, took)
-                logger.info("stage {} done in {:.2f}s", name, took)
+                finally:
+                    open_stages.pop()
+                    run.stage = open_stages[-1] if open_stages else name
+                    took = time.monotonic() - start
+                    self.store.end_stage(run_id, name, took, outcome)
+                    self._observe_stage(name, took)
+                    said = "done in" if outcome == "ok" else "failed after"
+                    logger.info("stage {} {} {:.2f}s", name, said, took)
 
         return stage

@@ -45,6 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from daemon import procs
 from daemon.relay import Relay, Route, split_host_port
 
 HELPER = Path(__file__).with_name("sandbox_init.py")
@@ -231,12 +232,7 @@ def _credentials(home: str | None) -> list[Path]:
 
 
 def _check_program(name: str, workdir: Path, path: str | None) -> None:
-    if "/" in name:
-        candidate = workdir / name  # an absolute name replaces workdir
-        found = candidate.is_file() and os.access(candidate, os.X_OK)
-    else:
-        found = shutil.which(name, path=path if path is not None else os.defpath) is not None
-    if not found:
+    if procs.find_program(name, path, workdir) is None:
         raise FileNotFoundError(errno.ENOENT, "no such program", name)
 
 

@@ -6,19 +6,33 @@ A template holds ``@EXEC@``, ``@CONFIG@``, ``@WORKDIR@``, ``@RW_PATHS@``, ``@USE
 line ``@ENVIRONMENT@``. ``render`` fills them in with systemd's quoting (``%`` specifiers,
 ``$`` variables, spaces), so any path survives; it raises ``ValueError`` for a value no unit
 file can hold (a relative path, a control character, a bad user or variable name).
+
+``unit_for`` is what ``ticketd install-service`` writes for a configuration; ``ticketd
+doctor`` finds the units installed (``installed``) and compares each with it, reading back
+the unit's ``User=`` and ``Environment=`` with ``unit_settings`` and ``unit_environment``.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import pwd
 import re
+import shlex
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from daemon.files import atomic_write
+
+if TYPE_CHECKING:
+    from daemon.config import Config
 
 UNIT_NAME = "ticketd.service"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -82,10 +96,78 @@ def render(
     return "".join(lines)
 
 
+def writable_paths(cfg: Config) -> list[Path]:
+    """The only paths the unit lets the daemon write: the repository, the backlog, the state
+    and the logs."""
+    return [cfg.repo.path, cfg.backlog.dir, cfg.state_dir, cfg.logging.dir]
+
+
+def unit_for(cfg: Config, *, user_unit: bool, executable: Path, user: str | None, path: str) -> str:
+    """The unit ``ticketd install-service`` writes: this ``executable`` running this config
+    (its folder the working directory), as ``user`` (a system unit; ignored for a user unit),
+    with ``PATH`` set to ``path`` so that the daemon finds the programs the installing shell
+    finds. ``ValueError`` as ``render``."""
+    return render(
+        load_template(user_unit),
+        executable=executable,
+        config=cfg.path,
+        workdir=cfg.path.parent,
+        rw_paths=writable_paths(cfg),
+        user=None if user_unit else user,
+        environment={"PATH": path},
+    )
+
+
+def find_executable(argv0: str, python: str) -> Path | None:
+    """The ``ticketd`` program to put in ExecStart=: the one running (``argv0``), else the
+    one on PATH, else the one beside ``python`` (the same virtualenv); None when none is."""
+    if Path(argv0).name == "ticketd":
+        return Path(argv0).resolve()
+    if found := shutil.which("ticketd"):
+        return Path(found).resolve()
+    beside = Path(python).parent / "ticketd"
+    return beside if beside.is_file() else None
+
+
+def default_user(config: Path) -> str:
+    """Whom a system unit runs as unless told: the config file's owner."""
+    return pwd.getpwuid(config.stat().st_uid).pw_name
+
+
 def unit_path(user_unit: bool, home: Path) -> Path:
     """Where systemd looks for our unit: /etc/systemd/system/ticketd.service, or
     ~/.config/systemd/user/ticketd.service for the user manager."""
     return (home / USER_UNIT_DIR if user_unit else SYSTEM_UNIT_DIR) / UNIT_NAME
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A unit of ticketd's found installed; ``text`` None when it cannot be read."""
+
+    user_unit: bool
+    path: Path
+    text: str | None
+
+
+def installed(home: Path) -> list[Installed]:
+    """The units installed: the system one, then the user one (under ``home``)."""
+    units = []
+    for user_unit in (False, True):
+        path = unit_path(user_unit, home)
+        if not os.path.lexists(path):
+            continue
+        try:
+            text: str | None = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = None
+        units.append(Installed(user_unit, path, text))
+    return units
+
+
+def changed_lines(old: str, new: str) -> list[str]:
+    """The lines of ``old`` that ``new`` drops and the lines it adds."""
+    diff = difflib.unified_diff(old.splitlines(), new.splitlines(), n=0, lineterm="")
+    return [d[1:].strip() for d in diff if d[:1] in "+-" and not d.startswith(("+++", "---"))]
 
 
 def install(text: str, path: Path) -> Path:
@@ -95,6 +177,32 @@ def install(text: str, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, text)
     return path
+
+
+def unit_settings(text: str, key: str) -> list[str]:
+    """The values of the ``key=`` lines of a unit file, in order (comments skipped)."""
+    found = []
+    for line in text.splitlines():
+        name, eq, value = line.partition("=")
+        if eq and name.strip() == key and not line.lstrip().startswith(("#", ";")):
+            found.append(value.strip())
+    return found
+
+
+def unit_environment(text: str) -> dict[str, str]:
+    """The variables a unit's ``Environment=`` lines set (a later line wins), ``%%`` read
+    back as ``%``; a line systemd could not split either is skipped."""
+    env: dict[str, str] = {}
+    for value in unit_settings(text, "Environment"):
+        try:
+            words = shlex.split(value)
+        except ValueError:
+            continue
+        for word in words:
+            name, eq, setting = word.partition("=")
+            if eq and _VARIABLE.fullmatch(name):
+                env[name] = setting.replace("%%", "%")
+    return env
 
 
 def verify(text: str, *, timeout: float = VERIFY_TIMEOUT_S) -> tuple[bool, str]:

@@ -34,6 +34,7 @@ from daemon.backlog import FOLDERS, Backlog
 from daemon.errors import ConfigError, InvalidTicket
 from daemon.llm.health import Monitor
 from daemon.metrics import Metrics
+from daemon.preflight import Checked, preflight
 from daemon.runctx import Active, Stop
 from daemon.runner import Runner
 from daemon.sdnotify import Notifier
@@ -41,7 +42,6 @@ from daemon.server import Probes, Server
 from daemon.status import collect
 from daemon.store import Store
 from daemon.watcher import Watcher, ignore_lease_breaks, settle_delay
-from daemon.wiring import preflight
 
 __all__ = ["Supervisor", "preflight", "statuses"]
 
@@ -75,7 +75,7 @@ class Supervisor:
         monotonic: Callable[[], float] = time.monotonic,
         log_to_stderr: bool = True,
         notifier: Notifier | None = None,
-        checked: wiring.Checked | None = None,
+        checked: Checked | None = None,
     ) -> None:
         self.cfg = cfg
         self.once = once
@@ -90,7 +90,7 @@ class Supervisor:
         self.active: dict[str, Active] = {}
         self.next_reconcile = 0.0
         self.claims_paused_until = 0.0
-        self.waiting_for_ollama = False
+        self.waiting = ""  # why nothing is claimed now (Ollama away, a hold)
         self.metrics = Metrics(self._depth, self._circuit)
         self.hooks = wiring.Hooks(
             backlog=self.backlog,
@@ -177,7 +177,7 @@ class Supervisor:
             self.notifier.stopping(status=f"stopping; {len(self.active)} ticket(s) running")
         finally:
             self._shutdown()
-        return 1 if self.once and (self.runner.outcomes.failed or self.waiting_for_ollama) else 0
+        return 1 if self.once and (self.runner.outcomes.failed or self.waiting) else 0
 
     def _shutdown(self) -> None:
         if self._server is not None:
@@ -226,9 +226,10 @@ class Supervisor:
             "scheduler": self._scheduler.running or not self.cfg.retry.enabled or self.once,
             "stateDir": os.access(self.cfg.state_dir, os.W_OK),
             "backlog": os.access(self.backlog.folder("todo"), os.W_OK),
+            "holds": not self.parts.holds,
         }
         ok = all(checks.values())
-        return (200 if ok else 503), {"ok": ok, **checks}
+        return (200 if ok else 503), {"ok": ok, **checks, "held": list(self.parts.holds)}
 
     def _probe_status(self) -> tuple[int, dict[str, Any]]:
         store = Store(self.cfg.state_dir / "history.sqlite3")
@@ -304,15 +305,11 @@ class Supervisor:
         if now >= self.next_reconcile:
             self.next_reconcile = now + self.cfg.intake.reconcile_interval_s
             self.parts.recover(self.hooks)
+            self.parts.recheck()
         if now < self.claims_paused_until:
             return self.claims_paused_until - now
         wait, ready = self.intake()
-        if (
-            self.once
-            and not self.active
-            and (not ready or self.waiting_for_ollama)
-            and wait is None
-        ):
+        if self.once and not self.active and (not ready or self.waiting) and wait is None:
             return None
         return min(
             wait or self.cfg.intake.reconcile_interval_s,
@@ -375,15 +372,13 @@ class Supervisor:
         free = self.cfg.concurrency.max_tickets - len(self.active)
         if self.signals:
             return wait, 0
-        if ready and self.monitor is not None and not self.monitor.available:
-            if not self.waiting_for_ollama:
-                names = ", ".join(t.id for t in ready)
-                logger.warning(
-                    "Ollama at {} is unavailable; waiting: {}", self.monitor.llm.host, names
-                )
-            self.waiting_for_ollama = True
+        held = self._held(bool(ready))
+        if held and held != self.waiting:
+            names = ", ".join(t.id for t in ready)
+            logger.warning("{}; waiting: {}", held, names) if names else logger.warning(held)
+        self.waiting = held
+        if held:
             return wait, len(ready)
-        self.waiting_for_ollama = False
         short = self._short_of_resources() if ready and free > 0 else ""
         if short and short != self.resources_short:
             logger.warning("not claiming: {}", short)
@@ -408,6 +403,15 @@ class Supervisor:
                 free -= 1
                 busy.add(branch)
         return wait, len(ready)
+
+    def _held(self, ready: bool) -> str:
+        """Why no ticket may be claimed now: what would fail every ticket (the agent
+        missing, the remote away; see ``preflight.holds``), or Ollama unavailable."""
+        if self.parts.holds:
+            return "holding the queue: " + "; ".join(self.parts.holds)
+        if ready and self.monitor is not None and not self.monitor.available:
+            return f"Ollama at {self.monitor.llm.host} is unavailable"
+        return ""
 
     def _pause_claims(self, error: OSError) -> None:
         """A claim could not be written (a full disk): it was undone; wait, then try again."""
@@ -481,8 +485,8 @@ class Supervisor:
         """STATUS= for systemd: the queue and what runs, sent when it changes."""
         running = ", ".join(run.ticket.id for run in self.active.values()) or "nothing"
         text = f"{self.queue_depth} in todo/; running {running}"
-        if self.waiting_for_ollama:
-            text += "; waiting for Ollama"
+        if self.waiting:
+            text += f"; {self.waiting}"
         if text != self._status:
             self._status = text
             self.notifier.status(text)

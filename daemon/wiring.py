@@ -24,17 +24,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from loguru import logger
 
-from daemon import checks, failures, insights, pipeline, procs, review, sandbox, tickets
+from daemon import checks, failures, insights, pipeline, procs, review, tickets
 from daemon import config as configuration
-from daemon.agent import builtin
+from daemon.agent import builtin, command
 from daemon.backlog import LEASE_ENV, Backlog
 from daemon.confine import Plan, host_port
 from daemon.errors import ConfigError, TicketdError
-from daemon.gitcmd import Git, Remote, repo_from_remote, resolve_remote
 from daemon.llm.breaker import CircuitBreaker
 from daemon.llm.client import Ollama
 from daemon.llm.health import Monitor
 from daemon.metrics import Metrics
+from daemon.preflight import Checked, git, holds, preflight
 from daemon.redact import Redactor
 from daemon.repo import Repo
 from daemon.runner import Runner
@@ -43,74 +43,6 @@ from daemon.store import Store
 
 RESTART_ONLY = ("backlog", "state_dir", "logging", "concurrency")
 Probe = Callable[[], tuple[int, dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class Checked:
-    """What ``preflight`` found out."""
-
-    remote: Remote
-    repo_name: str | None  # GitHub owner/name, with github.enabled
-    bwrap: str | None  # the sandbox to use; None: agents run unsandboxed
-    warnings: tuple[str, ...] = ()
-
-
-def git(cfg: configuration.Config) -> Git:
-    return Git(cfg.git_env(), timeout_s=cfg.repo.git_timeout_s)
-
-
-def preflight(cfg: configuration.Config) -> Checked:
-    """Refuse to start on a configuration the runs could not use (``ConfigError``)."""
-    g = git(cfg)
-    warnings = []
-    try:
-        remote = resolve_remote(g, cfg.repo.path, cfg.repo.remote)
-    except TicketdError as e:
-        raise ConfigError(f"{cfg.path}: repo: {e.message}") from None
-    repo = Repo(cfg.state_dir / "git", remote, g)
-    base = cfg.repo.base_branch
-    try:
-        heads = repo.remote_heads(base)
-    except TicketdError as e:
-        warnings.append(f"cannot reach the remote {remote.fetch_url} now ({e.message})")
-    else:
-        if base not in heads:
-            raise ConfigError(
-                f"{cfg.path}: repo.base_branch: the remote {remote.fetch_url} has no branch "
-                f"{base!r}"
-            )
-    bwrap = None
-    if cfg.agent.sandbox != "off":
-        bwrap = sandbox.find_bwrap()
-        if bwrap is None:
-            why = sandbox.unavailable_reason()
-            if cfg.agent.sandbox == "required":
-                raise ConfigError(
-                    f"{cfg.path}: agent.sandbox is required but bubblewrap cannot run here "
-                    f"({why}); install it (Debian: apt install bubblewrap) or set "
-                    "agent.sandbox: auto"
-                )
-            warnings.append(
-                f"agents run without a sandbox: {why} (install bubblewrap; agent.sandbox)"
-            )
-    return Checked(remote, _github(cfg, remote), bwrap, tuple(warnings))
-
-
-def _github(cfg: configuration.Config, remote: Remote) -> str | None:
-    if not cfg.github.enabled:
-        return None
-    if cfg.github_token() is None:
-        raise ConfigError(
-            f"{cfg.path}: github.enabled is true but ${cfg.github.token_env} is not set "
-            "(github.token_env names the variable holding the token)"
-        )
-    name = cfg.github.repo or repo_from_remote(remote.push_url)
-    if name is None:
-        raise ConfigError(
-            f"{cfg.path}: github.repo: cannot tell owner/name from remote {cfg.repo.remote!r}; "
-            "set github.repo"
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -135,6 +67,15 @@ class Parts:
     llm: Ollama | None
     monitor: Monitor | None
     runner: Runner
+    holds: tuple[str, ...] = ()  # why every ticket would fail now: the queue waits
+
+    def recheck(self) -> None:
+        """Look again at what holds the queue (every reconcile interval while any does)."""
+        if not self.holds:
+            return
+        self.holds = holds(self.cfg, self.checked.remote)
+        if not self.holds:
+            logger.info("nothing holds the queue any more; claiming again")
 
     def describe_ollama(self) -> tuple[int, dict[str, Any]]:
         return self.monitor.describe() if self.monitor else (200, {"enabled": False})
@@ -267,7 +208,7 @@ def build(cfg: configuration.Config, hooks: Hooks, checked: Checked | None = Non
         repo_name=checked.repo_name,
         metrics=hooks.metrics,
     )
-    return Parts(cfg, checked, redact, repo, llm, monitor, runner)
+    return Parts(cfg, checked, redact, repo, llm, monitor, runner, checked.holds)
 
 
 def serve(
@@ -294,7 +235,7 @@ def _ollama(
     cfg: configuration.Config, wake: Callable[[], None]
 ) -> tuple[Ollama | None, Monitor | None]:
     """The Ollama client and its health monitor, when a run needs Ollama."""
-    if cfg.agent.kind != "builtin" and not cfg.review.enabled:
+    if not cfg.needs_ollama:
         return None, None
     o = cfg.ollama
     b = o.circuit_breaker
@@ -348,7 +289,6 @@ def settings(cfg: configuration.Config) -> pipeline.Settings:
         push_retries=cfg.repo.push_retries,
         prompts=cfg.state_dir / "prompts",
         logs=cfg.logging.dir / "tasks",
-        command=cfg.agent.command,
         timeout_s=cfg.agent.timeout_s,
         exclude=cfg.agent.exclude,
         models=cfg.ollama.models,
@@ -359,7 +299,15 @@ def settings(cfg: configuration.Config) -> pipeline.Settings:
             num_predict=cfg.ollama.num_predict,
             max_reflections=cfg.agent.max_reflections,
             max_context_files=cfg.agent.max_context_files,
-            python_analysis=cfg.static_analysis.python,
+        ),
+        command=command.Settings(
+            cfg.agent.command,
+            cfg.agent.env,
+            uses_ollama=cfg.agent_uses_ollama,
+            max_reflections=cfg.agent.max_reflections,
+        ),
+        suite=checks.Suite(
+            python=cfg.static_analysis.python,
             analysis=tuple(
                 checks.Command(c.glob, c.run, c.timeout_s, c.glob)
                 for c in cfg.static_analysis.commands

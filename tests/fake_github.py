@@ -9,7 +9,10 @@ It keeps one repository (``acme/widgets`` by default) with its pull requests, th
 comments, and answers with GitHub's JSON shapes, status codes and headers: 201 and ``Location``
 on create, 422 ``Validation Failed`` for a second open pull request from the same head into the
 same base, 401 ``Bad credentials`` for a wrong token, ``X-RateLimit-*`` on every answer,
-``Link`` pagination. Each test scripts the trouble it needs::
+``Link`` pagination, and the token's kind: a classic token's ``X-OAuth-Scopes`` on every
+authenticated answer (``scopes="repo"``), or none for a fine-grained token (``scopes=None``),
+whose push access shows in the repository's ``permissions.push`` (``push=``). Each test scripts
+the trouble it needs::
 
     fake.fail(502, "Server Error", method="POST", path_contains="/pulls")  # next such request
     fake.rate_limit(retry_after=2, status=429)  # a secondary limit with Retry-After, then normal
@@ -167,10 +170,14 @@ class FakeGitHub(FakeServer):
         login: str = "ticketd-bot",
         default_branch: str = "main",
         port: int = 0,
+        scopes: str | None = "repo",
+        push: bool = True,
     ) -> None:
         super().__init__(port)  # also ``errors``: exceptions raised inside the fake
         self.owner, self.name = repo.split("/")
         self.token = token
+        self.scopes = scopes  # X-OAuth-Scopes of a classic token; None: a fine-grained one
+        self.push = push  # the repository's permissions.push for the token's user
         self.login = login  # the user the token belongs to: author of pulls and comments
         self.default_branch = default_branch
         self.requests: list[Request] = []
@@ -348,9 +355,17 @@ class FakeGitHub(FakeServer):
         with self._lock:
             self.requests.append(req)
             self._arrived.notify_all()
-            reply = self._answer(req, h.headers.get("Authorization"), inside)
+            authorization = h.headers.get("Authorization")
+            reply = self._answer(req, authorization, inside)
             req.status = reply.status
-        h.send_github(reply.status, reply.body, self._headers(reply))
+            headers = self._headers(reply)
+            if self.scopes is not None and self._authenticated(authorization):
+                headers["X-OAuth-Scopes"] = self.scopes
+        h.send_github(reply.status, reply.body, headers)
+
+    def _authenticated(self, authorization: str | None) -> bool:
+        scheme, _, given = (authorization or "").partition(" ")
+        return scheme.lower() in ("token", "bearer") and given == self.token
 
     def _answer(self, req: Request, authorization: str | None, inside: bool) -> _Reply:
         """Called with the lock held."""
@@ -360,10 +375,9 @@ class FakeGitHub(FakeServer):
             if fault.times <= 0:
                 self._faults.remove(fault)
             return self._fault_reply(fault)
-        scheme, _, given = (authorization or "").partition(" ")
         if not authorization:
             return _error(401, NEEDS_AUTH)
-        if scheme.lower() not in ("token", "bearer") or given != self.token:
+        if not self._authenticated(authorization):
             return _error(401, BAD_CREDENTIALS)
         self._used += 1
         route = self._route(req.method, req.path) if inside else None
@@ -582,7 +596,7 @@ class FakeGitHub(FakeServer):
         have = {label["name"] for label in pull["labels"]}
         for name in names:
             if name not in have:
-                pull["labels"].append(self._label(name))
+                pull["labels"].append(self._label(str(name)))  # each checked a str above
                 have.add(name)
         pull["updated_at"] = _now()
         return _Reply(200, pull["labels"])
@@ -708,7 +722,7 @@ class FakeGitHub(FakeServer):
             "permissions": {
                 "admin": False,
                 "maintain": False,
-                "push": True,
+                "push": self.push,
                 "triage": True,
                 "pull": True,
             },

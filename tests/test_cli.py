@@ -17,6 +17,7 @@ COMMANDS = [
     "validate",
     "new",
     "retry-failed",
+    "doctor",
     "stats",
     "insights",
     "install-service",

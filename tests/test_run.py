@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import PY, SIDE_CHANNEL, Project, git
+from conftest import PY, SIDE_CHANNEL, Project, git, ticketd
 
 from daemon import config as configuration
 from daemon.supervisor import Supervisor
@@ -78,6 +78,7 @@ def test_failing_agent_goes_to_failed_with_error_json(project: Project) -> None:
         "retryCount",
         "model",
         "modelsTried",
+        "agentLog",
         "modelOutcomes",
         "contentSha256",
         "nextRetryAt",
@@ -87,6 +88,8 @@ def test_failing_agent_goes_to_failed_with_error_json(project: Project) -> None:
     assert err["taskId"] == "task-7" and err["file"] == name
     assert err["stage"] == "agent" and err["errorCode"] == "AGENT_FAILED"
     assert "model refused: bad prompt" in err["error"]
+    assert "task-7.agent.log" in err["error"] and err["agentLog"].endswith("task-7.agent.log")
+    assert err["model"] is None and err["modelsTried"] == []  # this agent uses no model
     assert err["retryable"] is True and err["errorType"] == "permanent"
     assert err["retryCount"] == 0 and len(err["attempts"]) == 1
     assert err["attempts"][0]["errorCode"] == "AGENT_FAILED"
@@ -135,13 +138,17 @@ def test_agent_timeout_ends_the_whole_process_tree(project: Project, tmp_path: P
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_missing_agent_program_names_it(project: Project) -> None:
+def test_missing_agent_program_holds_the_queue_and_names_it(project: Project) -> None:
+    """An agent that is not installed would fail every ticket: they wait in todo/ instead,
+    and `run --once` exits 1 saying which program is missing."""
     project.write_config(agent={"command": ["no-such-agent-program", "{prompt_file}"]})
     project.ticket("task-4 - X.md")
-    assert run_once(project) == 1
-    err = error_json(project, "task-4 - X.md")
-    assert err["errorCode"] == "AGENT_FAILED"
-    assert "no-such-agent-program" in err["error"]
+    result = ticketd("run", "--once", "--config", str(project.config_path), timeout=60)
+    assert result.returncode == 1
+    said = "holding the queue: the agent program 'no-such-agent-program' is not on"
+    assert said in result.stderr
+    assert "waiting: task-4" in result.stderr
+    assert project.where() == {"todo": ["task-4 - X.md"]}
 
 
 @pytest.mark.parametrize(

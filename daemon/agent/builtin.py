@@ -12,14 +12,15 @@ and check: a cancel ends them at once, and ``agent.timeout_s`` bounds the whole 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from daemon import checks
 from daemon.agent import context, edits
+from daemon.agent.chain import AgentFailure, Result, walk
 from daemon.agent.command import render_ticket
 from daemon.confine import Confinement
 from daemon.errors import TicketdError
-from daemon.llm.client import Call, LLMError, Message, Ollama, estimate_tokens
+from daemon.llm.client import Message, Ollama, estimate_tokens
 from daemon.repo import Workspace
 from daemon.runctx import RunContext
 from daemon.tickets import Ticket
@@ -56,9 +57,6 @@ class Settings:
     num_predict: int
     max_reflections: int
     max_context_files: int
-    python_analysis: bool
-    analysis: tuple[checks.Command, ...]
-    checks: tuple[checks.Command, ...]
     lessons: str = ""  # learned from earlier runs (insights); appended to the system prompt
 
     @property
@@ -66,37 +64,6 @@ class Settings:
         return SYSTEM_PROMPT + (
             f"\nLessons from earlier tickets:\n{self.lessons}\n" if self.lessons else ""
         )
-
-
-@dataclass
-class Result:
-    """What the run did, for the history, the log and ``.error.json``."""
-
-    model: str | None = None
-    models_tried: list[str] = field(default_factory=list)
-    outcomes: dict[str, str] = field(default_factory=dict)  # model -> ok / not_found / failed
-    calls: list[Call] = field(default_factory=list)
-    reflections: int = 0
-    fixes: int = 0
-    first_try: bool = False
-    checks_passed: bool = False
-    changed: set[str] = field(default_factory=set)
-
-    @property
-    def quality(self) -> float:
-        """1.0 for a first-try success, less for each reflection and hand-over, 0 on failure."""
-        if not self.checks_passed:
-            return 0.0
-        handovers = max(0, len(self.models_tried) - 1)
-        return round(max(0.1, 1.0 - 0.15 * self.reflections - 0.25 * handovers), 2)
-
-
-class AgentFailure(TicketdError):
-    """The agent gave up; ``result`` says what it tried."""
-
-    def __init__(self, message: str, *, code: str, result: Result) -> None:
-        super().__init__(message, code=code)
-        self.result = result
 
 
 class _Truncated(Exception):
@@ -114,6 +81,7 @@ class _Run:
     workspace: Workspace
     llm: Ollama
     s: Settings
+    suite: checks.Suite
     confine: Confinement
     ctx: RunContext
     result: Result
@@ -126,6 +94,7 @@ def run(
     chain: Sequence[str],
     llm: Ollama,
     s: Settings,
+    suite: checks.Suite,
     confine: Confinement,
     ctx: RunContext,
     *,
@@ -143,48 +112,29 @@ def run(
             code="CONTEXT_TOO_LARGE",
             result=result,
         )
-    r = _Run(ticket, task, workspace, llm, s, confine, ctx, result, log)
-    last: TicketdError | None = None
-    earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
-    for model in chain:
-        if last is not None and result.changed:
+    r = _Run(ticket, task, workspace, llm, s, suite, confine, ctx, result, log)
+
+    def attempt(model: str | None, before: TicketdError | None) -> None:
+        assert model is not None
+        try:
+            _attempt(r, model, budget, before)
+        except _Truncated:
+            log(f"{model}: Ollama truncated the prompt; trying again with half the context")
             workspace.reset()
             result.changed.clear()
-        result.models_tried.append(model)
-        try:
             try:
-                _attempt(r, model, budget, last or earlier)
-            except _Truncated:
-                log(f"{model}: Ollama truncated the prompt; trying again with half the context")
-                workspace.reset()
-                result.changed.clear()
-                _attempt(r, model, budget // 2, last or earlier)
-        except _Truncated as e:
-            raise AgentFailure(
-                f"Ollama truncated the prompt for {model} (evaluated {e.tokens} tokens) even "
-                "with half the context; lower agent.max_context_files or raise ollama.num_ctx",
-                code="CONTEXT_TOO_LARGE",
-                result=result,
-            ) from None
-        except LLMError as e:
-            if e.code != "MODEL_NOT_FOUND":
-                raise AgentFailure(e.message, code=e.code, result=result) from None
-            result.outcomes[model] = "not_found"
-            log(f"{model}: not found on the server; next model")
-            last = last or e
-            continue
-        except AgentFailure as e:
-            result.outcomes[model] = "failed"
-            last = e
-            if e.code in ("UNSAFE_EDIT", "CONTEXT_TOO_LARGE"):
-                raise
-            log(f"{model}: gave up ({e.code}); handing over")
-            continue
-        result.outcomes[model] = "ok"
-        result.model = model
-        return result
-    assert last is not None
-    raise AgentFailure(last.message, code=last.code, result=result)
+                _attempt(r, model, budget // 2, before)
+            except _Truncated as e:
+                raise AgentFailure(
+                    f"Ollama truncated the prompt for {model} (evaluated {e.tokens} tokens) "
+                    "even with half the context; lower agent.max_context_files or raise "
+                    "ollama.num_ctx",
+                    code="CONTEXT_TOO_LARGE",
+                    result=result,
+                ) from None
+
+    earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
+    return walk(chain, workspace, attempt, result, log=log, earlier=earlier)
 
 
 def _attempt(r: _Run, model: str, budget: int, previous: TicketdError | None) -> None:
@@ -245,7 +195,7 @@ def _attempt(r: _Run, model: str, budget: int, previous: TicketdError | None) ->
 
 def _apply_and_check(answer: str, r: _Run) -> AgentFailure | None:
     """Apply the answer's edits and check them; the failure to reflect on, or None."""
-    s, result, worktree = r.s, r.result, r.workspace.path
+    result, worktree = r.result, r.workspace.path
     try:
         found = edits.parse(answer)
     except TicketdError as e:
@@ -270,21 +220,8 @@ def _apply_and_check(answer: str, r: _Run) -> AgentFailure | None:
         return AgentFailure(
             edits.describe_failures(applied.failures), code="EDIT_APPLY_FAILED", result=result
         )
-    changed = sorted(result.changed)
-    analysis = checks.analyse(
-        worktree,
-        changed,
-        python=s.python_analysis,
-        commands=s.analysis,
-        confine=r.confine,
-        ctx=r.ctx,
-    )
-    result.fixes += analysis.fixes
-    outcome = (
-        analysis
-        if not analysis.ok
-        else checks.run_checks(worktree, s.checks, confine=r.confine, ctx=r.ctx)
-    )
+    outcome = r.suite.verify(worktree, sorted(result.changed), confine=r.confine, ctx=r.ctx)
+    result.fixes += outcome.fixes
     if outcome.ok:
         return None
     text = "\n\n".join(outcome.failures)

@@ -1,22 +1,54 @@
 """The command agent: any CLI coding agent (aider, ...) run as a child process.
 
-The ticket becomes a prompt file; ``agent.command`` runs in the worktree, confined (its
-sandbox, own process tree, memory limit), with its placeholders filled in. Its output is
-masked by the redactor on its way to the agent log. The run's deadline ends the whole process
-tree (AGENT_TIMEOUT); a cancel ends it too; a non-zero exit is AGENT_FAILED with the tail of
-the agent's output.
+The ticket becomes a prompt file; ``agent.command`` runs in the checkout, confined (its
+sandbox, own process tree, memory limit), with its placeholders filled in. An agent that
+uses a model (``{model}`` in its command or ``agent.env``, or ``agent.uses_ollama``) walks
+the ticket's chain of models like the builtin agent: a failed run, a run that changed
+nothing, or checks still failing hand over to the next model on a clean checkout. Checks
+that fail go back to the same agent with their output, up to ``agent.max_reflections``
+times. Before a failure is blamed on the ticket, Ollama is asked: away -> OLLAMA_UNAVAILABLE
+(the ticket waits), the model missing -> MODEL_NOT_FOUND (the next model).
+
+Each attempt appends to the agent's log under a header (attempt, model, time), its output
+masked by the redactor and bounded in size. The run's deadline ends the whole process tree
+(AGENT_TIMEOUT); a cancel ends it too; a non-zero exit is AGENT_FAILED with the last
+meaningful lines of the agent's output.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
-from daemon import procs
+from daemon import checks, procs
+from daemon.agent.chain import AgentFailure, Result, walk
 from daemon.confine import Confinement
-from daemon.errors import AgentError
+from daemon.errors import AgentError, TicketdError
+from daemon.files import atomic_write
+from daemon.repo import Change, Workspace
 from daemon.runctx import RunContext
 from daemon.tickets import Ticket
+
+LOG_LIMIT = 4 * 1024 * 1024  # bytes of one attempt's output kept in the agent's log
+
+
+@dataclass(frozen=True)
+class Settings:
+    command: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)  # placeholders filled per attempt
+    uses_ollama: bool = False
+    max_reflections: int = 3
+
+
+@dataclass(frozen=True)
+class Paths:
+    prompt: Path  # the prompt file, written anew for each attempt
+    log: Path  # the agent's own log: every attempt's output
+    ticket: Path
 
 
 def ticket_sections(ticket: Ticket, *, plan_and_notes: bool = True) -> list[str]:
@@ -59,43 +91,213 @@ def build_argv(template: Sequence[str], values: Mapping[str, str]) -> list[str]:
     return [arg.format(**values) for arg in template]
 
 
+def fill_env(env: Mapping[str, str], values: Mapping[str, str]) -> dict[str, str]:
+    """``agent.env`` with the known ``{placeholders}`` filled (other braces kept as they are)."""
+    filled = {}
+    for name, text in env.items():
+        for key, value in values.items():
+            text = text.replace("{" + key + "}", value)
+        filled[name] = text
+    return filled
+
+
+@dataclass
+class _Run:
+    """What every attempt of one run shares."""
+
+    ticket: Ticket
+    workspace: Workspace
+    s: Settings
+    suite: checks.Suite
+    exclude: tuple[str, ...]
+    paths: Paths
+    confine: Confinement
+    ctx: RunContext
+    result: Result
+    on_start: Callable[[int], None]
+    redact: Callable[[str], str]
+    log: Callable[[str], None]
+    probe: Callable[[str], None] | None
+    stage: Callable[[str], AbstractContextManager[None]]
+    change: Change | None = None
+
+
 def run(
-    template: Sequence[str],
+    ticket: Ticket,
+    workspace: Workspace,
+    chain: Sequence[str],
+    s: Settings,
+    suite: checks.Suite,
     *,
-    values: Mapping[str, str],
+    exclude: tuple[str, ...],
+    paths: Paths,
     confine: Confinement,
-    worktree: Path,
-    output: Path,
     ctx: RunContext,
     on_start: Callable[[int], None],
     redact: Callable[[str], str],
-) -> None:
-    """Run the agent until it exits, the run's deadline passes or the run is cancelled."""
-    argv = build_argv(template, values)
+    log: Callable[[str], None],
+    stage: Callable[[str], AbstractContextManager[None]],
+    probe: Callable[[str], None] | None = None,
+    previous: str | None = None,
+) -> tuple[Result, Change]:
+    """Run the agent, model after model, until its change passes the checks. ``probe(model)``
+    raises ``LLMError`` when Ollama is away or lacks the model. Returns what was tried and
+    the change (after any auto-fixes)."""
+    result = Result()
+    r = _Run(
+        ticket,
+        workspace,
+        s,
+        suite,
+        exclude,
+        paths,
+        confine,
+        ctx,
+        result,
+        on_start,
+        redact,
+        log,
+        probe,
+        stage,
+    )
+    models: list[str | None] = [*chain] if s.uses_ollama else [None]
+    earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
+    walk(
+        models,
+        workspace,
+        lambda model, before: _attempt(r, model, before),
+        result,
+        log=log,
+        earlier=earlier,
+    )
+    assert r.change is not None
+    return result, r.change
+
+
+def _attempt(r: _Run, model: str | None, before: TicketdError | None) -> None:
+    """One model's turn: run the agent, then again with the checks' output while they fail."""
+    feedback = before.message if before is not None else None
+    for turn in range(r.s.max_reflections + 1):
+        _launch(r, model, feedback)
+        with r.stage("changes"):
+            change = r.workspace.snapshot(r.exclude, cancel=r.ctx.event)
+            if not change.entries:
+                _blame(
+                    r,
+                    model,
+                    AgentError("the agent finished without changing any file", code="NO_CHANGES"),
+                )
+        r.result.changed = {e.path for e in change.entries}
+        changed = sorted(e.path for e in change.entries if e.status != "D")
+        outcome = checks.Outcome()
+        if not r.suite.empty:
+            with r.stage("checks"):
+                outcome = r.suite.verify(r.workspace.path, changed, confine=r.confine, ctx=r.ctx)
+                r.ctx.check()
+                if not outcome.ok and turn == r.s.max_reflections:
+                    raise AgentFailure(
+                        " | ".join(f.replace("\n", " | ") for f in outcome.failures)[:1500],
+                        code="CHECKS_FAILED",
+                        result=r.result,
+                    )
+        r.result.fixes += outcome.fixes
+        if outcome.ok:
+            r.result.checks_passed = True
+            r.result.first_try = r.result.attempts == 1
+            r.change = (
+                r.workspace.snapshot(r.exclude, cancel=r.ctx.event) if outcome.fixes else change
+            )
+            return
+        text = "\n\n".join(outcome.failures)
+        r.result.reflections += 1
+        r.log(
+            f"{model or 'the agent'}: CHECKS_FAILED, reflecting ({turn + 1}/{r.s.max_reflections})"
+        )
+        feedback = (
+            f"Your change does not pass the checks yet:\n\n{text}\n\n"
+            "Fix the files in the repository so that these checks pass."
+        )
+
+
+def _blame(r: _Run, model: str | None, error: AgentError) -> None:
+    """Before a failure counts against the ticket, ask Ollama (``probe`` raises when it is
+    away or lacks the model); then raise ``error``."""
+    if model is not None and r.probe is not None:
+        r.probe(model)
+    raise AgentFailure(error.message, code=error.code, result=r.result)
+
+
+def _launch(r: _Run, model: str | None, feedback: str | None) -> None:
+    """Run the agent once with the prompt for this attempt; its output goes to its log."""
+    r.result.attempts += 1
+    paths, ticket = r.paths, r.ticket
+    paths.prompt.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(paths.prompt, r.redact(render_prompt(ticket, feedback)))
+    values = {
+        "prompt_file": str(paths.prompt),
+        "worktree": str(r.workspace.path),
+        "ticket_file": str(paths.ticket),
+        "ticket_id": ticket.id,
+        "model": model or "",
+    }
+    argv = build_argv(r.s.command, values)
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    header = f"\n===== attempt {r.result.attempts} · model {model or '(none)'} · {at} =====\n"
+    paths.log.parent.mkdir(parents=True, exist_ok=True)
+    with paths.log.open("a", encoding="utf-8") as f:
+        f.write(header)
+    start = paths.log.stat().st_size
     try:
-        result = confine.run(
+        result = r.confine.run(
             argv,
-            cwd=worktree,
-            timeout_s=ctx.timeout(ctx.budget_s),
-            output=output,
-            on_start=on_start,
-            filter=redact,
+            cwd=r.workspace.path,
+            timeout_s=r.ctx.timeout(r.ctx.budget_s),
+            output=paths.log,
+            on_start=r.on_start,
+            filter=r.redact,
             limit_memory=True,
+            env=fill_env(r.s.env, values),
+            max_output=LOG_LIMIT,
         )
     except (FileNotFoundError, PermissionError) as e:
         raise AgentError(
             f"cannot start agent command {argv[0]!r}: {e.strerror}; install it or set agent.command"
         ) from e
     if result.cancelled:
-        raise ctx.error()
+        raise r.ctx.error()
     if result.out_of_memory:
-        raise AgentError(
-            f"the agent's processes grew past agent.max_memory_mb ({confine.max_memory_mb:g} "
-            "MiB) and were ended",
-            code="AGENT_OOM",
+        _blame(
+            r,
+            None,
+            AgentError(
+                f"the agent's processes grew past agent.max_memory_mb ({r.confine.max_memory_mb:g} "
+                "MiB) and were ended",
+                code="AGENT_OOM",
+            ),
         )
     if result.timed_out:
-        raise ctx.timed_out()
+        raise r.ctx.timed_out()
     if result.returncode != 0:
-        last = " | ".join(procs.tail(output, 1500).strip().splitlines()[-8:])
-        raise AgentError(f"agent exited with status {result.returncode}: {last}")
+        said = last_lines(procs.tail(paths.log, 64 * 1024, start=start))
+        _blame(
+            r,
+            model,
+            AgentError(
+                f"agent exited with status {result.returncode}: {said} (its log: {paths.log.name})"
+            ),
+        )
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
+
+
+def last_lines(output: str, n: int = 6, limit: int = 360) -> str:
+    """The last ``n`` meaningful lines of an agent's output, joined with " | ": colour codes
+    and progress redraws (``\\r``) removed, blank, rule-only and repeated lines left out."""
+    kept: list[str] = []
+    for raw in output.splitlines():
+        line = ANSI.sub("", raw.rsplit("\r", 1)[-1]).strip()
+        if not re.search(r"\w", line) or line.startswith("[ticketd:") or line in kept[-1:]:
+            continue
+        kept.append(line[:160])
+    return " | ".join(kept[-n:])[-limit:] or "(no output)"

@@ -41,6 +41,7 @@ class CircuitBreaker:
         self._successes = 0
         self._trials = 0
         self._opened_at = 0.0
+        self.opened = threading.Event()  # set each time it opens (the health monitor waits on it)
 
     @property
     def state(self) -> State:
@@ -81,9 +82,10 @@ class CircuitBreaker:
                     self._state = State.CLOSED
 
     def trip(self) -> None:
-        """Open now, whatever the count (Ollama was found down at start-up)."""
+        """Open now, whatever the count (Ollama was found down)."""
         with self._lock:
             self._state, self._opened_at, self._failures = State.OPEN, self.clock(), 0
+        self.opened.set()
 
     def failure(self) -> None:
         with self._lock:
@@ -91,3 +93,4 @@ class CircuitBreaker:
             self._failures += 1
             if state is State.HALF_OPEN or self._failures >= self.failure_threshold:
                 self._state, self._opened_at, self._failures = State.OPEN, self.clock(), 0
+                self.opened.set()

@@ -297,6 +297,20 @@ class Ollama:
         detail = error.error if isinstance(error, ollama.ResponseError) else str(error)
         raise _Transient(f"Ollama at {self.host} failed: {detail}") from None
 
+    def probe(self, model: str) -> None:
+        """Ask the server whether it is there and has ``model``; raise ``LLMError`` when not:
+        OLLAMA_UNAVAILABLE (and the breaker opens: nothing is claimed until the health
+        monitor finds the server again) or MODEL_NOT_FOUND."""
+        health = check_health(self.host, [model], self.connect_timeout_s)
+        if not health.ok:
+            self.breaker.trip()
+            raise LLMError(f"Ollama at {self.host} does not answer ({health.error})")
+        if health.missing:
+            raise LLMError(
+                f"model {model!r} not found on {self.host}: run `ollama pull {model}`",
+                code="MODEL_NOT_FOUND",
+            )
+
     def warm(self, model: str) -> None:
         """Load ``model`` into memory (an empty generate) so the first ticket starts fast."""
         self._client.generate(

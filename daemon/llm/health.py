@@ -96,6 +96,7 @@ class Monitor:
 
     def stop(self) -> None:
         self._stop.set()
+        self.breaker.opened.set()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_s + 5)
 
@@ -106,7 +107,14 @@ class Monitor:
                 logger.info("warmed {}", self.warm_model)
             except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as e:  # a courtesy
                 logger.warning("could not warm {}: {}", self.warm_model, e)
-        while not self._stop.wait(self._next_wait()):
+        opened = self.breaker.opened
+        while not self._stop.is_set():
+            opened.wait(self._next_wait())  # the breaker opening ends the wait: plan anew
+            if self._stop.is_set():
+                break
+            if opened.is_set():
+                opened.clear()
+                continue
             self.check_now()
 
     def _next_wait(self) -> float:
