@@ -21,8 +21,11 @@ from daemon.procs import KEPT_TAIL
 from daemon.store import Store
 from daemon.supervisor import Supervisor
 
-AGENT = Path(__file__).with_name("agents") / "ollama_agent.py"
-AIDER_LIKE = [PY, str(AGENT), "--model", "ollama_chat/{model}", "--message-file", "{prompt_file}"]
+# Passed as source (python -c): the sandbox shows the agent its checkout, not this folder.
+# Braces doubled: agent.command fills {placeholders}.
+SOURCE = (Path(__file__).with_name("agents") / "ollama_agent.py").read_text()
+AGENT = SOURCE.replace("{", "{{").replace("}", "}}")
+AIDER_LIKE = [PY, "-c", AGENT, "--model", "ollama_chat/{model}", "--message-file", "{prompt_file}"]
 MODEL, SMALL = "qwen2.5-coder:7b", "qwen2.5-coder:1.5b"
 
 
