@@ -314,6 +314,16 @@ class Config(_Section):
         )
 
     @property
+    def wanted_models(self) -> list[str]:
+        """The models runs may ask for: ``ollama.models``, those of ``models_by_label``, and
+        the review's, each once."""
+        o = self.ollama
+        wanted = [*o.models, *(m for models in o.models_by_label.values() for m in models)]
+        if self.review.enabled and o.review_model:
+            wanted.append(o.review_model)
+        return list(dict.fromkeys(wanted))
+
+    @property
     def needs_ollama(self) -> bool:
         """Does any configured work call Ollama (the agent, or the review)?"""
         return self.agent_uses_ollama or self.review.enabled

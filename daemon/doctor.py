@@ -22,13 +22,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import github
 import httpx
-from github import Auth, GithubException
+from github import GithubException
 
 from daemon import config as configuration
 from daemon import preflight, procs, sandbox, service
 from daemon.errors import TicketdError
+from daemon.forge import Forge
 from daemon.gitcmd import Remote, repo_from_remote, resolve_remote
 from daemon.llm.client import check_health
 from daemon.redact import Redactor
@@ -127,12 +127,12 @@ def agent(cfg: configuration.Config, units: list[service.Installed], shell_path:
         first = cfg.agent.command[0]
         return Check("agent", "ok", f"agent.command's program is {first!r}: not checked")
     path, source = _agent_path(cfg, units, shell_path)
-    if preflight.agent_problem(cfg, path=path) is None:
-        found = procs.find_program(program, path, cfg.repo.path)
+    found = procs.find_program(program, path, cfg.repo.path)
+    if found is not None:
         if "/" in program:
             return Check("agent", "ok", f"{found} is executable")
         return Check("agent", "ok", f"{found}, found on {source}")
-    fix = "install it (aider: pipx install aider-chat) or change agent.command"
+    fix = preflight.INSTALL_AGENT
     if units and "PATH" not in cfg.agent.env:
         fix = (
             "install it where that PATH finds it, or run `ticketd install-service` again from "
@@ -254,21 +254,12 @@ def push(cfg: configuration.Config, remote: Remote, sha: str) -> Check:
 # -- Ollama -------------------------------------------------------------------------------------
 
 
-def models_of(cfg: configuration.Config) -> list[str]:
-    """The models runs may ask for: ``ollama.models``, those of ``models_by_label``, and the
-    review's, each once."""
-    wanted = [*cfg.ollama.models, *(m for ms in cfg.ollama.models_by_label.values() for m in ms)]
-    if cfg.review.enabled and cfg.ollama.review_model:
-        wanted.append(cfg.ollama.review_model)
-    return list(dict.fromkeys(wanted))
-
-
 def ollama(cfg: configuration.Config) -> Iterator[Check]:
     """Ollama answers, then each model: pulled, and its context at least ``num_ctx``."""
     if not cfg.needs_ollama:
         yield Check("ollama", "ok", "not used by this configuration")
         return
-    host, wanted = cfg.ollama.host, models_of(cfg)
+    host, wanted = cfg.ollama.host, cfg.wanted_models
     health = check_health(host, wanted, cfg.ollama.health_check.timeout_s)
     if not health.ok:
         fix = f"start Ollama (`ollama serve` or `systemctl start ollama`) at {host}"
@@ -322,24 +313,17 @@ def github_check(cfg: configuration.Config, remote: Remote | None) -> Check:
     if name is None:
         detail = "github.repo is not set and the remote's URL names no owner/name"
         return Check("github", "FAIL", detail, "set github.repo to owner/name")
-    client = github.Github(
-        auth=Auth.Token(token),
-        base_url=cfg.github.base_url or github.Consts.DEFAULT_BASE_URL,
-        timeout=GITHUB_TIMEOUT_S,
-        retry=None,
-    )
+    forge = Forge(name, token, base_url=cfg.github.base_url, retries=0, timeout_s=GITHUB_TIMEOUT_S)
     try:
-        login = client.get_user().login
-        scopes = client.oauth_scopes
-        found = client.get_repo(name)
-        private, can_push = found.private, bool(found.permissions and found.permissions.push)
+        access = forge.access()
     except GithubException as e:
         return _github_refused(cfg, name, e)
     except OSError as e:  # requests' errors: refused, reset, timed out
         detail = f"cannot reach {cfg.github.base_url or 'GitHub'}: {e}"
         return Check("github", "FAIL", detail, "check the network or github.base_url")
     finally:
-        client.close()
+        forge.close()
+    login, scopes, private, can_push = access.login, access.scopes, access.private, access.can_push
     fix = f"use a token that may push to {name} in ${var}"
     if scopes is not None:  # a classic token says its scopes
         listed = ", ".join(s for s in scopes if s) or "none"

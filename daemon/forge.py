@@ -22,6 +22,16 @@ class PRFailed(TicketdError):
 
 
 @dataclass(frozen=True)
+class Access:
+    """What the token is allowed on the repository."""
+
+    login: str
+    scopes: list[str] | None  # a classic token's scopes; None for a fine-grained token
+    private: bool
+    can_push: bool
+
+
+@dataclass(frozen=True)
 class PullRequest:
     number: int
     url: str
@@ -57,6 +67,14 @@ class Forge:
 
     def close(self) -> None:
         self._gh.close()
+
+    def access(self) -> Access:
+        """Who the token belongs to and whether it may push; PyGithub's ``GithubException``
+        and requests' ``OSError`` pass through (``ticketd doctor`` says what they mean)."""
+        login = self._gh.get_user().login
+        scopes = self._gh.oauth_scopes
+        repo = self._gh.get_repo(self.repo_name)
+        return Access(login, scopes, repo.private, bool(repo.permissions and repo.permissions.push))
 
     def open_or_update(
         self, *, branch: str, base: str, title: str, body: str, draft: bool, labels: Sequence[str]

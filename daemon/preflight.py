@@ -82,6 +82,9 @@ def holds(
     return tuple(found)
 
 
+INSTALL_AGENT = "install it (aider: pipx install aider-chat) or change agent.command"
+
+
 def agent_program(cfg: configuration.Config) -> str | None:
     """The command agent's program (``agent.command``'s first item), None for the builtin
     agent or a program named by a placeholder."""
@@ -90,17 +93,16 @@ def agent_program(cfg: configuration.Config) -> str | None:
     return cfg.agent.command[0]
 
 
-def agent_problem(cfg: configuration.Config, path: str | None = None) -> str | None:
+def agent_problem(cfg: configuration.Config) -> str | None:
     """Why the agent cannot start (its program is not on the agents' PATH), or None."""
     program = agent_program(cfg)
     if program is None:
         return None
-    path = path if path is not None else cfg.agent_env().get("PATH")
-    if procs.find_program(program, path, cfg.repo.path) is not None:
+    if procs.find_program(program, cfg.agent_env().get("PATH"), cfg.repo.path) is not None:
         return None
     return (
-        f"the agent program {program!r} is not on the agents' PATH: install it (aider: "
-        "pipx install aider-chat) or change agent.command (`ticketd doctor` shows the PATH)"
+        f"the agent program {program!r} is not on the agents' PATH: {INSTALL_AGENT} "
+        "(`ticketd doctor` shows the PATH)"
     )
 
 

@@ -375,7 +375,7 @@ class Supervisor:
         held = self._held(bool(ready))
         if held and held != self.waiting:
             names = ", ".join(t.id for t in ready)
-            logger.warning("{}; waiting: {}", held, names) if names else logger.warning(held)
+            logger.warning("{}{}", held, f"; waiting: {names}" if names else "")
         self.waiting = held
         if held:
             return wait, len(ready)

@@ -257,7 +257,7 @@ def _ollama(
     )
     monitor = Monitor(
         llm,
-        [*o.models, *([o.review_model] if cfg.review.enabled and o.review_model else [])],
+        cfg.wanted_models,
         interval_s=o.health_check.interval_s,
         timeout_s=o.health_check.timeout_s,
         on_available=wake,

@@ -312,3 +312,21 @@ def test_an_unreachable_remote_holds_the_queue_and_ready_says_why(project: Proje
         git(project.root, "clone", "--quiet", "--bare", str(project.remote), str(away))
         wait_until(lambda: project.where() == {"done": [name]}, what="the ticket done")
     assert "ticketd/task-11-later" in git(away, "branch", "--list")
+
+
+def test_credentials_in_an_unreachable_remote_url_never_reach_the_log_or_doctor(
+    project: Project,
+) -> None:
+    """A remote URL carrying a password, out of reach: the queue is held and the reason
+    logged, with the password masked there and in `ticketd doctor`'s report."""
+    secret = "hunter2-not-for-logs"
+    git(project.repo, "remote", "set-url", "origin", f"https://bob:{secret}@127.0.0.1:9/r.git")
+    project.ticket("task-12 - Held.md")
+    result = ticketd("run", "--once", "--config", str(project.config_path), timeout=60)
+    assert result.returncode == 1 and "holding the queue: cannot reach the remote" in result.stderr
+    doctor = ticketd("doctor", "--config", str(project.config_path), timeout=60)
+    assert doctor.returncode == 1 and "FAIL  remote" in doctor.stdout
+    logs = "".join(p.read_text() for p in (project.root / "logs").rglob("*.log"))
+    for text in (result.stdout + result.stderr, doctor.stdout + doctor.stderr, logs):
+        assert secret not in text
+    assert project.where() == {"todo": ["task-12 - Held.md"]}

@@ -67,10 +67,11 @@ def walk(
     final: Collection[str] = FINAL,
 ) -> Result:
     """Call ``attempt(model, what_failed_before)`` for each model in turn until one returns.
-    Raises ``AgentFailure`` with the last failure when none did."""
+    An attempt fails with ``AgentError`` (or ``LLMError``); the walk records it and raises
+    ``AgentFailure``, carrying ``result``, when no model is left or the failure is final."""
     last: TicketdError | None = None
     for model in chain:
-        if last is not None and (result.changed or result.attempts):  # work left behind
+        if last is not None:  # a hand-over starts on a fresh checkout
             workspace.reset()
             result.changed.clear()
         if model is not None:
@@ -86,11 +87,8 @@ def walk(
             last = last or e
             continue
         except AgentError as e:
-            failure = (
-                e
-                if isinstance(e, AgentFailure)
-                else AgentFailure(e.message, code=e.code, result=result)
-            )
+            failure = AgentFailure(e.message, code=e.code, result=result)
+            failure.stage = e.stage  # where in the attempt it failed (changes, checks)
             if model is not None:
                 result.outcomes[model] = "failed"
             if e.code in final:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon import checks, procs
-from daemon.agent.chain import AgentFailure, Result, walk
+from daemon.agent.chain import Result, walk
 from daemon.confine import Confinement
 from daemon.errors import AgentError, TicketdError
 from daemon.files import atomic_write
@@ -145,20 +145,20 @@ def run(
     the change (after any auto-fixes)."""
     result = Result()
     r = _Run(
-        ticket,
-        workspace,
-        s,
-        suite,
-        exclude,
-        paths,
-        confine,
-        ctx,
-        result,
-        on_start,
-        redact,
-        log,
-        probe,
-        stage,
+        ticket=ticket,
+        workspace=workspace,
+        s=s,
+        suite=suite,
+        exclude=exclude,
+        paths=paths,
+        confine=confine,
+        ctx=ctx,
+        result=result,
+        on_start=on_start,
+        redact=redact,
+        log=log,
+        probe=probe,
+        stage=stage,
     )
     models: list[str | None] = [*chain] if s.uses_ollama else [None]
     earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
@@ -195,10 +195,9 @@ def _attempt(r: _Run, model: str | None, before: TicketdError | None) -> None:
                 outcome = r.suite.verify(r.workspace.path, changed, confine=r.confine, ctx=r.ctx)
                 r.ctx.check()
                 if not outcome.ok and turn == r.s.max_reflections:
-                    raise AgentFailure(
+                    raise AgentError(
                         " | ".join(f.replace("\n", " | ") for f in outcome.failures)[:1500],
                         code="CHECKS_FAILED",
-                        result=r.result,
                     )
         r.result.fixes += outcome.fixes
         if outcome.ok:
@@ -224,7 +223,7 @@ def _blame(r: _Run, model: str | None, error: AgentError) -> None:
     away or lacks the model); then raise ``error``."""
     if model is not None and r.probe is not None:
         r.probe(model)
-    raise AgentFailure(error.message, code=error.code, result=r.result)
+    raise error
 
 
 def _launch(r: _Run, model: str | None, feedback: str | None) -> None:
@@ -266,14 +265,10 @@ def _launch(r: _Run, model: str | None, feedback: str | None) -> None:
     if result.cancelled:
         raise r.ctx.error()
     if result.out_of_memory:
-        _blame(
-            r,
-            None,
-            AgentError(
-                f"the agent's processes grew past agent.max_memory_mb ({r.confine.max_memory_mb:g} "
-                "MiB) and were ended",
-                code="AGENT_OOM",
-            ),
+        raise AgentError(
+            f"the agent's processes grew past agent.max_memory_mb ({r.confine.max_memory_mb:g} "
+            "MiB) and were ended",
+            code="AGENT_OOM",
         )
     if result.timed_out:
         raise r.ctx.timed_out()
