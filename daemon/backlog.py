@@ -217,12 +217,16 @@ class Backlog:
 
     # -- claims ---------------------------------------------------------------------------
 
-    def claim(self, name: str, now: datetime, claim_id: str) -> Lease | None:
-        """Take ``todo/<name>`` for this process, or None if someone else has it."""
+    def claim(
+        self, name: str, now: datetime, claim_id: str, *, source: str = "todo", **info: Any
+    ) -> Lease | None:
+        """Take ``<source>/<name>`` (todo/, or review/ for a revision) for this process, or
+        None if someone else has it. ``info`` is recorded in the lease (a revision's pull
+        request: recovery returns the ticket to review/)."""
         lease = self._lock(name)
         if lease is None:
             return None
-        src, dst = self.folder("todo") / name, self.folder("in-progress") / name
+        src, dst = self.folder(source) / name, self.folder("in-progress") / name
         try:
             rename_noreplace(src, dst)
         except (FileNotFoundError, FileExistsError):
@@ -238,6 +242,7 @@ class Backlog:
                 claimedAt=now.isoformat(),
                 agentPgid=None,
                 stage="claimed",
+                **info,
             )
             self.rewrite(dst, "in-progress", now)
         except OSError:  # a full disk: undo the claim, the ticket stays in todo/
@@ -245,6 +250,18 @@ class Backlog:
                 rename_noreplace(dst, src)
             self.release(lease)
             raise
+        return lease
+
+    def take(self, name: str, folder: str) -> Lease | None:
+        """Lock the lease of ``<folder>/<name>`` without moving it (to move it elsewhere), or
+        None when someone holds it or the file is not there."""
+        lease = self._lock(name)
+        if lease is None:
+            return None
+        lease.path = self.folder(folder) / name
+        if not os.path.lexists(lease.path):
+            self.release(lease)
+            return None
         return lease
 
     def release(self, lease: Lease) -> None:

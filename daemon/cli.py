@@ -129,6 +129,11 @@ def status(
         ],
     )
     _table(
+        "Pull requests in review",
+        ["ticket", "pull request", "revisions", "since"],
+        [[r["taskId"], r["url"], str(r["revisions"]), r["since"]] for r in report["inReview"]],
+    )
+    _table(
         "Recent outcomes",
         ["ticket", "outcome", "took", "model", "llm calls / tokens", "detail"],
         [

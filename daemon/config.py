@@ -265,6 +265,16 @@ class GithubConfig(_Section):
     labels: tuple[str, ...] = ()
     retries: int = Field(default=3, ge=0, le=10)
     max_rate_limit_wait_s: float = Field(default=120, ge=0)
+    done_when: Literal["merged", "opened"] = "merged"  # when a ticket with a PR is done
+    poll_interval_s: float = Field(default=60, gt=0)  # each open PR is asked this often
+    full_read_s: float = Field(default=900, gt=0)  # the conversation is re-read this often
+    trigger: str = Field(default="@ticketd", min_length=2)  # what asks for a revision
+    allowed_logins: tuple[str, ...] = ()  # may ask without write access
+    revise_on_changes_requested: bool = False
+    debounce_s: float = Field(default=30, ge=0)  # requests this close are one revision
+    max_revisions: int = Field(default=5, ge=0, le=100)  # per pull request
+    max_revisions_per_hour: int = Field(default=10, ge=0)  # all pull requests together
+    webhook_secret_env: str = "TICKETD_WEBHOOK_SECRET"  # noqa: S105 - the name of a variable
 
 
 class ServerConfig(_Section):
@@ -331,12 +341,19 @@ class Config(_Section):
     def github_token(self) -> str | None:
         return os.environ.get(self.github.token_env) or None
 
+    def webhook_secret(self) -> str | None:
+        return os.environ.get(self.github.webhook_secret_env) or None
+
     def server_token(self) -> str | None:
         return os.environ.get(self.server.token_env) or None if self.server.token_env else None
 
     def secret_values(self) -> list[str]:
         """Values that must never reach a log, a commit or an ``.error.json``."""
-        tokens = [os.environ.get(self.github.token_env, ""), self.server_token() or ""]
+        tokens = [
+            os.environ.get(self.github.token_env, ""),
+            self.server_token() or "",
+            self.webhook_secret() or "",
+        ]
         return [t for t in tokens if len(t) >= 4]
 
     def agent_env(self) -> dict[str, str]:
@@ -363,7 +380,8 @@ class Config(_Section):
 
     def _hidden_vars(self) -> set[str | None]:
         """The daemon's own variables no child of it gets: its tokens and systemd's."""
-        return {self.github.token_env, self.server.token_env, *NOTIFY_VARS}
+        g = self.github
+        return {g.token_env, g.webhook_secret_env, self.server.token_env, *NOTIFY_VARS}
 
 
 NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")

@@ -49,6 +49,8 @@ CODES: dict[str, Kind] = {
     "GIT_FAILED": Kind(transient=False, retryable=True),
     "PUSH_FAILED": Kind(transient=True, retryable=True),
     "PR_FAILED": Kind(transient=True, retryable=True),
+    "PR_CLOSED": Kind(transient=False, retryable=False),
+    "PR_OPEN": Kind(transient=False, retryable=False),  # a reason in .review.json: waits
     "INTERRUPTED": Kind(transient=True, retryable=True),
     "DEPENDENCY_FAILED": Kind(transient=False, retryable=False),
     "DUPLICATE": Kind(transient=False, retryable=False),
@@ -109,6 +111,12 @@ class GitError(TicketdError):
 
 class Interrupted(TicketdError):
     code = "INTERRUPTED"
+
+
+class PRFailed(TicketdError):
+    """GitHub refused or could not be reached (``daemon/forge.py``)."""
+
+    code = "PR_FAILED"
 
 
 class Cancelled(TicketdError):

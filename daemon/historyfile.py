@@ -88,6 +88,17 @@ CREATE TABLE IF NOT EXISTS insight_log (
     at TEXT NOT NULL,
     line TEXT NOT NULL
 );
+-- pull requests ticketd opened (daemon/pulls.py): how long they took to merge, revisions
+CREATE TABLE IF NOT EXISTS pulls (
+    number INTEGER PRIMARY KEY,
+    ticket TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    opened_at TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'open',  -- open merged closed
+    finished_at TEXT,
+    revisions INTEGER NOT NULL DEFAULT 0
+);
 """
 # Columns added after the first release: (table, column, declaration).
 MIGRATIONS = [
@@ -98,6 +109,7 @@ MIGRATIONS = [
     ("runs", "model_outcomes", "TEXT"),  # JSON {model: ok | not_found | failed}
     ("runs", "labels", "TEXT"),  # JSON list of the ticket's labels
     ("runs", "lesson_version", "INTEGER"),  # lessons in the builtin prompt; 0: none
+    ("runs", "revision", "INTEGER"),  # a revision run: its pull request's number
 ]
 
 

@@ -67,6 +67,18 @@ class Metrics:
         self.llm_tokens = Counter(
             "ticketd_llm_tokens", "LLM tokens, by model and kind.", ["model", "kind"], registry=r
         )
+        self.pulls = Counter(
+            "ticketd_pull_requests",
+            "Pull requests ticketd opened, and how they ended (opened, merged, closed).",
+            ["event"],
+            registry=r,
+        )
+        self.revisions = Counter(
+            "ticketd_revisions",
+            "Revision runs on review requests, by outcome (done, failed, requeued, ...).",
+            ["outcome"],
+            registry=r,
+        )
         ProcessCollector(registry=r)
         r.register(_Live(depth, circuit))
 
@@ -82,3 +94,9 @@ class Metrics:
             self.llm_requests.labels(c.model, c.outcome).inc()
             self.llm_tokens.labels(c.model, "prompt").inc(c.prompt_tokens)
             self.llm_tokens.labels(c.model, "eval").inc(c.eval_tokens)
+
+    def pull(self, event: str) -> None:
+        self.pulls.labels(event).inc()
+
+    def revision(self, outcome: str) -> None:
+        self.revisions.labels(outcome).inc()

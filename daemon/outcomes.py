@@ -2,6 +2,11 @@
 (with ``.review.json``), ``failed/`` (with ``.error.json``), back to ``todo/``, or nowhere when
 a person moved its file away meanwhile. Each writes its record (through the redactor)
 atomically, moves the ticket, gives up the lease and finishes the run in the history.
+
+With pull requests reviewed on GitHub (``github.done_when: merged``) a delivered ticket waits
+in ``review/`` (``PR_OPEN``) until ``daemon/pulls.py`` sees its pull request merged
+(``merged``: to done/) or closed (``closed``: to failed/ with PR_CLOSED); a revision run
+returns it there.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from typing import Any
 
 from loguru import logger
 
-from daemon import failures, gates
+from daemon import failures, gates, pulls, tickets
 from daemon.backlog import Backlog, Lease
-from daemon.errors import Cancelled, TicketdError
+from daemon.errors import Cancelled, InvalidTicket, TicketdError
 from daemon.files import atomic_write
 from daemon.metrics import Metrics
 from daemon.pipeline import Delivered, safe_name
@@ -43,7 +48,9 @@ class Outcomes:
         backoff: failures.Backoff,
         logs: Path,
         metrics: Metrics | None = None,
+        until_merged: bool = False,
     ) -> None:
+        self.until_merged = until_merged  # a ticket with a pull request waits for its merge
         self.backlog = backlog
         self.store = store
         self.redact = redact
@@ -74,7 +81,16 @@ class Outcomes:
         if self.metrics is not None:
             self.metrics.finished(outcome, took)
 
-    def hold(self, lease: Lease, task_id: str, held: gates.Held, *, stage: str) -> None:
+    def hold(
+        self,
+        lease: Lease,
+        task_id: str,
+        held: gates.Held,
+        *,
+        stage: str,
+        quiet: bool = False,
+        references: Sequence[str] = (),
+    ) -> None:
         """Write ``review/X.review.json`` and move the ticket to review/."""
         now = self.clock()
         dst = self.backlog.target("review", lease.name)
@@ -89,13 +105,18 @@ class Outcomes:
         }
         record = self.redact.data(record)
         atomic_write(review_path(dst), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        self.backlog.move(lease.path, "review", now, dst=dst)
+        self.backlog.move(lease.path, "review", now, references=references, dst=dst)
         self.backlog.release(lease)
+        if quiet:
+            return
         logger.bind(ticket=task_id).warning(
             "held for a person ({}): {}; ticket is review/{}", held.code, held.message, dst.name
         )
 
     def done(self, run: Active, run_id: int, delivered: Delivered) -> None:
+        if delivered.pr_number is not None and (self.until_merged or delivered.revision):
+            self.in_review(run, run_id, delivered)
+            return
         branch, model = delivered.branch, delivered.model
         refs = [branch, *([delivered.pr_url] if delivered.pr_url else [])]
         dst = self._close(run, run_id, "done", "done", refs, branch=branch, model=model)
@@ -106,6 +127,90 @@ class Outcomes:
                 delivered.commit[:12],
                 dst.relative_to(self.backlog.root),
             )
+
+    def in_review(self, run: Active, run_id: int, delivered: Delivered) -> None:
+        """The pull request is open: the ticket waits in review/ (PR_OPEN) for its merge."""
+        number, url, revision = delivered.pr_number, delivered.pr_url, delivered.revision
+        held = gates.Held(
+            f"pull request #{number} is open ({url}); the ticket is done when it is merged",
+            code="PR_OPEN",
+            folder="review",
+            details={
+                "prNumber": number,
+                "prUrl": url,
+                "branch": delivered.branch,
+                "commit": delivered.commit,
+                "revisions": revision.index if revision else 0,
+            },
+        )
+        now = self.clock()
+        refs = [delivered.branch, *([url] if url else [])]
+        self.hold(run.lease, run.ticket.id, held, stage="pr", quiet=True, references=refs)
+        if revision is None and number is not None and url is not None:
+            self.store.pull_opened(number, run.lease.name, run.ticket.id, url, failures.iso(now))
+        if self.metrics is not None and revision is not None:
+            self.metrics.revision("done")
+        elif self.metrics is not None:
+            self.metrics.pull("opened")
+        took = time.monotonic() - run.started
+        self._observe("review", took)
+        self.store.finish_run(
+            run_id, failures.iso(now), "done", took, branch=delivered.branch, model=delivered.model
+        )
+        what = f"revision {revision.index} pushed" if revision else "pull request open"
+        logger.success(
+            "{}: {} ({}); the ticket waits in review/ until it is merged",
+            what,
+            url,
+            delivered.commit[:12],
+        )
+
+    def back_to_review(
+        self, run: Active, run_id: int, error: TicketdError, *, outcome: str
+    ) -> None:
+        """A revision that pushed nothing: the ticket returns to review/, its pull request
+        still open."""
+        message = self.redact(error.message)
+        self._close(run, run_id, "review", outcome, error_code=error.code, error=message)
+        if self.metrics is not None:
+            self.metrics.revision(outcome)
+        logger.warning("revision {} ({}): {}; back to review/", outcome, error.code, message)
+
+    def merged(self, pull: pulls.Open, at: datetime | None) -> None:
+        """The pull request was merged: the ticket goes from review/ to done/."""
+        lease = self.backlog.take(pull.ticket.name, "review")
+        if lease is None:
+            return  # a revision or a person has it; asked again later
+        now = self.clock()
+        try:
+            self.backlog.move(lease.path, "done", now, references=[pull.branch, pull.url])
+        finally:
+            self.backlog.release(lease)
+        review_path(pull.ticket).unlink(missing_ok=True)
+        self.store.pull_finished(pull.number, "merged", failures.iso(at or now))
+        if self.metrics is not None:
+            self.metrics.pull("merged")
+        logger.success("pull request #{} was merged: {} is done", pull.number, pull.ticket.name)
+
+    def closed(self, pull: pulls.Open) -> None:
+        """The pull request was closed unmerged: the ticket goes to failed/ with PR_CLOSED."""
+        lease = self.backlog.take(pull.ticket.name, "review")
+        if lease is None:
+            return
+        try:
+            task_id = self.backlog.read(lease.path).id
+        except (InvalidTicket, OSError):
+            task_id = tickets.id_from_filename(lease.path)
+        error = TicketdError(
+            f"pull request #{pull.number} was closed without being merged ({pull.url}); move "
+            "the ticket back to todo/ to run it again",
+            code="PR_CLOSED",
+        )
+        self.fail(lease, task_id, error, stage="pr", models=[], started=time.monotonic())
+        review_path(pull.ticket).unlink(missing_ok=True)
+        self.store.pull_finished(pull.number, "closed", failures.iso(self.clock()))
+        if self.metrics is not None:
+            self.metrics.pull("closed")
 
     def requeue(self, run: Active, run_id: int, error: TicketdError) -> None:
         self._close(run, run_id, "todo", "requeued", error_code=error.code, error=error.message)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon import checks, gates, review, tickets
+from daemon import checks, gates, pulls, review, tickets
 from daemon.agent import builtin, command
 from daemon.agent.chain import Result
 from daemon.confine import Confinement
@@ -29,7 +29,7 @@ from daemon.repo import Repo, Workspace
 from daemon.runctx import RunContext
 
 if TYPE_CHECKING:
-    from daemon.forge import Forge
+    from daemon.forge import Forge, PullRequest
 
 StageHook = Callable[[str], AbstractContextManager[None]]
 MAX_NAME = 80  # characters of a per-ticket file name made from its id
@@ -88,6 +88,8 @@ class Delivered:
     agent: Result | None = None
     review: review.Review | None = None
     pr_url: str | None = None
+    pr_number: int | None = None
+    revision: pulls.Revision | None = None
 
 
 def branch_name(prefix: str, ticket: tickets.Ticket, redact: Callable[[str], str]) -> str:
@@ -105,8 +107,15 @@ def safe_name(ticket_id: str) -> str:
     return name
 
 
-def commit_message(ticket: tickets.Ticket, redact: Callable[[str], str]) -> str:
+def commit_message(
+    ticket: tickets.Ticket, redact: Callable[[str], str], revision: pulls.Revision | None = None
+) -> str:
     subject = " ".join(redact(ticket.title).split())
+    if revision is not None:
+        return (
+            f"Address review of #{revision.number} (revision {revision.index})\n\n"
+            f"{subject}\n\nTicket: {ticket.id}\n"
+        )
     return f"{subject}\n\nTicket: {ticket.id}\n"
 
 
@@ -134,20 +143,41 @@ def run(
     still_ours: Callable[[], None],
     log: Callable[[str], None] = lambda message: None,
     previous: str | None = None,
+    revision: pulls.Revision | None = None,
 ) -> Delivered:
-    """Run the ticket. ``still_ours`` raises when the ticket's file has left in-progress/:
-    it is asked once more right before the push."""
+    """Run the ticket, or revise its open pull request (``revision``). ``still_ours``
+    raises when the ticket's file has left in-progress/: it is asked once more right before
+    the push.
+
+    The run starts from the base branch, or from the ticket's branch when that holds
+    commits by people (a revision always does): their work is kept, and the push is fenced
+    on the head ticketd started from."""
     repo, redact = tools.repo, tools.redact
-    branch = branch_name(s.branch_prefix, ticket, redact)
+    branch = revision.branch if revision else branch_name(s.branch_prefix, ticket, redact)
     chain = model_chain(ticket, s.models, s.models_by_label)
     agent: Result | None = None
+    request = None
     with stage("worktree"):
         heads = repo.remote_heads(s.base_branch, branch, cancel=ctx.event)
         base = heads.get(s.base_branch)
         if base is None:
             raise GitError(f"the remote has no branch {s.base_branch!r} (repo.base_branch)")
         repo.fetch_base(s.base_branch, base, cancel=ctx.event)
-        workspace = Workspace(repo, checkout, base, branch)
+        head = heads.get(branch)
+        start = base
+        if head is not None:
+            repo.fetch_base(branch, head, cancel=ctx.event)
+            if revision is not None or repo.foreign(base, head, f"Ticket: {ticket.id}"):
+                start = head
+                log(f"building on {branch} at {head[:12]} (its commits are kept)")
+        elif revision is not None:
+            raise GitError(
+                f"the pull request's branch {branch} is gone from the remote (deleted by a "
+                "person?); nothing was pushed",
+            )
+        if revision is not None:
+            request = revision.text + pulls.so_far(repo.between(base, head or base))
+        workspace = Workspace(repo, checkout, start, branch)
     try:
         ctx.start_budget(s.timeout_s)
         with stage("agent"):
@@ -164,6 +194,7 @@ def run(
                     ctx,
                     log=log,
                     previous=previous,
+                    request=request,
                 )
             else:
                 agent, change = command.run(
@@ -184,6 +215,7 @@ def run(
                     stage=stage,
                     probe=tools.llm.probe if tools.llm is not None else None,
                     previous=previous,
+                    request=request,
                 )
         ctx.check()
         if s.kind == "builtin":
@@ -221,33 +253,54 @@ def run(
                 )
                 draft = gates.check_review(verdict, s.review_on_block) or draft
         with stage("commit"):
-            commit = repo.commit(
-                change, branch, commit_message(ticket, redact), sign=s.sign_commits
-            )
+            message = commit_message(ticket, redact, revision)
+            commit = repo.commit(change, branch, message, sign=s.sign_commits)
         with stage("push"):
             ctx.check()
             still_ours()
-            repo.push(commit, branch, expect=heads.get(branch), attempts=s.push_retries)
+            repo.push(commit, branch, expect=head, attempts=s.push_retries)
     finally:
         workspace.release()
     model = agent.model if agent is not None else None
-    pr_url = None
+    pr: PullRequest | None = None
     if s.pr is not None and tools.forge is not None:
         calls = (agent.calls if agent else []) + (verdict.calls if verdict else [])
         with stage("pr"):
-            pr_url = open_pr(
-                ticket,
-                branch,
-                s,
-                tools,
-                log,
-                diffstat=repo.diffstat(change),
-                verdict=verdict,
-                model=model,
-                calls=calls,
-                draft=draft,
-            )
-    return Delivered(branch, commit, model, agent, verdict, pr_url)
+            if revision is not None:
+                answer(revision, commit, repo.diffstat(change), s, tools)
+            else:
+                pr = open_pr(
+                    ticket,
+                    branch,
+                    s,
+                    tools,
+                    log,
+                    diffstat=repo.diffstat(change),
+                    verdict=verdict,
+                    model=model,
+                    calls=calls,
+                    draft=draft,
+                )
+    return Delivered(
+        branch,
+        commit,
+        model,
+        agent,
+        verdict,
+        pr.url if pr else revision.url if revision else None,
+        pr.number if pr else revision.number if revision else None,
+        revision,
+    )
+
+
+def answer(revision: pulls.Revision, commit: str, diffstat: str, s: Settings, tools: Tools) -> None:
+    """Reply in each thread the revision answered, then the summary comment."""
+    assert tools.forge is not None
+    for thread in revision.threads:
+        text = f"Addressed in {commit[:12]} (revision {revision.index})."
+        tools.forge.reply(revision.number, thread, text + "\n\n" + pulls.marks())
+    text = pulls.summary(revision, commit, diffstat, checks_passed(s), tools.redact)
+    tools.forge.comment(revision.number, text)
 
 
 def open_pr(
@@ -262,8 +315,8 @@ def open_pr(
     model: str | None,
     calls: Sequence[Call],
     draft: bool,
-) -> str:
-    """Open (or update) the pull request for ``branch``; returns its URL."""
+) -> PullRequest:
+    """Open (or update) the pull request for ``branch``."""
     assert s.pr is not None and tools.forge is not None
     tokens = (
         (len(calls), sum(c.prompt_tokens for c in calls), sum(c.eval_tokens for c in calls))
@@ -287,7 +340,7 @@ def open_pr(
         labels=list(dict.fromkeys([*s.pr.labels, *ticket.labels])),
     )
     log(f"pull request {'opened' if pr.created else 'updated'}: {pr.url}")
-    return pr.url
+    return pr
 
 
 def resume(
@@ -318,10 +371,10 @@ def resume(
         commit = head or ""
         if not commit:
             raise GitError(f"branch {branch} is not on the remote any more; run the ticket afresh")
-    url = None
+    pr = None
     if s.pr is not None and tools.forge is not None:
         with stage("pr"):
-            url = open_pr(
+            pr = open_pr(
                 ticket,
                 branch,
                 s,
@@ -333,7 +386,15 @@ def resume(
                 calls=(),
                 draft=s.pr.draft,
             )
-    return Delivered(branch, commit, "(earlier run)", None, None, url)
+    return Delivered(
+        branch,
+        commit,
+        "(earlier run)",
+        None,
+        None,
+        pr.url if pr else None,
+        pr.number if pr else None,
+    )
 
 
 def checks_passed(s: Settings) -> list[str]:

@@ -3,8 +3,9 @@
 Every git command here goes through ``gitcmd.Git`` (nothing a repository says runs a
 program). ticketd keeps two bare repositories under ``state_dir/git``:
 
-- ``base.git`` holds only what was fetched from the remote: the base branch. Checkouts borrow
-  its objects (git alternates); the sandbox shows them read-only.
+- ``base.git`` holds only what was fetched from the remote: the base branch, and a ticket's
+  branch when it exists there (people's commits on it are kept and built on). Checkouts
+  borrow its objects (git alternates); the sandbox shows them read-only.
 - ``work.git`` is ticketd's own: the trees and commits it builds, and ``refs/ticketd/<branch>``
   for each branch (a run that failed at the push resumes from it). No agent sees it.
 
@@ -137,8 +138,8 @@ class Repo:
         return heads
 
     def fetch_base(self, branch: str, sha: str, cancel: threading.Event | None = None) -> None:
-        """Make sure ``base.git`` has commit ``sha`` (the remote's ``branch``), fetching it
-        when it does not."""
+        """Make sure ``base.git`` has commit ``sha`` (the remote's ``branch``: the base
+        branch, or a ticket's), fetching it when it does not."""
         if sha in self._fetched:
             return
         with self._locked("fetch"):
@@ -251,20 +252,30 @@ class Repo:
             else e
             for e in _entries(raw)
         )
-        diff = ""
-        if entries:
-            diff = self.git(
-                "diff",
-                "--no-color",
-                "--no-ext-diff",
-                "--no-textconv",
-                "--text",
-                "--no-renames",
-                checkout.base,
-                tree,
-                git_dir=self.work_dir,
-            )
+        diff = self._diff(checkout.base, tree, git_dir=self.work_dir) if entries else ""
         return Change(tree, checkout.base, entries, diff)
+
+    def _diff(self, *revisions: str, git_dir: Path) -> str:
+        return self.git(
+            "diff",
+            "--no-color",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--text",
+            "--no-renames",
+            *revisions,
+            git_dir=git_dir,
+        )
+
+    def between(self, base: str, head: str) -> str:
+        """What ``head`` changes since it left ``base`` (a pull request's diff)."""
+        return self._diff(f"{base}...{head}", git_dir=self.base_dir)
+
+    def foreign(self, base: str, head: str, marker: str) -> bool:
+        """Whether a commit on ``head`` since ``base`` lacks ``marker`` in its message (the
+        ``Ticket:`` line ticketd writes): someone else committed there."""
+        out = self.git("log", "--format=%B%x00", f"{base}..{head}", git_dir=self.base_dir)
+        return any(marker not in message for message in out.split("\0")[:-1])
 
     def diffstat(self, change: Change) -> str:
         return self.git("diff", "--stat", change.base, change.tree, git_dir=self.work_dir)

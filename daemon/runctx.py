@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from daemon.backlog import Lease
+    from daemon.pulls import Revision
     from daemon.tickets import Ticket
 
 
@@ -123,3 +124,4 @@ class Active:
     stage: str = "claimed"
     run_id: int | None = None  # in the history, once recorded
     future: Future[None] | None = None
+    revision: Revision | None = None  # the run revises the ticket's open pull request

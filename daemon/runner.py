@@ -20,16 +20,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from daemon import config as configuration
-from daemon import failures, gates, insights, logs, pipeline, procs, review, tickets
+from daemon import failures, gates, insights, logs, pipeline, procs, pulls, review, tickets
 from daemon.agent.chain import Result
 from daemon.backlog import LEASE_ENV, Backlog
 from daemon.confine import Plan
-from daemon.errors import Cancelled, Interrupted, TicketdError
+from daemon.errors import Cancelled, Interrupted, PRFailed, TicketdError
 from daemon.llm.breaker import State
 from daemon.llm.client import Ollama
 from daemon.metrics import Metrics
@@ -80,6 +80,7 @@ class Runner:
             backoff=failures.policy_from(cfg.retry).backoff,
             logs=cfg.logging.dir / "tasks",
             metrics=metrics,
+            until_merged=cfg.github.enabled and cfg.github.done_when == "merged",
         )
 
     def worktree(self, ticket_name: str) -> Path:
@@ -151,6 +152,15 @@ class Runner:
             checkout, [prompt, lease.path], {LEASE_ENV: lease.marker}, ctx.event
         )
         tools = pipeline.Tools(self.repo, confine, self.redact, llm, forge)
+        if run.revision is not None:
+            try:
+                self._revise(run, run_id, s, tools, stage)
+            finally:
+                if forge is not None:
+                    forge.close()
+                if llm is not None:
+                    llm.close()
+            return
         try:
             with confine:
                 after = previous["error_code"] if previous else None
@@ -163,19 +173,7 @@ class Runner:
                     if previous and previous["outcome"] == "failed":
                         p = previous
                         summary = f"{p['error_code']} in stage {p['stage']}: {p['error']}"
-                    delivered = pipeline.run(
-                        ticket,
-                        lease.path,
-                        checkout,
-                        s,
-                        tools,
-                        ctx,
-                        stage=stage,
-                        on_agent_start=lambda pid: lease.record(agentPgid=pid),
-                        still_ours=lambda: self._still_ours(run),
-                        log=logger.info,
-                        previous=summary,
-                    )
+                    delivered = self._deliver(run, s, tools, stage, previous=summary)
         except Interrupted as e:
             self.outcomes.requeue(run, run_id, e)
         except Cancelled as e:
@@ -212,6 +210,82 @@ class Runner:
             if llm is not None:
                 llm.close()
 
+    def _deliver(
+        self,
+        run: Active,
+        s: pipeline.Settings,
+        tools: pipeline.Tools,
+        stage: pipeline.StageHook,
+        **more: Any,
+    ) -> pipeline.Delivered:
+        """The pipeline for this run (``more``: what an earlier run left, or a revision)."""
+        lease = run.lease
+        return pipeline.run(
+            run.ticket,
+            lease.path,
+            self.worktree(lease.name),
+            s,
+            tools,
+            run.ctx,
+            stage=stage,
+            on_agent_start=lambda pid: lease.record(agentPgid=pid),
+            still_ours=lambda: self._still_ours(run),
+            log=logger.info,
+            **more,
+        )
+
+    def _revise(
+        self,
+        run: Active,
+        run_id: int,
+        s: pipeline.Settings,
+        tools: pipeline.Tools,
+        stage: pipeline.StageHook,
+    ) -> None:
+        """A revision of the ticket's open pull request. Whatever happens the ticket returns
+        to review/; a revision that pushed nothing says why on the pull request (a stop or
+        an Ollama outage says nothing: the request stays open and is taken up again)."""
+        revision = run.revision
+        assert revision is not None and tools.forge is not None
+        self.store.mark_revision(run_id, revision.number)
+        lease = run.lease
+        try:
+            with tools.confine:
+                delivered = self._deliver(run, s, tools, stage, revision=revision)
+        except Interrupted as e:
+            self.outcomes.back_to_review(run, run_id, e, outcome="requeued")
+        except Cancelled as e:
+            if e.reason == Stop.REMOVED.name or not os.path.lexists(lease.path):
+                self.outcomes.gone(run, run_id, e.message)
+            else:
+                self._revision_failed(run, run_id, e, tools)
+        except TicketdError as e:
+            e.stage = e.stage or run.stage
+            self._record_agent(run_id, getattr(e, "result", None), None)
+            if e.code in OUTAGE_CODES and self._outage(e.code):
+                self.outcomes.back_to_review(run, run_id, e, outcome="requeued")
+            else:
+                self._revision_failed(run, run_id, e, tools)
+        except Exception as e:
+            logger.opt(exception=e).error("unexpected error in stage {}", run.stage)
+            error = TicketdError(f"internal error in stage {run.stage}: {type(e).__name__}: {e}")
+            error.stage = run.stage
+            self._revision_failed(run, run_id, error, tools)
+        else:
+            self._record_agent(run_id, delivered.agent, delivered.review)
+            self.outcomes.done(run, run_id, delivered)
+
+    def _revision_failed(
+        self, run: Active, run_id: int, error: TicketdError, tools: pipeline.Tools
+    ) -> None:
+        """Say on the pull request why the revision pushed nothing; back to review/."""
+        assert run.revision is not None and tools.forge is not None
+        try:
+            tools.forge.comment(run.revision.number, pulls.failed(run.revision, error, self.redact))
+        except PRFailed as e:
+            logger.warning("cannot tell the pull request: {}", e.message)
+        self.outcomes.back_to_review(run, run_id, error, outcome="failed")
+
     def _crashed(self, run: Active, error: BaseException) -> None:
         """Last resort for an error the run could not handle (a bug, a full disk while
         recording): INTERNAL_ERROR on the ticket, or at least the lease given up, so that
@@ -222,7 +296,10 @@ class Runner:
         with contextlib.suppress(Exception):
             if os.path.lexists(run.lease.path):
                 crash = TicketdError(f"internal error in stage {run.stage}: {type(error).__name__}")
-                self.outcomes.fail_run(run, run.run_id, crash)
+                if run.revision is not None and run.run_id is not None:
+                    self.outcomes.back_to_review(run, run.run_id, crash, outcome="failed")
+                else:
+                    self.outcomes.fail_run(run, run.run_id, crash)
         if not run.lease.released:
             self.backlog.release(run.lease)
 

@@ -1,4 +1,6 @@
-"""HTTP endpoints for operators: /health, /ready, /health/ollama, /status, /metrics.
+"""HTTP endpoints for operators: /health, /ready, /health/ollama, /status, /metrics; and
+``POST /webhooks/github`` for GitHub's deliveries (``daemon/webhook.py``: signed, not
+bearer-token protected).
 
 A stdlib ``ThreadingHTTPServer`` on its own thread; every answer comes from callables the
 supervisor hands in, so this module knows nothing of the daemon's insides. With a token,
@@ -31,6 +33,9 @@ from typing import Any, cast
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from daemon.webhook import MAX_BODY as WEBHOOK_MAX_BODY
+from daemon.webhook import PATH as WEBHOOK_PATH
+
 MAX_CONNECTIONS = 64  # far above the few scrapers and operators that ask at once
 READ_TIMEOUT_S = 5.0  # a local client sends its request in milliseconds
 BUSY = (
@@ -40,6 +45,7 @@ BUSY = (
 )
 
 Probe = Callable[[], tuple[int, dict[str, Any]]]  # (HTTP status, JSON body)
+Hook = Callable[[dict[str, str], bytes], tuple[int, dict[str, Any]]]  # headers, raw body
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,7 @@ class Server:
         max_connections: int = MAX_CONNECTIONS,
         read_timeout_s: float = READ_TIMEOUT_S,
         redact: Callable[[Any], Any] = lambda body: body,
+        webhook: Hook | None = None,
     ) -> None:
         routes: dict[str, Probe] = {
             "/health": probes.health,
@@ -187,6 +194,27 @@ class Server:
                 status, body = probe()
                 text = json.dumps(redact(body), default=str)  # every answer passes the redactor
                 self._send(status, text.encode(), "application/json")
+
+            def do_POST(self) -> None:
+                if not cast(_Listener, self.server).begin(self.connection):
+                    self.close_connection = True
+                    return
+                path = self.path.split("?", 1)[0].rstrip("/")
+                if webhook is None or path != WEBHOOK_PATH:
+                    return self._json(404, {"error": "not found"})
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    return self._json(411, {"error": "Content-Length required"})
+                if not 0 <= length <= WEBHOOK_MAX_BODY:
+                    self.close_connection = True
+                    return self._json(413, {"error": "body too large"})
+                body = self.rfile.read(length)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                self._json(*webhook(headers, body))
+
+            def _json(self, status: int, body: dict[str, Any]) -> None:
+                self._send(status, json.dumps(body).encode(), "application/json")
 
             def _send(self, status: int, data: bytes, content_type: str) -> None:
                 self.send_response(status)

@@ -62,6 +62,32 @@ def collect(store: Store, *, since: datetime, until: datetime) -> dict[str, Any]
         "escalation": _share(
             sum(len(r["model_outcomes"]) > 1 for r in with_outcomes), len(with_outcomes)
         ),
+        "pullRequests": _pulls(store, since, until),
+    }
+
+
+def _pulls(store: Store, since: datetime, until: datetime) -> dict[str, Any]:
+    """Pull requests opened in the window: how they ended, revisions, hours to merge."""
+    opened = [p for p in store.pulls() if iso(since) <= p["opened_at"] < iso(until)]
+    hours = [
+        (
+            datetime.fromisoformat(p["finished_at"]) - datetime.fromisoformat(p["opened_at"])
+        ).total_seconds()
+        / 3600
+        for p in opened
+        if p["state"] == "merged" and p["finished_at"]
+    ]
+    states = Counter(p["state"] for p in opened)
+    return {
+        "opened": len(opened),
+        "open": states["open"],
+        "merged": states["merged"],
+        "closed": states["closed"],
+        "revisions": sum(p["revisions"] for p in opened),
+        "hoursToMerge": {
+            "p50": _round(percentile(hours, 0.5)),
+            "p95": _round(percentile(hours, 0.95)),
+        },
     }
 
 
@@ -173,6 +199,13 @@ def rows(report: Mapping[str, Any]) -> dict[str, list[list[str]]]:
         ["tokens per run, p95", str(t["runs"]), _num(t["p95"])],
         ["first try (done runs)", str(first["runs"]), _pct(first["rate"])],
         ["escalated to another model", str(esc["runs"]), _pct(esc["rate"])],
+    ]
+    pr = report["pullRequests"]
+    tables["Pull requests"] = [
+        ["measure", "value"],
+        *([name, str(pr[name])] for name in ("opened", "open", "merged", "closed", "revisions")),
+        ["hours to merge, p50", _num(pr["hoursToMerge"]["p50"])],
+        ["hours to merge, p95", _num(pr["hoursToMerge"]["p95"])],
     ]
     return tables
 

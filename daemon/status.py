@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from daemon import tickets
+from daemon import pulls, tickets
 from daemon.backlog import FOLDERS, Backlog
 from daemon.errors import InvalidTicket
 from daemon.store import Store
@@ -56,6 +56,17 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
         "counts": {f: len(backlog.files(f)) for f in FOLDERS},
         "waiting": waiting,
         "running": running,
+        "inReview": [
+            {
+                "taskId": tickets.id_from_filename(o.ticket),
+                "file": o.ticket.name,
+                "pr": o.number,
+                "url": o.url,
+                "since": o.opened,
+                "revisions": o.revisions,
+            }
+            for o in pulls.open_pulls(backlog)
+        ],
         "recent": store.recent(10),
     }
 

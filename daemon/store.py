@@ -222,6 +222,52 @@ class Store:
         )
         return [dict(r) for r in rows]
 
+    # -- pull requests (daemon/pulls.py) --
+
+    def pull_opened(self, number: int, ticket: str, task_id: str, url: str, at: str) -> None:
+        """A pull request ticketd opened (again: the first opening time is kept)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO pulls (number, ticket, task_id, url, opened_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (number) DO UPDATE SET state = 'open', finished_at = NULL",
+                (number, ticket, task_id, url, at),
+            )
+
+    def pull_finished(self, number: int, state: str, at: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE pulls SET state = ?, finished_at = ? WHERE number = ?", (state, at, number)
+            )
+
+    def mark_revision(self, run_id: int, number: int) -> None:
+        """This run revises pull request ``number``."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET revision = ? WHERE id = ?", (number, run_id))
+            db.execute("UPDATE pulls SET revisions = revisions + 1 WHERE number = ?", (number,))
+
+    def revisions_of(self, number: int) -> int:
+        """Revision runs of pull request ``number`` that finished (not cut off by an outage
+        or a stop)."""
+        rows = self._read(
+            "SELECT COUNT(*) AS n FROM runs WHERE revision = ? AND outcome IN ('done', 'failed')",
+            (number,),
+        )
+        return int(rows[0]["n"])
+
+    def revisions_since(self, at: str) -> int:
+        rows = self._read(
+            "SELECT COUNT(*) AS n FROM runs WHERE revision IS NOT NULL AND started_at >= ?", (at,)
+        )
+        return int(rows[0]["n"])
+
+    def pulls(self) -> list[dict[str, Any]]:
+        """Every pull request ticketd opened, newest first."""
+        rows = self._read(
+            "SELECT number, ticket, task_id, url, opened_at, state, finished_at, revisions"
+            " FROM pulls ORDER BY opened_at DESC, number DESC"
+        )
+        return [dict(r) for r in rows]
+
     # -- stats and the learning loop (daemon/stats.py, daemon/insights.py) --
 
     def set_labels(self, run_id: int, labels: Sequence[str]) -> None:

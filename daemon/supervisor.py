@@ -29,7 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from daemon import config as configuration
-from daemon import gates, logs, procs, tickets, wiring
+from daemon import gates, logs, procs, pulls, tickets, wiring
 from daemon.backlog import FOLDERS, Backlog
 from daemon.errors import ConfigError, InvalidTicket
 from daemon.llm.health import Monitor
@@ -38,10 +38,11 @@ from daemon.preflight import Checked, preflight
 from daemon.runctx import Active, Stop
 from daemon.runner import Runner
 from daemon.sdnotify import Notifier
-from daemon.server import Probes, Server
+from daemon.server import Hook, Probes, Server
 from daemon.status import collect
 from daemon.store import Store
 from daemon.watcher import Watcher, ignore_lease_breaks, settle_delay
+from daemon.webhook import Webhook
 
 __all__ = ["Supervisor", "preflight", "statuses"]
 
@@ -91,6 +92,8 @@ class Supervisor:
         self.next_reconcile = 0.0
         self.claims_paused_until = 0.0
         self.waiting = ""  # why nothing is claimed now (Ollama away, a hold)
+        self.revisions: dict[str, tuple[pulls.Open, pulls.Revision]] = {}  # by ticket file
+        self._revisions_lock = threading.Lock()
         self.metrics = Metrics(self._depth, self._circuit)
         self.hooks = wiring.Hooks(
             backlog=self.backlog,
@@ -98,6 +101,7 @@ class Supervisor:
             metrics=self.metrics,
             clock=clock,
             wake=self.wake.set,
+            revise=self._queue_revision,
         )
         self.parts = wiring.build(cfg, self.hooks, checked)
         self.last_loop = monotonic()
@@ -110,6 +114,7 @@ class Supervisor:
         self._pool = ThreadPoolExecutor(cfg.concurrency.max_tickets, thread_name_prefix="ticket")
         self._watcher: Watcher | None = None
         self._scheduler = BackgroundScheduler(timezone=UTC)
+        self.webhook = Webhook(lambda: self.cfg.webhook_secret(), self._poke)
 
     @property
     def runner(self) -> Runner:
@@ -161,7 +166,9 @@ class Supervisor:
             if self._scheduler.get_jobs():
                 self._scheduler.start()
             if self.cfg.server.enabled:
-                self._server = wiring.serve(self.cfg, self._probes(), self.metrics, self._redact)
+                self._server = wiring.serve(
+                    self.cfg, self._probes(), self.metrics, self._redact, self._webhook()
+                )
             logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
             self.notifier.ready(status="watching " + str(self.backlog.folder("todo")))
             ping = self.notifier.watchdog_interval()
@@ -200,6 +207,20 @@ class Supervisor:
             lambda: self.parts.describe_ollama(),
             self._probe_status,
         )
+
+    def _webhook(self) -> Hook | None:
+        """``POST /webhooks/github`` when pull requests are on: it only makes the watch look
+        at a pull request now."""
+        return self.webhook.handle if self.cfg.github.enabled else None
+
+    def _poke(self, number: int) -> None:
+        watch = self.parts.watch
+        if watch is None:
+            return
+        watch.poke(number)
+        job = self._scheduler.get_job("pull-requests") if self._scheduler.running else None
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
 
     def _redact(self, data: Any) -> Any:
         return self.parts.redact.data(data)
@@ -309,6 +330,7 @@ class Supervisor:
         if now < self.claims_paused_until:
             return self.claims_paused_until - now
         wait, ready = self.intake()
+        ready += len(self.revisions)
         if self.once and not self.active and (not ready or self.waiting) and wait is None:
             return None
         return min(
@@ -372,7 +394,7 @@ class Supervisor:
         free = self.cfg.concurrency.max_tickets - len(self.active)
         if self.signals:
             return wait, 0
-        held = self._held(bool(ready))
+        held = self._held(bool(ready) or bool(self.revisions))
         if held and held != self.waiting:
             names = ", ".join(t.id for t in ready)
             logger.warning("{}{}", held, f"; waiting: {names}" if names else "")
@@ -385,6 +407,7 @@ class Supervisor:
         self.resources_short = short
         if short:
             return wait if wait is not None else 5.0, len(ready)
+        free -= self._start_revisions(free)
         busy = {run.branch for run in self.active.values()}
         for ticket in ready:
             if free <= 0:
@@ -403,6 +426,49 @@ class Supervisor:
                 free -= 1
                 busy.add(branch)
         return wait, len(ready)
+
+    def _queue_revision(self, pull: pulls.Open, revision: pulls.Revision) -> bool:
+        """The watch asks for a revision (on its thread): queued for the next claim."""
+        name = pull.ticket.name
+        with self._revisions_lock:
+            if name in self.revisions or name in self.active:
+                return False
+            self.revisions[name] = (pull, revision)
+        self.wake.set()
+        return True
+
+    def _start_revisions(self, free: int) -> int:
+        """Claim queued revisions from review/, up to ``free`` workers; returns how many."""
+        started = 0
+        with self._revisions_lock:
+            queued = list(self.revisions.items())
+        for name, (pull, revision) in queued:
+            if started >= free:
+                break
+            with self._revisions_lock:
+                del self.revisions[name]
+            lease = self.backlog.claim(
+                name, self.clock(), uuid.uuid4().hex, source="review", revision=pull.number
+            )
+            if lease is None:
+                continue  # moved or taken meanwhile; the watch asks again
+            try:
+                ticket = self.backlog.read(lease.path)
+            except (InvalidTicket, FileNotFoundError) as e:
+                logger.error("{}: cannot revise: {}", name, getattr(e, "message", e))
+                self.backlog.move(lease.path, "review", self.clock())
+                self.backlog.release(lease)
+                continue
+            run = Active(
+                ticket=ticket,
+                lease=lease,
+                started=time.monotonic(),
+                branch=revision.branch,
+                revision=revision,
+            )
+            self._submit(run)
+            started += 1
+        return started
 
     def _held(self, ready: bool) -> str:
         """Why no ticket may be claimed now: what would fail every ticket (the agent
@@ -464,12 +530,14 @@ class Supervisor:
         lease = self.backlog.claim(ticket.path.name, self.clock(), uuid.uuid4().hex)
         if lease is None:
             return False
-        run = Active(ticket=ticket, lease=lease, started=time.monotonic(), branch=branch)
+        self._submit(Active(ticket=ticket, lease=lease, started=time.monotonic(), branch=branch))
+        return True
+
+    def _submit(self, run: Active) -> None:
         run.ctx.clock = self.clock
-        self.active[lease.name] = run
+        self.active[run.lease.name] = run
         run.future = self._pool.submit(self.runner.work, run)
         run.future.add_done_callback(lambda _: self.wake.set())
-        return True
 
     def _reap(self) -> None:
         for name, run in list(self.active.items()):
@@ -521,7 +589,9 @@ class Supervisor:
                 self._server = None
             if new.server.enabled:
                 try:
-                    self._server = wiring.serve(new, self._probes(), self.metrics, self._redact)
+                    self._server = wiring.serve(
+                        new, self._probes(), self.metrics, self._redact, self._webhook()
+                    )
                 except ConfigError as e:
                     logger.error("{}", e.message)
         logger.info("configuration reloaded from {}", new.path)

@@ -16,15 +16,16 @@ import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.util import undefined
 from loguru import logger
 
-from daemon import checks, failures, insights, pipeline, procs, review, tickets
+from daemon import checks, failures, insights, pipeline, procs, pulls, review, tickets
 from daemon import config as configuration
 from daemon.agent import builtin, command
 from daemon.backlog import LEASE_ENV, Backlog
@@ -38,10 +39,12 @@ from daemon.preflight import Checked, git, holds, preflight
 from daemon.redact import Redactor
 from daemon.repo import Repo
 from daemon.runner import Runner
-from daemon.server import Probes, Server
+from daemon.server import Hook, Probes, Server
 from daemon.store import Store
 
 RESTART_ONLY = ("backlog", "state_dir", "logging", "concurrency")
+WATCH_TICK_S = 5  # how often the watch looks for pull requests due a poll (cheap)
+START_NOW = ("retry-failed", "pull-requests")  # jobs that run at start too
 Probe = Callable[[], tuple[int, dict[str, Any]]]
 
 
@@ -54,6 +57,7 @@ class Hooks:
     metrics: Metrics
     clock: Callable[[], datetime]
     wake: Callable[[], None]
+    revise: Callable[[pulls.Open, pulls.Revision], bool] = lambda o, r: False
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Parts:
     monitor: Monitor | None
     runner: Runner
     holds: tuple[str, ...] = ()  # why every ticket would fail now: the queue waits
+    watch: pulls.Watch | None = None  # open pull requests (github.done_when: merged)
 
     def recheck(self) -> None:
         """Look again at what holds the queue (every reconcile interval while any does)."""
@@ -93,7 +98,12 @@ class Parts:
 
     def _schedule(self, scheduler: BackgroundScheduler, hooks: Hooks, *, once: bool) -> None:
         cfg = self.cfg
+        if self.watch is not None and once:
+            self.watch.tick()  # a run from cron: look at the open pull requests once
         jobs = {
+            "pull-requests": (self.watch.tick, min(WATCH_TICK_S, cfg.github.poll_interval_s))
+            if self.watch is not None and not once
+            else None,
             "retry-failed": (lambda: self.retry_due(hooks), cfg.retry.check_interval_s)
             if cfg.retry.enabled and not once
             else None,
@@ -114,7 +124,8 @@ class Parts:
                 replace_existing=True,
                 coalesce=True,
                 max_instances=1,
-                next_run_time=datetime.now(UTC) if job_id == "retry-failed" else None,
+                # None would add the job paused; undefined: first run one interval from now
+                next_run_time=datetime.now(UTC) if job_id in START_NOW else undefined,
             )
 
     def recover(self, hooks: Hooks, *, startup: bool = False) -> None:
@@ -131,11 +142,15 @@ class Parts:
             hooks.store.interrupt(
                 str(lease.info.get("claimId", "")), lease.name, task_id, failures.iso(now)
             )
+            back = "review" if lease.info.get("revision") else "todo"  # a revision's PR is open
             with contextlib.suppress(FileNotFoundError):  # moved away by hand meanwhile
-                hooks.backlog.move(lease.path, "todo", now)
+                hooks.backlog.move(lease.path, back, now)
             hooks.backlog.release(lease)
             logger.warning(
-                "recovered {} from a stopped daemon (ended {} agent process(es))", lease.name, ended
+                "recovered {} from a stopped daemon to {}/ (ended {} agent process(es))",
+                lease.name,
+                back,
+                ended,
             )
         if recovered or startup:
             self._prune(hooks)
@@ -183,6 +198,8 @@ class Parts:
             store.close()
 
     def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.forge.close()
         if self.monitor is not None:
             self.monitor.stop()
         if self.llm is not None:
@@ -208,7 +225,47 @@ def build(cfg: configuration.Config, hooks: Hooks, checked: Checked | None = Non
         repo_name=checked.repo_name,
         metrics=hooks.metrics,
     )
-    return Parts(cfg, checked, redact, repo, llm, monitor, runner, checked.holds)
+    watch = _watch(cfg, hooks, runner, checked.repo_name, redact)
+    return Parts(cfg, checked, redact, repo, llm, monitor, runner, checked.holds, watch)
+
+
+def _watch(
+    cfg: configuration.Config,
+    hooks: Hooks,
+    runner: Runner,
+    repo_name: str | None,
+    redact: Redactor,
+) -> pulls.Watch | None:
+    """The watch on open pull requests, when a ticket with one is done only once merged."""
+    g = cfg.github
+    forge = runner.forge()
+    if forge is None or g.done_when != "merged":
+        return None
+
+    def recent() -> int:
+        return hooks.store.revisions_since(failures.iso(hooks.clock() - timedelta(hours=1)))
+
+    return pulls.Watch(
+        pulls.Settings(
+            trigger=g.trigger,
+            allowed_logins=g.allowed_logins,
+            revise_on_changes_requested=g.revise_on_changes_requested,
+            poll_interval_s=g.poll_interval_s,
+            full_read_s=g.full_read_s,
+            debounce_s=g.debounce_s,
+            max_revisions=g.max_revisions,
+            max_revisions_per_hour=g.max_revisions_per_hour,
+        ),
+        forge,
+        hooks.backlog,
+        merged=runner.outcomes.merged,
+        closed=runner.outcomes.closed,
+        revise=hooks.revise,
+        recent_revisions=recent,
+        done_revisions=hooks.store.revisions_of,
+        redact=redact,
+        clock=hooks.clock,
+    )
 
 
 def serve(
@@ -216,13 +273,20 @@ def serve(
     probes: Probes,
     metrics: Metrics,
     redact: Callable[[Any], Any],
+    webhook: Hook | None = None,
 ) -> Server:
     """The HTTP server for ``server.*`` (its probes read the current parts when called, so
     it outlives a reload that leaves ``server`` as it was)."""
     c = cfg.server
     try:
         server = Server(
-            c.host, c.port, probes, metrics.registry, token=cfg.server_token(), redact=redact
+            c.host,
+            c.port,
+            probes,
+            metrics.registry,
+            token=cfg.server_token(),
+            redact=redact,
+            webhook=webhook,
         )
     except OSError as e:
         raise ConfigError(f"{cfg.path}: server: cannot listen on {c.host}:{c.port}: {e}") from e

@@ -6,6 +6,7 @@ user's aider would be.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,13 +14,16 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 import yaml
 from fake_github import fake_github  # noqa: F401  (the fixture)
 from fake_ollama import fake_ollama  # noqa: F401  (the fixture)
+
+if TYPE_CHECKING:
+    from daemon.supervisor import Supervisor
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PY = sys.executable
@@ -217,3 +221,37 @@ def daemons() -> Iterator[list[Daemon]]:
     yield started
     for d in started:
         d.stop()
+
+
+class Running:
+    """A real supervisor on a thread, stopped (as by SIGTERM) at the end."""
+
+    def __init__(self, project: Project) -> None:
+        from daemon import config as configuration
+        from daemon.supervisor import Supervisor
+
+        cfg = configuration.load(project.config_path)
+        self.supervisor = Supervisor(cfg, log_to_stderr=False)
+        self.thread = threading.Thread(target=self.supervisor.run)
+
+    def __enter__(self) -> Supervisor:
+        self.thread.start()
+        return self.supervisor
+
+    def __exit__(self, *exc: object) -> None:
+        self.supervisor.signals = 1
+        self.supervisor.wake.set()
+        self.thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def captured_log(level: str, fmt: str) -> Iterator[list[str]]:
+    """Every line logged at ``level`` and above while the block runs, formatted by ``fmt``."""
+    from loguru import logger
+
+    found: list[str] = []
+    sink = logger.add(lambda m: found.append(str(m)), level=level, format=fmt)
+    try:
+        yield found
+    finally:
+        logger.remove(sink)

@@ -5,25 +5,41 @@ It is a real HTTP/1.1 server on 127.0.0.1 that answers as GitHub Enterprise Serv
 
     github.Github(base_url=fake.url, auth=github.Auth.Token("t0k3n"), retry=None)
 
-It keeps one repository (``acme/widgets`` by default) with its pull requests, their labels and
-comments, and answers with GitHub's JSON shapes, status codes and headers: 201 and ``Location``
-on create, 422 ``Validation Failed`` for a second open pull request from the same head into the
-same base, 401 ``Bad credentials`` for a wrong token, ``X-RateLimit-*`` on every answer,
-``Link`` pagination, and the token's kind: a classic token's ``X-OAuth-Scopes`` on every
-authenticated answer (``scopes="repo"``), or none for a fine-grained token (``scopes=None``),
-whose push access shows in the repository's ``permissions.push`` (``push=``). Each test scripts
-the trouble it needs::
+It keeps one private repository (``acme/widgets`` by default) with its pull requests, their
+labels, their conversation (comments, inline review comments in threads, reviews, reactions) and
+who may do what in it, and answers with GitHub's JSON shapes, status codes and headers: 201 and
+``Location`` on create, 422 ``Validation Failed`` for a second open pull request from the same
+head into the same base, 401 ``Bad credentials`` for a wrong token, ``X-RateLimit-*`` on every
+answer, ``Link`` pagination, an ``ETag`` on every 200 to a GET and 304 ``Not Modified`` (without
+a body, not counted against the rate limit) when it is sent back in ``If-None-Match``, and the
+token's kind: a classic token's ``X-OAuth-Scopes`` on every authenticated answer
+(``scopes="repo"``), or none for a fine-grained token (``scopes=None``), whose push access shows
+in the repository's ``permissions.push`` (``push=``). A pull request changes (``updated_at``, the
+``comments`` and ``review_comments`` counts, so its ETag) when its conversation does; an inline
+comment outside a review gets a review of its own (COMMENTED, no body), as on GitHub. Each test
+scripts the trouble and the people it needs::
 
     fake.fail(502, "Server Error", method="POST", path_contains="/pulls")  # next such request
     fake.rate_limit(retry_after=2, status=429)  # a secondary limit with Retry-After, then normal
     fake.rate_limit(retry_after=None)           # a primary limit: Remaining 0 until Reset
     fake.add_pull("feature", title="Left from the last run")  # state as if created earlier
+    fake.add_issue_comment(1, "Please rename it.", user="alice")
+    first = fake.add_review_comment(1, "Off by one?", path="app.py", line=3)
+    fake.add_review_comment(1, "Still there.", in_reply_to=first["id"])
+    fake.add_review(1, "Looks good", state="APPROVED", at=datetime(2025, 1, 2, tzinfo=UTC))
+    fake.edit_comment(first["id"], "Off by two?")
+    fake.set_permission("alice", "write")  # else only the token's user has a role (admin)
+    fake.merge(1, by="alice")  # or fake.close(1)
 
-and inspects what arrived: ``requests`` (method, path under the API root, query, headers with the
-token masked, parsed JSON body, status answered), ``pulls`` (number -> the pull request's JSON),
-``comments`` (number -> its comments). A request for anything the fake does not implement is
-answered 404 and listed in ``unimplemented``; the ``fake_github`` fixture fails the test at
-teardown for it, so a gap in the fake is never mistaken for GitHub's answer.
+Timestamps have whole seconds, as GitHub's do, so two changes within one second can leave a pull
+request's JSON (and ETag) the same unless a count changed; the scripting methods take ``at`` to
+set the time. A test inspects what arrived: ``requests`` (method, path under the API root,
+query, headers with the token masked, parsed JSON body, status answered), ``pulls`` (number ->
+the pull request's JSON), ``comments``, ``review_comments`` and ``reviews`` (number -> their
+JSON, oldest first), ``reactions`` (comment id -> its reactions), ``permissions`` (login ->
+role). A request for anything the fake does not implement is answered 404 and listed in
+``unimplemented``; the ``fake_github`` fixture fails the test at teardown for it, so a gap in the
+fake is never mistaken for GitHub's answer.
 
 The HTTP plumbing (open connections dropped on ``stop()``, handler threads joined) is
 ``fakehttp``'s, shared with ``fake_ollama``.
@@ -40,7 +56,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import pytest
 from fakehttp import FakeServer, Handler
@@ -49,6 +65,8 @@ API_PREFIX = "/api/v3"  # where GitHub Enterprise Server serves the REST API
 DOCS = "https://docs.github.com/rest"
 RATE_DOCS = "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api"
 CREATE_PULL_DOCS = "https://docs.github.com/rest/pulls/pulls#create-a-pull-request"
+REPLY_DOCS = "https://docs.github.com/rest/pulls/comments#create-a-reply-for-a-review-comment"
+REACTIONS_DOCS = "https://docs.github.com/rest/reactions/reactions"
 BAD_CREDENTIALS = "Bad credentials"
 NEEDS_AUTH = "Requires authentication"
 NOT_FOUND = "Not Found"
@@ -59,6 +77,18 @@ SECONDARY_LIMIT = (
 )
 RATE_LIMIT = 5000  # GitHub's hourly limit for a personal access token
 MASK = "***"
+REVIEW_STATES = ("APPROVED", "CHANGES_REQUESTED", "COMMENTED")  # as submitted reviews list
+REACTIONS = ("+1", "-1", "laugh", "confused", "heart", "hooray", "rocket", "eyes")
+# The roles on a repository, least first, and the legacy ``permission`` GitHub reports for each.
+ROLES = {
+    "none": "none",
+    "read": "read",
+    "triage": "read",
+    "write": "write",
+    "maintain": "write",
+    "admin": "admin",
+}
+DIFF_HUNK = "@@ -1,1 +1,1 @@\n-x = 1\n+x = 2"
 
 # Fields GitHub sends only when one pull request is fetched, not in a list of them.
 _FULL_ONLY = (
@@ -83,7 +113,13 @@ def already_exists(head_label: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _stamp(None)
+
+
+def _stamp(at: datetime | None) -> str:
+    """GitHub's timestamp, in UTC with whole seconds: of ``at`` (naive means UTC), or now."""
+    at = datetime.now(UTC) if at is None else at if at.tzinfo else at.replace(tzinfo=UTC)
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _sha(text: str) -> str:
@@ -92,6 +128,14 @@ def _sha(text: str) -> str:
 
 def _node_id(kind: str, number: int) -> str:
     return f"{kind}_kwDO{number:08d}"
+
+
+def _role_permissions(role: str) -> dict[str, bool]:
+    """The ``permissions`` GitHub shows for a collaborator with ``role``: the roles it holds."""
+    roles = list(ROLES)
+    held = roles[1 : roles.index(role) + 1]  # "none" holds nothing
+    names = {"admin": "admin", "maintain": "maintain", "push": "write", "triage": "triage"}
+    return {key: name in held for key, name in names.items()} | {"pull": "read" in held}
 
 
 @dataclass
@@ -142,20 +186,32 @@ def _error(
     return _Reply(status, body, headers or {})
 
 
-def _invalid(resource: str, code: str, field_: str | None = None, message: str = "") -> _Reply:
+def _invalid(
+    resource: str,
+    code: str,
+    field_: str | None = None,
+    message: str = "",
+    docs: str = CREATE_PULL_DOCS,
+) -> _Reply:
     error: dict[str, Any] = {"resource": resource, "code": code}
     if field_ is not None:
         error["field"] = field_
     if message:
         error["message"] = message
-    return _error(422, VALIDATION_FAILED, CREATE_PULL_DOCS, errors=[error])
+    return _error(422, VALIDATION_FAILED, docs, errors=[error])
 
 
 class _Handler(Handler):
     do_PATCH = do_PUT = Handler._dispatch
 
-    def send_github(self, status: int, obj: Any, headers: dict[str, str]) -> None:
-        self.send(status, json.dumps(obj).encode(), "application/json; charset=utf-8", headers)
+    def send_github(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+        if status == 304:  # Not Modified: the headers alone, never a body or a Content-Length
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            return
+        self.send(status, data, "application/json; charset=utf-8", headers)
 
 
 class FakeGitHub(FakeServer):
@@ -183,7 +239,11 @@ class FakeGitHub(FakeServer):
         self.requests: list[Request] = []
         self.unimplemented: list[Request] = []
         self.pulls: dict[int, dict[str, Any]] = {}
-        self.comments: dict[int, list[dict[str, Any]]] = {}
+        self.comments: dict[int, list[dict[str, Any]]] = {}  # on the conversation
+        self.review_comments: dict[int, list[dict[str, Any]]] = {}  # inline, on the diff
+        self.reviews: dict[int, list[dict[str, Any]]] = {}
+        self.reactions: dict[int, list[dict[str, Any]]] = {}  # comment id -> its reactions
+        self.permissions: dict[str, str] = {login: "admin"}  # login -> role; others: none
         self._arrived = threading.Condition(self._lock)
         self._faults: list[_Fault] = []
         self._ids = iter(range(1_000_001, 10**9))
@@ -265,13 +325,116 @@ class FakeGitHub(FakeServer):
         body: str | None = None,
         draft: bool = False,
         state: str = "open",
+        at: datetime | None = None,
     ) -> dict[str, Any]:
         """Put a pull request in place as if it had been created earlier (by an earlier run,
-        or by hand); ``head`` is ``branch`` or ``owner:branch``. Returns its JSON."""
+        or by hand, at ``at``); ``head`` is ``branch`` or ``owner:branch``. Returns its JSON."""
         with self._lock:
             pull = self._new_pull(head, base or self.default_branch, title, body, draft)
+            pull["created_at"] = pull["updated_at"] = stamp = _stamp(at)
             if state == "closed":
-                pull["state"], pull["closed_at"] = "closed", _now()
+                pull["state"], pull["closed_at"] = "closed", stamp
+            return pull
+
+    def add_issue_comment(
+        self, number: int, body: str, *, user: str = "alice", at: datetime | None = None
+    ) -> dict[str, Any]:
+        """``user`` comments on pull request ``number``'s conversation. Returns its JSON."""
+        with self._lock:
+            return self._new_comment(self.pulls[number], body, user, _stamp(at))
+
+    def add_review_comment(
+        self,
+        number: int,
+        body: str,
+        *,
+        user: str = "alice",
+        path: str = "app.py",
+        line: int = 1,
+        diff_hunk: str = DIFF_HUNK,
+        in_reply_to: int | None = None,
+        review_id: int | None = None,
+        at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """``user`` comments inline on pull request ``number``'s diff: on ``path`` at ``line``
+        (the new side), under ``diff_hunk`` (the diff up to that line); or, ``in_reply_to`` a
+        review comment, in its thread, on the thread's line. As on GitHub the comment belongs
+        to a review: ``review_id``, or one of its own (COMMENTED, empty body) as GitHub makes
+        for a single comment. Returns its JSON; KeyError for an unknown comment or review."""
+        with self._lock:
+            pull = self.pulls[number]
+            thread: dict[str, Any] = {"path": path, "line": line, "diff_hunk": diff_hunk}
+            if in_reply_to is not None:
+                root = self._thread_root(pull, in_reply_to)
+                if root is None:
+                    raise KeyError(f"no review comment {in_reply_to} on #{number}")
+                thread = root
+            return self._new_review_comment(pull, body, user, _stamp(at), thread, review_id)
+
+    def add_review(
+        self,
+        number: int,
+        body: str,
+        *,
+        user: str = "alice",
+        state: str = "COMMENTED",
+        at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """``user`` submits a review of pull request ``number``: ``state`` APPROVED,
+        CHANGES_REQUESTED or COMMENTED. Returns its JSON."""
+        if state not in REVIEW_STATES:
+            raise ValueError(f"a submitted review is one of {REVIEW_STATES}, not {state!r}")
+        with self._lock:
+            return self._new_review(self.pulls[number], body, user, state, _stamp(at))
+
+    def edit_comment(
+        self, comment_id: int, body: str, *, at: datetime | None = None
+    ) -> dict[str, Any]:
+        """Edit a comment or a review comment in place, as its author would on GitHub: its
+        ``body`` and ``updated_at``, and the pull request's. KeyError for an unknown id."""
+        with self._lock:
+            for store in (self.comments, self.review_comments):
+                if (found := self._find(store, comment_id)) is not None:
+                    number, comment = found
+                    comment["body"], comment["updated_at"] = body, _stamp(at)
+                    self._touch(self.pulls[number], comment["updated_at"])
+                    return comment
+        raise KeyError(f"no comment {comment_id}")
+
+    def set_permission(self, login: str, permission: str) -> None:
+        """``login``'s role on the repository: admin, maintain, write, triage, read or none.
+        GitHub reports maintain as ``permission`` write and triage as read, the role itself
+        as ``role_name``."""
+        if permission not in ROLES:
+            raise ValueError(f"a role is one of {tuple(ROLES)}, not {permission!r}")
+        with self._lock:
+            self.permissions[login] = permission
+
+    def merge(
+        self, number: int, *, by: str = "alice", at: datetime | None = None
+    ) -> dict[str, Any]:
+        """Pull request ``number`` is merged on GitHub by ``by``: closed, ``merged``,
+        ``merged_at``, ``merged_by``, a ``merge_commit_sha``. Returns its JSON."""
+        with self._lock:
+            pull = self._open_pull(number)
+            stamp = _stamp(at)
+            pull.update(
+                state="closed",
+                closed_at=stamp,
+                merged=True,
+                merged_at=stamp,
+                merged_by=self._user(by),
+                merge_commit_sha=_sha(f"merge #{number} at {stamp}"),
+            )
+            self._touch(pull, stamp)
+            return pull
+
+    def close(self, number: int, *, at: datetime | None = None) -> dict[str, Any]:
+        """Pull request ``number`` is closed on GitHub without a merge. Returns its JSON."""
+        with self._lock:
+            pull = self._open_pull(number)
+            pull["state"], pull["closed_at"] = "closed", _stamp(at)
+            self._touch(pull, pull["closed_at"])
             return pull
 
     # -- inspection ------------------------------------------------------------------------
@@ -357,11 +520,14 @@ class FakeGitHub(FakeServer):
             self._arrived.notify_all()
             authorization = h.headers.get("Authorization")
             reply = self._answer(req, authorization, inside)
+            data = json.dumps(reply.body).encode()  # under the lock: the state as answered
+            if req.method == "GET" and reply.status == 200:
+                reply, data = self._conditional(req, reply, data)
             req.status = reply.status
             headers = self._headers(reply)
             if self.scopes is not None and self._authenticated(authorization):
                 headers["X-OAuth-Scopes"] = self.scopes
-        h.send_github(reply.status, reply.body, headers)
+        h.send_github(reply.status, data, headers)
 
     def _authenticated(self, authorization: str | None) -> bool:
         scheme, _, given = (authorization or "").partition(" ")
@@ -394,6 +560,16 @@ class FakeGitHub(FakeServer):
         except Exception as e:
             self.errors.append(f"fake GitHub raised {e!r} for {req.method} {req.path}")
             return _error(500, f"fake: {e!r}")
+
+    def _conditional(self, req: Request, reply: _Reply, data: bytes) -> tuple[_Reply, bytes]:
+        """GitHub's conditional requests: a 200 to a GET carries an ``ETag``; the same GET with
+        ``If-None-Match`` naming it is answered 304 Not Modified without a body, and a 304 does
+        not count against the rate limit. Called with the lock held."""
+        etag = f'W/"{hashlib.sha1(data).hexdigest()}"'
+        if etag in {tag.strip() for tag in req.headers.get("if-none-match", "").split(",")}:
+            self._used -= 1
+            return _Reply(304, None, {"ETag": etag}), b""
+        return _Reply(reply.status, reply.body, reply.headers | {"ETag": etag}), data
 
     def _fault_reply(self, fault: _Fault) -> _Reply:
         if fault.retry_after is not None:
@@ -442,6 +618,30 @@ class FakeGitHub(FakeServer):
             ("POST", repo + r"/issues/(?P<number>\d+)/labels", self._add_labels),
             ("GET", repo + r"/issues/(?P<number>\d+)/comments", self._get_comments),
             ("POST", repo + r"/issues/(?P<number>\d+)/comments", self._add_comment),
+            ("GET", repo + r"/pulls/(?P<number>\d+)/comments", self._get_review_comments),
+            ("GET", repo + r"/issues/comments/(?P<comment_id>\d+)", self._get_comment),
+            ("GET", repo + r"/pulls/comments/(?P<comment_id>\d+)", self._get_review_comment),
+            (
+                "POST",
+                repo + r"/pulls/(?P<number>\d+)/comments/(?P<comment_id>\d+)/replies",
+                self._reply_to_review_comment,
+            ),
+            ("GET", repo + r"/pulls/(?P<number>\d+)/reviews", self._get_reviews),
+            (
+                "POST",
+                repo + r"/issues/comments/(?P<comment_id>\d+)/reactions",
+                self._react_to_comment,
+            ),
+            (
+                "POST",
+                repo + r"/pulls/comments/(?P<comment_id>\d+)/reactions",
+                self._react_to_review_comment,
+            ),
+            (
+                "GET",
+                repo + r"/collaborators/(?P<username>[^/]+)/permission",
+                self._get_permission,
+            ),
         ]
         for verb, pattern, handler in routes:
             if verb == method and (match := re.fullmatch(pattern, path)):
@@ -576,7 +776,7 @@ class FakeGitHub(FakeServer):
                 "html_url": pull["html_url"],
                 "diff_url": pull["diff_url"],
                 "patch_url": pull["patch_url"],
-                "merged_at": None,
+                "merged_at": pull["merged_at"],
             },
         }
         return _Reply(200, issue)
@@ -605,7 +805,7 @@ class FakeGitHub(FakeServer):
         pull = self._pull_or_404(match)
         if pull is None:
             return _error(404, NOT_FOUND)
-        return self._page(req, self.comments.get(pull["number"], []))
+        return self._listed(req, self.comments.get(pull["number"], []))
 
     def _add_comment(self, req: Request, match: re.Match[str]) -> _Reply:
         pull = self._pull_or_404(match)
@@ -614,22 +814,92 @@ class FakeGitHub(FakeServer):
         text = req.get("body")
         if not isinstance(text, str) or not text:
             return _invalid("IssueComment", "missing_field", "body")
-        cid, now = next(self._ids), _now()
-        comment = {
-            "id": cid,
-            "node_id": _node_id("IC", cid),
-            "url": f"{self._repo_url()}/issues/comments/{cid}",
-            "html_url": f"{pull['html_url']}#issuecomment-{cid}",
-            "issue_url": pull["issue_url"],
-            "body": text,
-            "user": self._user(self.login),
-            "created_at": now,
-            "updated_at": now,
-            "author_association": "MEMBER",
-        }
-        self.comments.setdefault(pull["number"], []).append(comment)
-        pull["comments"] += 1
+        comment = self._new_comment(pull, text, self.login, _now())
         return _Reply(201, comment, {"Location": comment["url"]})
+
+    def _get_comment(self, req: Request, match: re.Match[str]) -> _Reply:
+        """PyGithub fetches a listed comment (or, below, review comment) again for an attribute
+        the list left out, such as a thread's first comment's ``in_reply_to_id``."""
+        found = self._find(self.comments, int(match["comment_id"]))
+        return _Reply(200, found[1]) if found is not None else _error(404, NOT_FOUND)
+
+    def _get_review_comment(self, req: Request, match: re.Match[str]) -> _Reply:
+        found = self._find(self.review_comments, int(match["comment_id"]))
+        return _Reply(200, found[1]) if found is not None else _error(404, NOT_FOUND)
+
+    def _get_review_comments(self, req: Request, match: re.Match[str]) -> _Reply:
+        pull = self._pull_or_404(match)
+        if pull is None:
+            return _error(404, NOT_FOUND)
+        return self._listed(req, self.review_comments.get(pull["number"], []))
+
+    def _reply_to_review_comment(self, req: Request, match: re.Match[str]) -> _Reply:
+        """GitHub files a reply under the first comment of the thread, on its line."""
+        pull = self._pull_or_404(match)
+        root = self._thread_root(pull, int(match["comment_id"])) if pull is not None else None
+        if pull is None or root is None:
+            return _error(404, NOT_FOUND)
+        text = req.get("body")
+        if not isinstance(text, str) or not text:
+            return _invalid("PullRequestReviewComment", "missing_field", "body", docs=REPLY_DOCS)
+        comment = self._new_review_comment(pull, text, self.login, _now(), root)
+        return _Reply(201, comment, {"Location": comment["url"]})
+
+    def _get_reviews(self, req: Request, match: re.Match[str]) -> _Reply:
+        pull = self._pull_or_404(match)
+        if pull is None:
+            return _error(404, NOT_FOUND)
+        return self._page(req, self.reviews.get(pull["number"], []))
+
+    def _react_to_comment(self, req: Request, match: re.Match[str]) -> _Reply:
+        return self._react(req, match, self.comments)
+
+    def _react_to_review_comment(self, req: Request, match: re.Match[str]) -> _Reply:
+        return self._react(req, match, self.review_comments)
+
+    def _react(
+        self, req: Request, match: re.Match[str], store: dict[int, list[dict[str, Any]]]
+    ) -> _Reply:
+        """GitHub keeps one reaction of each content per user: a second one is answered 200
+        with the first, a new one 201."""
+        cid = int(match["comment_id"])
+        if self._find(store, cid) is None:
+            return _error(404, NOT_FOUND)
+        content = req.get("content")
+        if content not in REACTIONS:
+            return _invalid("Reaction", "invalid", "content", docs=REACTIONS_DOCS)
+        reactions = self.reactions.setdefault(cid, [])
+        for reaction in reactions:
+            if (reaction["user"]["login"], reaction["content"]) == (self.login, content):
+                return _Reply(200, reaction)
+        rid = next(self._ids)
+        reaction = {
+            "id": rid,
+            "node_id": _node_id("REA", rid),
+            "user": self._user(self.login),
+            "content": content,
+            "created_at": _now(),
+        }
+        reactions.append(reaction)
+        return _Reply(201, reaction)
+
+    def _get_permission(self, req: Request, match: re.Match[str]) -> _Reply:
+        login = unquote(match["username"])
+        role = self.permissions.get(login, "none")
+        user = self._user(login) | {"permissions": _role_permissions(role), "role_name": role}
+        return _Reply(200, {"permission": ROLES[role], "role_name": role, "user": user})
+
+    def _listed(self, req: Request, items: list[dict[str, Any]]) -> _Reply:
+        """One page of ``items``, only those updated at or after ``since`` if it is given, as
+        GitHub lists comments."""
+        since = req.query.get("since")
+        if since is not None:
+            try:
+                since = _stamp(datetime.fromisoformat(since))
+            except ValueError:
+                return _error(422, VALIDATION_FAILED)
+            items = [item for item in items if item["updated_at"] >= since]
+        return self._page(req, items)
 
     def _page(self, req: Request, items: list[dict[str, Any]]) -> _Reply:
         """One page of ``items`` as GitHub pages lists: ``per_page`` (30, at most 100),
@@ -831,6 +1101,140 @@ class FakeGitHub(FakeServer):
         }
         self.pulls[number] = pull
         return pull
+
+    def _open_pull(self, number: int) -> dict[str, Any]:
+        pull = self.pulls[number]
+        if pull["state"] != "open":
+            raise ValueError(f"pull request #{number} is already {pull['state']}")
+        return pull
+
+    def _touch(self, pull: dict[str, Any], stamp: str) -> None:
+        """A pull request is updated when its conversation is (never back in time)."""
+        pull["updated_at"] = max(pull["updated_at"], stamp)
+
+    def _association(self, login: str) -> str:
+        """``author_association``: the token's user is a member of the organization, anyone
+        with a role on the repository a collaborator."""
+        if login == self.login:
+            return "MEMBER"
+        return "COLLABORATOR" if self.permissions.get(login, "none") != "none" else "NONE"
+
+    @staticmethod
+    def _find(
+        store: dict[int, list[dict[str, Any]]], cid: int
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The pull request number and the comment with id ``cid`` in ``store``, or None."""
+        return next(((n, c) for n, cs in store.items() for c in cs if c["id"] == cid), None)
+
+    def _thread_root(self, pull: dict[str, Any], cid: int) -> dict[str, Any] | None:
+        """The first comment of the thread review comment ``cid`` is in, if it is on ``pull``."""
+        on_pull = {c["id"]: c for c in self.review_comments.get(pull["number"], [])}
+        comment = on_pull.get(cid)
+        if comment is None or "in_reply_to_id" not in comment:
+            return comment
+        return on_pull[comment["in_reply_to_id"]]
+
+    def _new_comment(
+        self, pull: dict[str, Any], body: str, login: str, stamp: str
+    ) -> dict[str, Any]:
+        """Called with the lock held."""
+        cid = next(self._ids)
+        comment = {
+            "id": cid,
+            "node_id": _node_id("IC", cid),
+            "url": f"{self._repo_url()}/issues/comments/{cid}",
+            "html_url": f"{pull['html_url']}#issuecomment-{cid}",
+            "issue_url": pull["issue_url"],
+            "body": body,
+            "user": self._user(login),
+            "created_at": stamp,
+            "updated_at": stamp,
+            "author_association": self._association(login),
+        }
+        self.comments.setdefault(pull["number"], []).append(comment)
+        pull["comments"] += 1
+        self._touch(pull, stamp)
+        return comment
+
+    def _new_review(
+        self, pull: dict[str, Any], body: str, login: str, state: str, stamp: str
+    ) -> dict[str, Any]:
+        """Called with the lock held."""
+        rid = next(self._ids)
+        html_url = f"{pull['html_url']}#pullrequestreview-{rid}"
+        review = {
+            "id": rid,
+            "node_id": _node_id("PRR", rid),
+            "user": self._user(login),
+            "body": body,
+            "state": state,
+            "html_url": html_url,
+            "pull_request_url": pull["url"],
+            "author_association": self._association(login),
+            "_links": {"html": {"href": html_url}, "pull_request": {"href": pull["url"]}},
+            "submitted_at": stamp,
+            "commit_id": pull["head"]["sha"],
+        }
+        self.reviews.setdefault(pull["number"], []).append(review)
+        self._touch(pull, stamp)
+        return review
+
+    def _new_review_comment(
+        self,
+        pull: dict[str, Any],
+        body: str,
+        login: str,
+        stamp: str,
+        thread: dict[str, Any],
+        review_id: int | None = None,
+    ) -> dict[str, Any]:
+        """A comment on the diff: ``thread`` is the first comment of the thread it replies to,
+        or the place (path, line, diff_hunk) of a new thread. Called with the lock held."""
+        if review_id is None:  # GitHub makes a review of one comment
+            review_id = self._new_review(pull, "", login, "COMMENTED", stamp)["id"]
+        elif all(r["id"] != review_id for r in self.reviews.get(pull["number"], [])):
+            raise KeyError(f"no review {review_id} on #{pull['number']}")
+        cid = next(self._ids)
+        url = f"{self._repo_url()}/pulls/comments/{cid}"
+        html_url = f"{pull['html_url']}#discussion_r{cid}"
+        position = max(len(thread["diff_hunk"].splitlines()) - 1, 1)  # lines below the "@@"
+        reply = {"in_reply_to_id": thread["id"]} if "id" in thread else {}
+        comment = {
+            "url": url,
+            "pull_request_review_id": review_id,
+            "id": cid,
+            "node_id": _node_id("PRRC", cid),
+            "diff_hunk": thread["diff_hunk"],
+            "path": thread["path"],
+            "position": position,
+            "original_position": position,
+            "commit_id": pull["head"]["sha"],
+            "original_commit_id": pull["head"]["sha"],
+            **reply,
+            "user": self._user(login),
+            "body": body,
+            "created_at": stamp,
+            "updated_at": stamp,
+            "html_url": html_url,
+            "pull_request_url": pull["url"],
+            "author_association": self._association(login),
+            "_links": {
+                "self": {"href": url},
+                "html": {"href": html_url},
+                "pull_request": {"href": pull["url"]},
+            },
+            "start_line": None,
+            "original_start_line": None,
+            "start_side": None,
+            "line": thread["line"],
+            "original_line": thread["line"],
+            "side": "RIGHT",
+            "subject_type": "line",
+        }
+        self.review_comments.setdefault(pull["number"], []).append(comment)
+        pull["review_comments"] += 1
+        self._touch(pull, stamp)
+        return comment
 
 
 @pytest.fixture(name="fake_github")  # named, so it may be imported under another name

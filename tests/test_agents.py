@@ -6,13 +6,12 @@ daemon, git, the agent and its sandbox are real."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import PY, Project, git, ticketd, wait_until
+from conftest import PY, Project, Running, git, ticketd, wait_until
 from fake_ollama import FakeOllama
 
 from daemon import config as configuration
@@ -71,24 +70,6 @@ def last_run(project: Project) -> dict[str, Any]:
 
 def prompts(fake: FakeOllama) -> list[str]:
     return [r.messages[-1]["content"] for r in fake.requests_to("/api/chat")]
-
-
-class Running:
-    """A real supervisor on a thread, stopped (as by SIGTERM) at the end."""
-
-    def __init__(self, project: Project) -> None:
-        cfg = configuration.load(project.config_path)
-        self.supervisor = Supervisor(cfg, log_to_stderr=False)
-        self.thread = threading.Thread(target=self.supervisor.run)
-
-    def __enter__(self) -> Supervisor:
-        self.thread.start()
-        return self.supervisor
-
-    def __exit__(self, *exc: object) -> None:
-        self.supervisor.signals = 1
-        self.supervisor.wake.set()
-        self.thread.join(timeout=30)
 
 
 def daemon_log(project: Project) -> str:

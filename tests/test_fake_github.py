@@ -1,15 +1,17 @@
 """The fake GitHub, driven by the real PyGithub (and httpx where PyGithub hides the wire).
 
 These tests also pin what PyGithub does with each answer: which exception it raises for a
-duplicate pull request, bad credentials, a server error and a rate limit, and what its default
-retry does by itself. No test sleeps: where PyGithub's retry would wait, a ``GithubRetry`` that
-records the wait instead of sleeping it stands in for the default one.
+duplicate pull request, bad credentials, a server error and a rate limit, what its default
+retry does by itself, and what ``update()`` makes of a 304. No test sleeps: where PyGithub's
+retry would wait, a ``GithubRetry`` that records the wait instead of sleeping it stands in for
+the default one.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import github
@@ -30,6 +32,7 @@ from urllib3 import Retry
 
 REPO = "acme/widgets"
 PULLS = "/repos/acme/widgets/pulls"
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)  # for scripted times (``at=``)
 
 Connect = Callable[..., github.Github]
 
@@ -285,6 +288,244 @@ def test_another_repository_is_not_found(connect: Connect) -> None:
         connect().get_repo("acme/gadgets")
 
 
+# -- the review loop ---------------------------------------------------------------------------
+
+
+def test_an_unchanged_pull_request_is_not_modified_and_costs_nothing(
+    fake_github: FakeGitHub, connect: Connect
+) -> None:
+    gh = connect()
+    fake_github.add_pull("feature")
+    pr = gh.get_repo(REPO).get_pull(1)
+    remaining, _ = gh.rate_limiting
+
+    assert pr.update() is False
+
+    assert gh.rate_limiting[0] == remaining  # a 304 does not count against the limit
+    last = fake_github.requests[-1]
+    assert (last.path, last.status, last.headers["if-none-match"]) == (f"{PULLS}/1", 304, pr.etag)
+
+    fake_github.add_issue_comment(1, "Please rename it.")
+    assert pr.update() is True
+    assert pr.comments == 1 and gh.rate_limiting[0] == remaining - 1
+    assert pr.update() is False
+
+
+def test_a_304_has_no_body_and_the_connection_goes_on(fake_github: FakeGitHub) -> None:
+    fake_github.add_pull("feature")
+    headers = {"Authorization": "token t0k3n"}
+    with httpx.Client(base_url=fake_github.url, headers=headers) as client:
+        first = client.get(f"{PULLS}/1")
+        etag = first.headers["ETag"]
+        again = client.get(f"{PULLS}/1", headers={"If-None-Match": etag})
+        listed = client.get(PULLS)  # on the same keep-alive connection
+
+    assert etag.startswith('W/"') and first.status_code == 200
+    assert (again.status_code, again.content, again.headers["ETag"]) == (304, b"", etag)
+    assert "content-length" not in again.headers and "content-type" not in again.headers
+    assert again.headers["X-RateLimit-Remaining"] == first.headers["X-RateLimit-Remaining"]
+    assert listed.status_code == 200 and listed.headers["ETag"] != etag
+
+
+def test_a_pull_request_changes_with_its_conversation(fake_github: FakeGitHub, repo: Any) -> None:
+    fake_github.add_pull("feature", at=T0)
+    pr = repo.get_pull(1)
+    at = [T0 + timedelta(minutes=n) for n in range(1, 6)]
+
+    comment = fake_github.add_issue_comment(1, "Rename it.", at=at[0])
+    assert pr.update() and (pr.updated_at, pr.comments) == (at[0], 1)
+    fake_github.add_review_comment(1, "Off by one?", at=at[1])
+    assert pr.update() and (pr.updated_at, pr.review_comments) == (at[1], 1)
+    fake_github.add_review(1, "Nearly.", state="CHANGES_REQUESTED", at=at[2])
+    assert pr.update() and pr.updated_at == at[2]
+    fake_github.edit_comment(comment["id"], "Rename it, please.", at=at[3])
+    assert pr.update() and pr.updated_at == at[3]
+    fake_github.close(1, at=at[4])
+    assert pr.update() and (pr.state, pr.closed_at, pr.merged) == ("closed", at[4], False)
+    assert pr.update() is False
+
+
+def test_comments_by_others_and_edits(fake_github: FakeGitHub, repo: Any) -> None:
+    fake_github.add_pull("feature", at=T0)
+    fake_github.set_permission("alice", "write")
+    mine = repo.get_pull(1).create_issue_comment("Agent finished.")
+    theirs = fake_github.add_issue_comment(1, "Rename it.", at=T0 + timedelta(minutes=1))
+    edited = T0 + timedelta(minutes=2)
+
+    fake_github.edit_comment(theirs["id"], "Rename it, please.", at=edited)
+
+    comments = list(repo.get_pull(1).get_issue_comments())
+    assert [(c.user.login, c.body) for c in comments] == [
+        ("ticketd-bot", "Agent finished."),
+        ("alice", "Rename it, please."),
+    ]
+    assert [c.author_association for c in comments] == ["MEMBER", "COLLABORATOR"]
+    assert (comments[1].created_at, comments[1].updated_at) == (T0 + timedelta(minutes=1), edited)
+    assert comments[0].id == mine.id
+    assert repo.get_pull(1).comments == 2
+    with pytest.raises(KeyError):
+        fake_github.edit_comment(999, "No such comment.")
+
+
+def test_review_comments_and_a_reply_in_their_thread(fake_github: FakeGitHub, repo: Any) -> None:
+    fake_github.add_pull("feature")
+    first = fake_github.add_review_comment(1, "Off by one?", line=3)
+    second = fake_github.add_review_comment(1, "Me too.", user="bob", in_reply_to=first["id"])
+    pr = repo.get_pull(1)
+
+    reply = pr.create_review_comment_reply(second["id"], "Fixed in the next push.")
+
+    assert reply.in_reply_to_id == first["id"]  # the thread's first comment, as on GitHub
+    assert (reply.user.login, reply.path, reply.line, reply.diff_hunk) == (
+        "ticketd-bot",
+        "app.py",
+        3,
+        first["diff_hunk"],
+    )
+    assert reply.commit_id == reply.original_commit_id == pr.head.sha
+    comments = list(pr.get_review_comments())
+    assert [(c.user.login, c.body, c.in_reply_to_id) for c in comments] == [
+        ("alice", "Off by one?", None),  # PyGithub fetched the first one to learn that
+        ("bob", "Me too.", first["id"]),
+        ("ticketd-bot", "Fixed in the next push.", first["id"]),
+    ]
+    root = comments[0]
+    assert root.html_url == f"{fake_github.web_url}/{REPO}/pull/1#discussion_r{first['id']}"
+    assert (root.pull_request_url, root.side, root.subject_type) == (pr.url, "RIGHT", "line")
+    assert (root.position, root.original_line, root.start_line) == (2, 3, None)
+    assert len(fake_github.requests_to(f"{PULLS}/comments/{first['id']}", "GET")) == 1
+    assert repo.get_pull(1).review_comments == 3
+    (req,) = fake_github.requests_to(f"{PULLS}/1/comments/{second['id']}/replies", "POST")
+    assert (req.status, req.body) == (201, {"body": "Fixed in the next push."})
+
+
+def test_a_reply_to_a_comment_elsewhere_is_404_and_one_without_a_body_422(
+    fake_github: FakeGitHub, repo: Any
+) -> None:
+    fake_github.add_pull("feature")
+    fake_github.add_pull("other")
+    elsewhere = fake_github.add_review_comment(2, "On the other one.")
+    here = fake_github.add_review_comment(1, "Here.")
+    pr = repo.get_pull(1)
+
+    with pytest.raises(github.UnknownObjectException):
+        pr.create_review_comment_reply(elsewhere["id"], "Wrong pull.")
+    with pytest.raises(github.GithubException) as caught:
+        pr.create_review_comment_reply(here["id"], "")
+
+    assert (caught.value.status, caught.value.data["errors"][0]["field"]) == (422, "body")
+    assert len(fake_github.review_comments[1]) == 1
+
+
+def test_comments_since_a_time(fake_github: FakeGitHub, repo: Any) -> None:
+    fake_github.add_pull("feature", at=T0)
+    old = fake_github.add_review_comment(1, "Old.", at=T0)
+    fake_github.add_review_comment(1, "New.", at=T0 + timedelta(hours=1))
+    fake_github.edit_comment(old["id"], "Old, edited.", at=T0 + timedelta(hours=2))
+
+    since = [c.body for c in repo.get_pull(1).get_review_comments(since=T0 + timedelta(hours=1))]
+
+    assert since == ["Old, edited.", "New."]  # updated at or after, oldest first
+    later = repo.get_pull(1).get_review_comments(since=T0 + timedelta(minutes=90))
+    assert [c.body for c in later] == ["Old, edited."]
+
+
+def test_reviews_are_listed_with_their_state(fake_github: FakeGitHub, repo: Any) -> None:
+    fake_github.add_pull("feature")
+    fake_github.add_review(1, "Please split it.", user="bob", state="CHANGES_REQUESTED")
+    fake_github.add_review(1, "Looks good.", state="APPROVED", at=T0)
+    comment = fake_github.add_review_comment(1, "Nit.")
+
+    reviews = list(repo.get_pull(1).get_reviews())
+
+    assert [(r.user.login, r.state, r.body) for r in reviews] == [
+        ("bob", "CHANGES_REQUESTED", "Please split it."),
+        ("alice", "APPROVED", "Looks good."),
+        ("alice", "COMMENTED", ""),  # GitHub makes a review of a single inline comment
+    ]
+    changes, approval, single = reviews
+    assert (approval.submitted_at, approval.commit_id) == (T0, fake_github.pulls[1]["head"]["sha"])
+    assert single.id == comment["pull_request_review_id"]
+    assert changes.html_url == f"{fake_github.web_url}/{REPO}/pull/1#pullrequestreview-{changes.id}"
+    with pytest.raises(ValueError, match="PENDING"):
+        fake_github.add_review(1, "Draft.", state="PENDING")
+
+
+def test_reactions_on_comments_and_review_comments(fake_github: FakeGitHub, repo: Any) -> None:
+    fake_github.add_pull("feature")
+    fake_github.add_issue_comment(1, "Rename it.")
+    fake_github.add_review_comment(1, "Off by one?")
+    pr = repo.get_pull(1)
+    (comment,) = pr.get_issue_comments()
+    (review_comment,) = pr.get_review_comments()
+
+    eyes = comment.create_reaction("eyes")
+    again = comment.create_reaction("eyes")
+    rocket = review_comment.create_reaction("rocket")
+    with pytest.raises(github.GithubException) as caught:
+        comment.create_reaction("thumbsup")
+
+    assert (eyes.content, eyes.user.login, again.id) == ("eyes", "ticketd-bot", eyes.id)
+    assert rocket.content == "rocket" and rocket.id != eyes.id
+    assert (caught.value.status, caught.value.message) == (422, "Validation Failed")
+    answered = [r.status for r in fake_github.requests if r.path.endswith("/reactions")]
+    assert answered == [201, 200, 201, 422]
+    assert [r["content"] for r in fake_github.reactions[comment.id]] == ["eyes"]
+    assert [r["content"] for r in fake_github.reactions[review_comment.id]] == ["rocket"]
+
+
+def test_a_reaction_to_an_unknown_comment_is_404(fake_github: FakeGitHub) -> None:
+    headers = {"Authorization": "token t0k3n"}
+    with httpx.Client(base_url=fake_github.url, headers=headers) as client:
+        response = client.post(
+            f"/repos/{REPO}/issues/comments/42/reactions", json={"content": "eyes"}
+        )
+
+    assert response.status_code == 404
+
+
+def test_collaborator_permission(fake_github: FakeGitHub, repo: Any) -> None:
+    fake_github.set_permission("alice", "write")
+    fake_github.set_permission("carol", "maintain")
+
+    assert repo.get_collaborator_permission("ticketd-bot") == "admin"  # the token's user
+    assert repo.get_collaborator_permission("alice") == "write"
+    assert repo.get_collaborator_permission("carol") == "write"
+    assert repo.get_collaborator_role_name("carol") == "maintain"
+    assert repo.get_collaborator_permission("mallory") == "none"  # the repository is private
+    with pytest.raises(ValueError, match="owner"):
+        fake_github.set_permission("bob", "owner")
+
+
+def test_merged_and_closed_pull_requests(fake_github: FakeGitHub, repo: Any) -> None:
+    for branch in ("merged", "closed", "open"):
+        fake_github.add_pull(branch)
+
+    fake_github.merge(1, by="alice", at=T0)
+    fake_github.close(2, at=T0)
+
+    merged, closed = repo.get_pull(1), repo.get_pull(2)
+    assert (merged.state, merged.merged, merged.merged_at, merged.merged_by.login) == (
+        "closed",
+        True,
+        T0,
+        "alice",
+    )
+    assert merged.merge_commit_sha and merged.closed_at == T0
+    assert (closed.state, closed.merged, closed.merged_at, closed.closed_at) == (
+        "closed",
+        False,
+        None,
+        T0,
+    )
+    assert repo.get_pull(3).merged is False
+    listed = {p.number: p.merged_at for p in repo.get_pulls(state="all")}
+    assert listed == {3: None, 2: None, 1: T0}
+    assert merged.as_issue().pull_request.merged_at == T0
+    with pytest.raises(ValueError, match="closed"):
+        fake_github.merge(2)
+
+
 # -- failures ----------------------------------------------------------------------------------
 
 
@@ -360,7 +601,8 @@ def test_the_recording_retry_is_configured_as_the_default() -> None:
     for attr in ("total", "backoff_factor", "status_forcelist", "allowed_methods"):
         assert getattr(ours, attr) == getattr(default, attr), attr
     assert default.total == 10 and default.backoff_factor == 0
-    assert "PATCH" not in default.allowed_methods and {"GET", "POST"} <= default.allowed_methods
+    allowed = set(default.allowed_methods or ())
+    assert "PATCH" not in allowed and {"GET", "POST"} <= allowed
     assert set(default.status_forcelist or ()) == {403, *range(500, 600)}
     assert 429 in Retry.RETRY_AFTER_STATUS_CODES  # retried only when Retry-After is sent
 

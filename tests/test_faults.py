@@ -19,8 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import PY, Project, ticketd, wait_until
-from loguru import logger
+from conftest import PY, Project, captured_log, ticketd, wait_until
 from prometheus_client import CollectorRegistry
 from test_retry import NOW, POLICY, record, write_failed
 from test_server import get
@@ -64,10 +63,8 @@ def damaged(kind: str, scratch: Path) -> bytes:
 @pytest.fixture
 def logged() -> Iterator[list[str]]:
     """The messages logged at WARNING and above while the test runs."""
-    found: list[str] = []
-    sink = logger.add(lambda m: found.append(str(m)), level="WARNING", format="{message}")
-    yield found
-    logger.remove(sink)
+    with captured_log("WARNING", "{message}") as found:
+        yield found
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "zeros", "damaged page"])

@@ -75,8 +75,8 @@ def test_a_pull_request_is_opened_with_the_ticket_in_its_body(
     assert "feature.txt | 1 +" in body["body"]  # the diffstat
     [pr] = fake_github.open_pulls()
     assert sorted(fake_github.labels_of(pr["number"])) == ["bot", "feature"]
-    done = (project.folder("done") / name).read_text()
-    assert pr["html_url"] in done and "ticketd/task-1-add-feature" in done
+    waiting = (project.folder("review") / name).read_text()  # until the PR is merged
+    assert pr["html_url"] in waiting and "ticketd/task-1-add-feature" in waiting
     for request in fake_github.requests:
         assert TOKEN not in json.dumps(request.headers)
     for path in project.root.rglob("*"):
@@ -119,7 +119,7 @@ def test_a_failed_pr_is_retried_from_the_pushed_branch_without_the_agent(
 
     assert starts.read_text() == "x"  # the agent did not run again
     assert len(fake_github.open_pulls()) == 1
-    assert project.where() == {"done": [name]}
+    assert project.where() == {"review": [name]}  # until the PR is merged
 
 
 @pytest.mark.usefixtures("token")

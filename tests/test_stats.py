@@ -103,6 +103,17 @@ def build(store: Store) -> None:
     h.run(next(at), "running", labels=["bug"], stages=[("agent", None)])
     h.run(next(at), "done", model="C", labels=["docs"], stages=[("agent", 5)])  # command agent
     h.run(T0 + timedelta(days=7), "failed", model="A", error_code="CHECKS_FAILED")  # after it
+    # pull requests: two merged (after 2 h and 4 h), one closed, one open, one before the window
+    for number, opened, state, hours in [
+        (1, 1, "merged", 2), (2, 2, "merged", 4), (3, 3, "closed", 1), (4, 4, "open", 0),
+        (5, -24, "merged", 1),
+    ]:  # fmt: skip
+        at = T0 + timedelta(hours=opened)
+        store.pull_opened(number, f"task-{number} - T.md", f"task-{number}", f"u/{number}", iso(at))
+        if state != "open":
+            store.pull_finished(number, state, iso(at + timedelta(hours=hours)))
+    revision = h.run(T0 + timedelta(hours=5), "done")  # a revision of #1 (a command agent)
+    store.mark_revision(revision, 1)
 
 
 def test_collect_reports_exact_numbers_over_the_window(store: Store) -> None:
@@ -112,9 +123,9 @@ def test_collect_reports_exact_numbers_over_the_window(store: Store) -> None:
 
     assert report == {
         "window": {"since": "2025-03-01T09:00:00Z", "until": "2025-03-08T09:00:00Z"},
-        "runs": 7,
-        "outcomes": {"done": 3, "failed": 1, "requeued": 1, "review": 1, "running": 1},
-        "successRate": 0.6,
+        "runs": 8,
+        "outcomes": {"done": 4, "failed": 1, "requeued": 1, "review": 1, "running": 1},
+        "successRate": 0.6667,
         "byModel": {
             "B": {"runs": 1, "ok": 1, "rate": 1.0},
             "C": {"runs": 1, "ok": 1, "rate": 1.0},
@@ -134,6 +145,14 @@ def test_collect_reports_exact_numbers_over_the_window(store: Store) -> None:
         "tokens": {"runs": 4, "mean": 1450.0, "p50": 1050.0, "p95": 2815.0},
         "firstTry": {"runs": 2, "count": 1, "rate": 0.5},
         "escalation": {"runs": 4, "count": 1, "rate": 0.25},
+        "pullRequests": {
+            "opened": 4,
+            "open": 1,
+            "merged": 2,
+            "closed": 1,
+            "revisions": 1,
+            "hoursToMerge": {"p50": 3.0, "p95": 3.9},
+        },
     }
     assert json.loads(json.dumps(report)) == report
 
@@ -150,6 +169,7 @@ def test_rows_give_titled_tables_with_a_header_first(store: Store) -> None:
         "Error codes",
         "Stage durations (s)",
         "Tokens and rates",
+        "Pull requests",
     ]
     assert tables["Success by model (each model tried)"] == [
         ["model", "tried", "ok", "success"],

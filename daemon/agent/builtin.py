@@ -100,9 +100,10 @@ def run(
     *,
     log: Callable[[str], None],
     previous: str | None = None,
+    request: str | None = None,
 ) -> Result:
     result = Result()
-    task = render_ticket(ticket)
+    task = render_ticket(ticket, request)
     budget = s.num_ctx - s.num_predict - REFLECTION_RESERVE
     budget -= estimate_tokens(s.system) + estimate_tokens(task) + 200
     if budget < 0:

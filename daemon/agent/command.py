@@ -67,15 +67,17 @@ def ticket_sections(ticket: Ticket, *, plan_and_notes: bool = True) -> list[str]
     return parts
 
 
-def render_ticket(ticket: Ticket) -> str:
-    """The ticket as a task: title, description, acceptance criteria, plan and notes."""
-    return "\n".join([f"# {ticket.id}: {ticket.title}", "", *ticket_sections(ticket)])
+def render_ticket(ticket: Ticket, request: str | None = None) -> str:
+    """The ticket as a task: title, description, acceptance criteria, plan and notes (and a
+    reviewer's ``request``, when the run revises the ticket's pull request)."""
+    parts = [f"# {ticket.id}: {ticket.title}", "", *ticket_sections(ticket)]
+    return "\n".join([*parts, *([request] if request else [])])
 
 
-def render_prompt(ticket: Ticket, previous: str | None = None) -> str:
+def render_prompt(ticket: Ticket, previous: str | None = None, request: str | None = None) -> str:
     """The prompt file for a command agent: the ticket, what failed last time, what to do."""
     parts = [
-        render_ticket(ticket),
+        render_ticket(ticket, request),
         *(["## A previous attempt failed", "", previous, ""] if previous else []),
         "## Instructions",
         "",
@@ -119,6 +121,7 @@ class _Run:
     log: Callable[[str], None]
     probe: Callable[[str], None] | None
     stage: Callable[[str], AbstractContextManager[None]]
+    request: str | None = None
     change: Change | None = None
 
 
@@ -139,6 +142,7 @@ def run(
     stage: Callable[[str], AbstractContextManager[None]],
     probe: Callable[[str], None] | None = None,
     previous: str | None = None,
+    request: str | None = None,
 ) -> tuple[Result, Change]:
     """Run the agent, model after model, until its change passes the checks. ``probe(model)``
     raises ``LLMError`` when Ollama is away or lacks the model. Returns what was tried and
@@ -159,6 +163,7 @@ def run(
         log=log,
         probe=probe,
         stage=stage,
+        request=request,
     )
     models: list[str | None] = [*chain] if s.uses_ollama else [None]
     earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
@@ -231,7 +236,7 @@ def _launch(r: _Run, model: str | None, feedback: str | None) -> None:
     r.result.attempts += 1
     paths, ticket = r.paths, r.ticket
     paths.prompt.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(paths.prompt, r.redact(render_prompt(ticket, feedback)))
+    atomic_write(paths.prompt, r.redact(render_prompt(ticket, feedback, r.request)))
     values = {
         "prompt_file": str(paths.prompt),
         "worktree": str(r.workspace.path),
