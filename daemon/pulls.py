@@ -295,7 +295,7 @@ def summary(
         "",
         *[f"- {c}" for c in checks],
     ]
-    return redact("\n".join(lines)) + "\n\n" + marks(revision.keys, revision=revision.index)
+    return _inert(redact("\n".join(lines))) + "\n\n" + marks(revision.keys, revision=revision.index)
 
 
 def failed(revision: Revision, error: TicketdError, redact: Callable[[str], str]) -> str:
@@ -305,7 +305,13 @@ def failed(revision: Revision, error: TicketdError, redact: Callable[[str], str]
         f"ticketd {why} ({error.code}, stage {error.stage or 'run'}): {error.message}\n\n"
         "Nothing was pushed. Ask again (with the trigger) to try once more."
     )
-    return redact(text) + "\n\n" + marks(revision.keys)
+    return _inert(redact(text)) + "\n\n" + marks(revision.keys)
+
+
+def _inert(text: str) -> str:
+    """Text from the agent or the repository (an error, file names) that ticketd posts: no
+    HTML comment in it can pass for one of ticketd's markers."""
+    return text.replace("<!--", "&lt;!--")
 
 
 def marks(keys: Sequence[str] = (), *, revision: int | None = None, limit: str = "") -> str:
