@@ -88,7 +88,7 @@ class Forge:
         self._pulls: dict[int, Any] = {}  # number -> PyGithub's object, which keeps its ETag
         self._permissions: dict[str, tuple[str, float]] = {}
         self._login: str | None = None
-        self._written: dict[int, Any] = {}  # note id -> PyGithub's comment (to react to it)
+        self._written: dict[int, dict[int, Any]] = {}  # number -> note id -> PyGithub's comment
 
     def close(self) -> None:
         self._gh.close()
@@ -154,7 +154,9 @@ class Forge:
         return self._login
 
     def forget(self, number: int) -> None:
+        """Drop what is kept of a pull request no longer watched."""
         self._pulls.pop(number, None)
+        self._written.pop(number, None)
 
     def conversation(self, number: int) -> list[Note]:
         """Every comment, review and inline review comment on the pull request, oldest first."""
@@ -176,7 +178,7 @@ class Forge:
                 for r in pr.get_reviews()
                 if r.submitted_at is not None  # a pending review is its author's alone
             ]
-            self._written.update({c.id: c for c in [*comments, *inline]})
+            self._written[number] = {c.id: c for c in [*comments, *inline]}
             return sorted(notes, key=lambda n: (n.created, n.id))
 
     def may_write(self, login: str) -> bool:
@@ -191,7 +193,7 @@ class Forge:
 
     def react(self, number: int, note: Note, content: str = "eyes") -> None:
         """React to a comment (reviews take no reactions)."""
-        written = self._written.get(note.id)
+        written = self._written.get(number, {}).get(note.id)
         if written is None:
             return
         with _failing(f"a reaction on pull request #{number}"):

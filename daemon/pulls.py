@@ -413,6 +413,8 @@ class Watch:
                 self._look(o, seen, now, full=number in poked)
             except PRFailed as e:
                 logger.warning("pull request #{}: {}; asking again later", number, e.message)
+            except Exception as e:  # a bug, a full disk: said where operators look
+                logger.opt(exception=e).error("pull request #{}: {}", number, e)
 
     def _look(self, o: Open, seen: _Seen, now: float, *, full: bool) -> None:
         assert self.rules is not None
