@@ -152,17 +152,31 @@ class Runner:
             checkout, [prompt, lease.path], {LEASE_ENV: lease.marker}, ctx.event
         )
         tools = pipeline.Tools(self.repo, confine, self.redact, llm, forge)
-        if run.revision is not None:
-            try:
-                self._revise(run, run_id, s, tools, stage)
-            finally:
-                if forge is not None:
-                    forge.close()
-                if llm is not None:
-                    llm.close()
-            return
         try:
-            with confine:
+            if run.revision is not None:
+                self._revise(run, run_id, s, tools, stage)
+            else:
+                self._fresh(run, run_id, s, tools, stage, previous)
+        finally:
+            if forge is not None:
+                forge.close()
+            if llm is not None:
+                llm.close()
+
+    def _fresh(
+        self,
+        run: Active,
+        run_id: int,
+        s: pipeline.Settings,
+        tools: pipeline.Tools,
+        stage: pipeline.StageHook,
+        previous: dict[str, Any] | None,
+    ) -> None:
+        """A ticket's run (or the rest of one that failed at the push or the pull request);
+        where the ticket goes after."""
+        ticket, ctx, forge = run.ticket, run.ctx, tools.forge
+        try:
+            with tools.confine:
                 after = previous["error_code"] if previous else None
                 if after == "PUSH_FAILED" or (after == "PR_FAILED" and forge is not None):
                     delivered = pipeline.resume(
@@ -204,11 +218,6 @@ class Runner:
         else:
             self._record_agent(run_id, delivered.agent, delivered.review)
             self.outcomes.done(run, run_id, delivered)
-        finally:
-            if forge is not None:
-                forge.close()
-            if llm is not None:
-                llm.close()
 
     def _deliver(
         self,

@@ -21,6 +21,7 @@ from fake_ollama import FakeOllama
 from test_builtin import block, builtin_config
 
 from daemon import config as configuration
+from daemon.backlog import Backlog
 from daemon.errors import TicketdError
 from daemon.pulls import (
     MARKER,
@@ -587,3 +588,21 @@ def test_a_running_daemon_polls_with_conditional_requests(
     polls = fake_github.requests_to(path)
     assert all(r.headers.get("if-none-match") for r in polls if r.status == 304)
     assert len(fake_github.requests_to(f"/repos/acme/widgets/pulls/{number}/comments")) == 1
+
+
+def test_a_revision_cut_off_by_kill_returns_to_review_not_todo(
+    project: Project, fake_github: FakeGitHub
+) -> None:
+    """A daemon killed mid-revision leaves the ticket in in-progress/ with its lease; the next
+    start puts it back in review/, its pull request still open, and nothing runs afresh."""
+    number = opened(project, fake_github)
+    before = head(project)
+    backlog = Backlog(project.backlog, {"in-progress": "In Progress", "review": "Review"})
+    lease = backlog.claim(NAME, datetime.now(UTC), "dead", source="review", revision=number)
+    assert lease is not None
+    os.close(lease.fd)  # what the kernel does when the owner dies: the lock is free
+
+    assert run_once(project) == 0
+
+    assert project.where() == {"review": [NAME]} and record(project)["reason"] == "PR_OPEN"
+    assert head(project) == before
