@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -31,6 +32,7 @@ from daemon.errors import InvalidTicket
 from daemon.files import atomic_write, free_name, is_temp, remove_stale_temp, rename_noreplace
 
 FOLDERS = ("todo", "in-progress", "review", "done", "failed")
+RECORDS = {"failed": ".error.json", "review": ".review.json"}  # a folder's side record
 PRIORITY_RANK = {"high": 0, "medium": 1, None: 1, "low": 2}
 LEASE_ENV = "TICKETD_LEASE"
 
@@ -69,8 +71,8 @@ class Lease:
         """Store values (the agent's process group, the stage) in the lease file."""
         self.info.update(values)
         data = json.dumps(self.info, sort_keys=True).encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
+        os.pwrite(self.fd, data, 0)  # never empty meanwhile: an empty lease is no claim
+        os.ftruncate(self.fd, len(data))
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,11 @@ class Waiting:
 
 
 class Backlog:
+    """The folder layout: the folder a ticket sits in is its state (see the module's doc).
+    ``daemon/board.py`` is the Backlog.md layout behind the same methods."""
+
+    layout = "folders"
+
     def __init__(self, root: Path, statuses: Mapping[str, str]) -> None:
         self.root = root
         self.statuses = dict(statuses)  # folder name -> status text
@@ -97,6 +104,69 @@ class Backlog:
 
     def folder(self, name: str) -> Path:
         return self.root / name
+
+    def key(self, path: Path) -> str:
+        """The name a ticket is known by in leases, records, the history and worktrees."""
+        return path.name
+
+    def record(self, folder: str, name: str) -> Path:
+        """The side record of ticket ``name`` in ``folder``: ``failed/X.error.json``,
+        ``review/X.review.json``."""
+        return self.folder(folder) / (name.removesuffix(".md") + RECORDS[folder])
+
+    def records(self, folder: str) -> list[tuple[str, Path]]:
+        """The ``(name, record)`` of each side record in ``folder``."""
+        suffix = RECORDS[folder]
+        try:
+            found = [p for p in self.folder(folder).iterdir() if p.name.endswith(suffix)]
+        except FileNotFoundError:
+            return []
+        return [(p.name.removesuffix(suffix) + ".md", p) for p in sorted(found)]
+
+    def state_of(self, name: str) -> str | None:
+        """The folder ticket ``name`` is in, or None."""
+        return next((f for f in FOLDERS if os.path.lexists(self.folder(f) / name)), None)
+
+    def locate(self, name: str, folder: str) -> Path | None:
+        """The file of ticket ``name`` when it is in ``folder``."""
+        path = self.folder(folder) / name
+        return path if os.path.lexists(path) else None
+
+    def present(self, lease: Lease) -> bool:
+        """Is the leased ticket still where its run put it (not moved or removed by hand)?"""
+        return os.path.lexists(lease.path)
+
+    def failure_note(self, record: Mapping[str, Any], now: datetime) -> str:
+        """A line for the ticket itself on why it failed: none here (``.error.json`` is
+        beside it)."""
+        return ""
+
+    def problems(self) -> dict[Path, str]:
+        """Files that cannot run and are not moved for it (the Backlog.md layout's)."""
+        return {}
+
+    def ticket_ids(self) -> list[str]:
+        """Every id in use, for ``ticketd new``."""
+        ids = []
+        for folder in FOLDERS:
+            for path in self.files(folder):
+                try:
+                    ids.append(self.read(path).id)
+                except (InvalidTicket, OSError):
+                    ids.append(tickets.id_from_filename(path))
+        return ids
+
+    def new_id(self, prefix: str) -> str:
+        """The id ``ticketd new`` gives the next ticket."""
+        return tickets.next_id(self.ticket_ids(), prefix)
+
+    def new_ticket_path(self, ticket_id: str, title: str) -> Path:
+        """Where ``ticketd new`` writes a ticket."""
+        return self.folder("todo") / tickets.filename_for(ticket_id, title)
+
+    def new_ticket_fields(self) -> dict[str, Any]:
+        """What ``ticketd new`` writes besides the title and what the person gave."""
+        return {"status": self.statuses["todo"]}
 
     def files(self, folder: str) -> list[Path]:
         try:
@@ -164,8 +234,7 @@ class Backlog:
         waiting: list[Waiting] = []
         if len(ready) < len(candidates):  # only then read the other folders
             done = {i.lower() for i in self.done_ids()}
-            elsewhere = self._ids_by_folder(("failed", "review", "in-progress"))
-            elsewhere.update({t.id.lower(): "todo" for t in candidates})
+            elsewhere = {t.id.lower(): "todo" for t in candidates} | self.whereabouts()
             for t in candidates:
                 missing = [d for d in t.dependencies if d.lower() not in done]
                 if t.dependencies and not missing:
@@ -176,15 +245,17 @@ class Backlog:
         ready.sort(
             key=lambda t: (
                 PRIORITY_RANK.get(t.priority, 1),
-                t.path.name in behind,
+                self.key(t.path) in behind,
+                math.inf if t.ordinal is None else t.ordinal,
                 tickets.id_key(t.id),
             )
         )
         return ready, waiting
 
-    def _ids_by_folder(self, folders: Sequence[str]) -> dict[str, str]:
+    def whereabouts(self) -> dict[str, str]:
+        """Where each ticket not done is, by lower-cased id (a waiting ticket's reason)."""
         found: dict[str, str] = {}
-        for folder in folders:
+        for folder in ("failed", "review", "in-progress"):
             for path in self.files(folder):
                 with contextlib.suppress(InvalidTicket, OSError):
                     found.setdefault(self.read(path).id.lower(), folder)
@@ -226,9 +297,8 @@ class Backlog:
         lease = self._lock(name)
         if lease is None:
             return None
-        src, dst = self.folder(source) / name, self.folder("in-progress") / name
         try:
-            rename_noreplace(src, dst)
+            src, dst = self._enter(name, source)
         except (FileNotFoundError, FileExistsError):
             self.release(lease)
             return None
@@ -247,10 +317,21 @@ class Backlog:
             self.rewrite(dst, "in-progress", now)
         except OSError:  # a full disk: undo the claim, the ticket stays in todo/
             with contextlib.suppress(OSError):
-                rename_noreplace(dst, src)
+                self._leave(src, dst)
             self.release(lease)
             raise
         return lease
+
+    def _enter(self, name: str, source: str) -> tuple[Path, Path]:
+        """Put ticket ``name`` from ``source`` into in-progress/: (where it was, where it is).
+        Raises FileNotFoundError when it is not in ``source``."""
+        src, dst = self.folder(source) / name, self.folder("in-progress") / name
+        rename_noreplace(src, dst)
+        return src, dst
+
+    def _leave(self, src: Path, dst: Path) -> None:
+        """Undo ``_enter``."""
+        rename_noreplace(dst, src)
 
     def take(self, name: str, folder: str) -> Lease | None:
         """Lock the lease of ``<folder>/<name>`` without moving it (to move it elsewhere), or
@@ -258,10 +339,11 @@ class Backlog:
         lease = self._lock(name)
         if lease is None:
             return None
-        lease.path = self.folder(folder) / name
-        if not os.path.lexists(lease.path):
+        path = self.locate(name, folder)
+        if path is None:
             self.release(lease)
             return None
+        lease.path = path
         return lease
 
     def release(self, lease: Lease) -> None:
@@ -306,7 +388,7 @@ class Backlog:
     def orphans(self) -> Iterator[Lease]:
         """Locked leases for ``in-progress/`` tickets whose owner is gone. Lease files left
         by finished or never-started claims are removed on the way."""
-        names = {p.name for p in self.files("in-progress")}
+        names = {self.key(p) for p in self.files("in-progress")}
         known = {self.lock_path(n).name for n in names}
         for stale in self.leases.glob("*.lock"):  # a lease whose ticket left: remove it
             if stale.name not in known and (lease := self._lock_file(stale)) is not None:
@@ -315,10 +397,11 @@ class Backlog:
             lease = self._lock(name)
             if lease is None:
                 continue  # a live daemon holds it
-            lease.path = self.folder("in-progress") / name
-            if not os.path.lexists(lease.path):  # a link to nowhere is still there to recover
+            path = self.locate(name, "in-progress")
+            if path is None:  # a link to nowhere is still there to recover
                 self.release(lease)
                 continue
+            lease.path = path
             with contextlib.suppress(ValueError, OSError, InvalidTicket):
                 info = json.loads(tickets.read_bytes(lease.lock_path) or b"{}")
                 lease.info = info if isinstance(info, dict) else {}
@@ -327,27 +410,37 @@ class Backlog:
     # -- moves ------------------------------------------------------------------------------
 
     def rewrite(
-        self, path: Path, folder: str, now: datetime, references: Sequence[str] = ()
+        self,
+        path: Path,
+        folder: str,
+        now: datetime,
+        references: Sequence[str] = (),
+        note: str = "",
     ) -> None:
         """Set the ticket's ``status`` (and ``updated_date``, ``references``) for ``folder``,
-        in place and atomically; a file that cannot be parsed is left as it is."""
+        in place and atomically; a file that cannot be parsed is left as it is. The file is
+        read afresh, so an edit a person made meanwhile is kept. (``note`` is for the
+        Backlog.md layout, which says in the ticket why it failed.)"""
         try:
             text = tickets.read_text(path)
             current = tickets.parse_text(text, path)
         except InvalidTicket:
             return
-        updates: dict[str, str | list[str]] = {
+        updates: dict[str, str | Sequence[str]] = {
             "status": self.statuses[folder],
             "updated_date": now.strftime("%Y-%m-%d %H:%M"),
         }
         if references:
-            old = current.frontmatter.get("references") or []
-            old_list = [str(r) for r in old] if isinstance(old, list) else [str(old)]
-            updates["references"] = old_list + [r for r in references if r not in old_list]
-        new = tickets.update_frontmatter(text, updates)
+            old = list(current.references)
+            updates["references"] = old + [r for r in references if r not in old]
+        new = self._edit(current, folder, tickets.update_frontmatter(text, updates), note)
         if new != text:  # already as it should read (rewritten just before a move): no I/O
             atomic_write(path, new)
         self.forget(path)
+
+    def _edit(self, ticket: tickets.Ticket, folder: str, text: str, note: str) -> str:
+        """More of ``rewrite`` for a layout: the folder layout changes nothing else."""
+        return text
 
     def target(self, folder: str, name: str) -> Path:
         """Where a ticket called ``name`` would land in ``folder`` (never over another)."""
@@ -360,9 +453,19 @@ class Backlog:
         now: datetime,
         references: Sequence[str] = (),
         dst: Path | None = None,
+        note: str = "",
     ) -> Path:
-        """Rewrite the status for ``folder`` then rename the ticket there. Returns the new path."""
-        self.rewrite(path, folder, now, references)
+        """Rewrite the status for ``folder`` then put the ticket there. Returns its path."""
+        path = self._follow(path)
+        self.rewrite(path, folder, now, references, note)
+        return self._place(path, folder, dst)
+
+    def _follow(self, path: Path) -> Path:
+        """Where the ticket last seen at ``path`` is now (it stays put here)."""
+        return path
+
+    def _place(self, path: Path, folder: str, dst: Path | None) -> Path:
+        """The folder layout: rename the ticket into ``folder`` (to ``dst`` when given)."""
         dst = dst or self.target(folder, path.name)
         rename_noreplace(path, dst)
         self.forget(path)

@@ -51,9 +51,13 @@ def _load(path: Path | None) -> configuration.Config:
 
 
 def _backlog(cfg: configuration.Config) -> Backlog:
-    from daemon.supervisor import statuses
+    from daemon.board import open_backlog
 
-    return Backlog(cfg.backlog.dir, statuses(cfg))
+    try:
+        return open_backlog(cfg)
+    except ConfigError as e:
+        err.print(f"ticketd: bad configuration: {e.message}", markup=False)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -181,15 +185,20 @@ def validate(
     Files are read as the daemon reads them: a symbolic link, a directory, a FIFO or an empty
     file is INVALID, with the reason, and is never followed, opened or waited on.
     """
+    problems: dict[Path, str] = {}
     if files:  # a folder named on the command line stands for the .md entries in it
         paths = [m for p in files for m in (sorted(p.glob("*.md")) if p.is_dir() else [p])]
     else:  # each entry of the backlog's folders is one ticket, a directory named x.md too
         backlog = _backlog(_load(config))
         paths = [p for f in FOLDERS for p in backlog.files(f)]
+        problems = backlog.problems()
+        paths = sorted({*paths, *problems})
     bad = 0
     for path in paths:
         try:
             t = tickets.parse_file(path)
+            if path in problems:
+                raise InvalidTicket(problems[path])
         except InvalidTicket as e:
             bad += 1
             out.print(f"INVALID {path}: {e.message}", markup=False)
@@ -219,7 +228,11 @@ def new(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Write a new Backlog.md ticket into todo/ with the next free id, and print its path."""
+    """Write a new Backlog.md ticket into todo/ with the next free id, and print its path.
+
+    In a Backlog.md project (backlog.layout), the task goes into tasks/ assigned to
+    backlog.assignee, with the id Backlog.md itself would give it next.
+    """
     if priority is not None and priority not in ("high", "medium", "low"):
         err.print(
             f"ticketd: --priority must be high, medium or low, not {priority!r}", markup=False
@@ -231,14 +244,7 @@ def new(
     cfg = _load(config)
     backlog = _backlog(cfg)
     backlog.ensure()
-    ids = []
-    for folder in FOLDERS:
-        for path in backlog.files(folder):
-            try:
-                ids.append(backlog.read(path).id)
-            except (InvalidTicket, OSError):
-                ids.append(tickets.id_from_filename(path))
-    ticket_id = tickets.next_id(ids, cfg.backlog.id_prefix)
+    ticket_id = backlog.new_id(cfg.backlog.id_prefix)
     text = tickets.render_new(
         ticket_id,
         title.strip(),
@@ -246,12 +252,12 @@ def new(
         priority=priority,
         labels=label or [],
         acceptance_criteria=ac or [],
-        status=cfg.backlog.statuses.todo,
         created=datetime.now(),
+        **backlog.new_ticket_fields(),
     )
-    path = backlog.folder("todo") / tickets.filename_for(ticket_id, title.strip())
+    path = backlog.new_ticket_path(ticket_id, title.strip())
     try:
-        tmp = backlog.root / f".{path.name}.new"
+        tmp = path.parent / f".{path.name}.new"
         atomic_write(tmp, text)
         from daemon.files import rename_noreplace
 
@@ -295,16 +301,13 @@ def cancel(
         except (InvalidTicket, OSError):
             found = ticket_files.id_from_filename(path)
         if ticket_files.same_id(found, task_id):
-            matches.append(path)
+            matches.append(backlog.key(path))
     if not matches:
-        err.print(
-            f"ticketd: no running ticket {task_id} in {backlog.folder('in-progress')}",
-            markup=False,
-        )
+        err.print(f"ticketd: no running ticket {task_id}", markup=False)
         raise typer.Exit(1)
-    claims = {path.name: _claim_id(backlog, path.name) for path in matches}
-    for path in matches:
-        write(backlog.cancel_path(path.name), json.dumps({"fail": fail}) + "\n")
+    claims = {name: _claim_id(backlog, name) for name in matches}
+    for name in matches:
+        write(backlog.cancel_path(name), json.dumps({"fail": fail}) + "\n")
     deadline = time.monotonic() + wait_s
     left = list(claims)
     while left and time.monotonic() < deadline:
@@ -319,7 +322,7 @@ def cancel(
         )
         raise typer.Exit(1)
     for name in claims:
-        where = next((f for f in FOLDERS if os.path.lexists(backlog.folder(f) / name)), None)
+        where = backlog.state_of(name)
         if where == "in-progress":
             out.print(
                 f"cancelled {name}; it went back to todo/ and was claimed again", markup=False
@@ -374,14 +377,14 @@ def retry_failed(
     backlog.ensure()
     now = datetime.now(UTC)
     decisions = failures.plan(
-        backlog.files("failed"),
+        backlog,
         now,
         failures.policy_from(cfg.retry, max_age_days=max_age_days),
         force=force,
         task_id=task_id,
     )
     if task_id is not None and not decisions:
-        err.print(f"ticketd: no ticket {task_id} in {backlog.folder('failed')}", markup=False)
+        err.print(f"ticketd: no failed ticket {task_id}", markup=False)
         raise typer.Exit(1)
     done = failures.apply(backlog, decisions, now, dry_run=dry_run)
     if as_json:
@@ -531,6 +534,7 @@ def doctor(
     **model NAME** (when a model is used: Ollama answers, each model is pulled and its context
     length reaches ollama.num_ctx); **github** (with github.enabled: the token is accepted and
     may push); **folders** (state_dir, logging.dir, backlog.dir writable; made when missing);
+    **backlog** (the layout; a Backlog.md project's statuses and hand-off);
     **unit** (an installed systemd unit is what `ticketd install-service` writes now). A
     check that needs a failed one is a FAIL marked "skipped". Tokens are never shown.
 

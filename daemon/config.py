@@ -76,8 +76,14 @@ class Statuses(_Section):
 
 class BacklogConfig(_Section):
     dir: Path = Path("backlog")
+    # folders: a folder per state (todo/ ... failed/); backlog.md: a Backlog.md project's
+    # tasks/ with the state in each task's status; auto: backlog.md when dir holds config.yml
+    # and tasks/
+    layout: Literal["auto", "folders", "backlog.md"] = "auto"
     id_prefix: str = "task"
     statuses: Statuses = Statuses()
+    assignee: str = Field(default="@ticketd", min_length=1)  # backlog.md: the hand-off
+    label: str | None = None  # backlog.md: a label that hands a task over too
 
 
 class LoggingConfig(_Section):

@@ -27,7 +27,7 @@ from github import GithubException
 
 from daemon import config as configuration
 from daemon import preflight, procs, sandbox, service
-from daemon.errors import TicketdError
+from daemon.errors import ConfigError, TicketdError
 from daemon.forge import Forge
 from daemon.gitcmd import Remote, repo_from_remote, resolve_remote
 from daemon.llm.client import check_health
@@ -107,6 +107,7 @@ def _checks(
         starting("github")
         yield github_check(cfg, remote)
     yield folders(cfg)
+    yield layout(cfg)
     yield from unit_checks(cfg, units, shell_path, executable)
 
 
@@ -372,6 +373,24 @@ def folders(cfg: configuration.Config) -> Check:
         except OSError as e:
             return Check("folders", "FAIL", f"{key} {folder}: {e.strerror or e}", fix)
     return Check("folders", "ok", ", ".join(str(f) for f in wanted.values()) + " are writable")
+
+
+def layout(cfg: configuration.Config) -> Check:
+    """The backlog's layout; in a Backlog.md project, the statuses ticketd writes and who
+    hands tasks over."""
+    from daemon.board import Board, open_backlog
+
+    try:
+        backlog = open_backlog(cfg)
+    except ConfigError as e:
+        fix = "fix the file it names, or set backlog.layout: folders"
+        return Check("backlog", "FAIL", e.message, fix)
+    if not isinstance(backlog, Board):
+        return Check("backlog", "ok", f"folders under {backlog.root}")
+    s = backlog.statuses
+    flow = " -> ".join(dict.fromkeys(s[f] for f in ("todo", "in-progress", "review", "done")))
+    who = backlog.assignee + (f" or label {backlog.label}" if backlog.label else "")
+    return Check("backlog", "ok", f"Backlog.md project {backlog.root}: tasks for {who}; {flow}")
 
 
 def unit_checks(

@@ -1,4 +1,5 @@
-"""``failed/<name>.error.json``: what happened to a ticket and whether a retry can help.
+"""``failed/<name>.error.json``: what happened to a ticket and whether a retry can help
+(under ``<state_dir>/board/failed/`` in the Backlog.md layout: ``Backlog.record``).
 
 The format is a contract (README, "The .error.json file"); ``build`` is the one place that
 writes it. The retry rules are pure functions of the record, the ticket's content and ``now``:
@@ -41,11 +42,6 @@ class Backoff:
     def delay(self, retry_count: int) -> float:
         """The longest wait before retry number ``retry_count + 1``: base * factor**n, capped."""
         return min(self.max_s, self.base_s * self.factor ** min(retry_count, 64))
-
-
-def error_path(ticket: Path) -> Path:
-    """``failed/X.md`` -> ``failed/X.error.json``."""
-    return ticket.with_name(ticket.name.removesuffix(".md") + ".error.json")
 
 
 def next_retry_at(
@@ -101,8 +97,7 @@ def build(
     }
 
 
-def write(ticket_in_failed: Path, record: dict[str, Any]) -> Path:
-    path = error_path(ticket_in_failed)
+def write(path: Path, record: dict[str, Any]) -> Path:
     atomic_write(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return path
 
@@ -156,9 +151,9 @@ def content_sha256(path: Path) -> str:
 
 
 def read(path: Path) -> dict[str, Any] | None:
-    """The ``.error.json`` beside a failed ticket, or None when missing or unreadable."""
+    """An ``.error.json``, or None when missing or unreadable."""
     try:
-        data = json.loads(error_path(path).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -225,7 +220,7 @@ def eligibility(
 
 
 def plan(
-    failed: Sequence[Path],
+    backlog: Backlog,
     now: datetime,
     policy: Policy,
     *,
@@ -234,8 +229,8 @@ def plan(
 ) -> list[tuple[Path, Decision]]:
     """A decision for each failed ticket file (only ``task_id``'s when given)."""
     decisions = []
-    for path in failed:
-        record = read(path)
+    for path in backlog.files("failed"):
+        record = read(backlog.record("failed", backlog.key(path)))
         tid = str(record.get("taskId")) if record else id_from_filename(path)
         if task_id is not None and tid.lower() != task_id.lower():
             continue
@@ -248,7 +243,8 @@ def plan(
 
 
 def mark_exhausted(path: Path, reason: str) -> None:
-    """Past a limit: the ticket stays in failed/, its ``.error.json`` says it for good."""
+    """Past a limit: the ticket stays in failed/, its ``.error.json`` (``path``) says it for
+    good."""
     record = read(path)
     if record is not None and record.get("retryable"):
         record.update(retryable=False, nextRetryAt=None, retryNote=reason)
@@ -262,6 +258,7 @@ def apply(
     stay in the history) and mark the exhausted ones not retryable. Returns what was done."""
     done = []
     for path, d in decisions:
+        record = backlog.record("failed", backlog.key(path))
         action = "none"
         if d.eligible:
             action = "would retry" if dry_run else "retried"
@@ -271,10 +268,10 @@ def apply(
                 except FileNotFoundError:
                     action = "gone"
                 else:
-                    error_path(path).unlink(missing_ok=True)
+                    record.unlink(missing_ok=True)
         elif d.exhausted:
             action = "would mark not retryable" if dry_run else "marked not retryable"
             if not dry_run:
-                mark_exhausted(path, d.reason)
+                mark_exhausted(record, d.reason)
         done.append(dataclasses.replace(d, action=action))
     return done

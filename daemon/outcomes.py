@@ -12,7 +12,6 @@ returns it there.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -30,11 +29,6 @@ from daemon.pipeline import Delivered, safe_name
 from daemon.redact import Redactor
 from daemon.runctx import Active, Stop
 from daemon.store import Store
-
-
-def review_path(ticket: Path) -> Path:
-    """``review/X.md`` -> ``review/X.review.json``."""
-    return ticket.with_name(ticket.name.removesuffix(".md") + ".review.json")
 
 
 class Outcomes:
@@ -94,6 +88,7 @@ class Outcomes:
         """Write ``review/X.review.json`` and move the ticket to review/."""
         now = self.clock()
         dst = self.backlog.target("review", lease.name)
+        path = self.backlog.record("review", lease.name)
         record = {
             "taskId": task_id,
             "file": dst.name,
@@ -104,7 +99,7 @@ class Outcomes:
             **held.details,
         }
         record = self.redact.data(record)
-        atomic_write(review_path(dst), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         self.backlog.move(lease.path, "review", now, references=references, dst=dst)
         self.backlog.release(lease)
         if quiet:
@@ -178,7 +173,7 @@ class Outcomes:
 
     def merged(self, pull: pulls.Open, at: datetime | None) -> None:
         """The pull request was merged: the ticket goes from review/ to done/."""
-        lease = self.backlog.take(pull.ticket.name, "review")
+        lease = self.backlog.take(pull.name, "review")
         if lease is None:
             return  # a revision or a person has it; asked again later
         now = self.clock()
@@ -186,7 +181,7 @@ class Outcomes:
             self.backlog.move(lease.path, "done", now, references=[pull.branch, pull.url])
         finally:
             self.backlog.release(lease)
-        review_path(pull.ticket).unlink(missing_ok=True)
+        self.backlog.record("review", pull.name).unlink(missing_ok=True)
         self.store.pull_finished(pull.number, "merged", failures.iso(at or now))
         if self.metrics is not None:
             self.metrics.pull("merged")
@@ -194,7 +189,7 @@ class Outcomes:
 
     def closed(self, pull: pulls.Open) -> None:
         """The pull request was closed unmerged: the ticket goes to failed/ with PR_CLOSED."""
-        lease = self.backlog.take(pull.ticket.name, "review")
+        lease = self.backlog.take(pull.name, "review")
         if lease is None:
             return
         try:
@@ -207,7 +202,7 @@ class Outcomes:
             code="PR_CLOSED",
         )
         self.fail(lease, task_id, error, stage="pr", models=[], started=time.monotonic())
-        review_path(pull.ticket).unlink(missing_ok=True)
+        self.backlog.record("review", pull.name).unlink(missing_ok=True)
         self.store.pull_finished(pull.number, "closed", failures.iso(self.clock()))
         if self.metrics is not None:
             self.metrics.pull("closed")
@@ -219,7 +214,7 @@ class Outcomes:
     def cancelled(self, run: Active, run_id: int, error: Cancelled) -> None:
         """A person ended the run: back to todo/, or failed/ with CANCELLED (``--fail``); a
         file moved away by hand stays where the person put it."""
-        if error.reason == Stop.REMOVED.name or not os.path.lexists(run.lease.path):
+        if error.reason == Stop.REMOVED.name or not self.backlog.present(run.lease):
             self.gone(run, run_id, error.message)
         elif run.ctx.fail:
             self.fail_run(run, run_id, error)
@@ -333,9 +328,7 @@ class Outcomes:
                     "durationS": 0.0,
                 }
             )
-        self.backlog.rewrite(lease.path, "failed", now)  # as it will read in failed/
         record = failures.build(
-            content_sha256=failures.content_sha256(lease.path),
             backoff=self.backoff,
             task_id=task_id,
             file=dst.name,
@@ -350,8 +343,11 @@ class Outcomes:
             agent_log=_display(agent_log) if agent_log is not None else None,
             attempts=attempts,
         )
-        failures.write(dst, self.redact.data(record))
-        self.backlog.move(lease.path, "failed", now, dst=dst)
+        note = self.backlog.failure_note(record, now)
+        self.backlog.rewrite(lease.path, "failed", now, note=note)  # as it will read in failed/
+        record["contentSha256"] = failures.content_sha256(lease.path)
+        failures.write(self.backlog.record("failed", lease.name), self.redact.data(record))
+        self.backlog.move(lease.path, "failed", now, dst=dst, note=note)
         self.backlog.release(lease)
         self.failed += 1
         self._observe("failed", time.monotonic() - started)

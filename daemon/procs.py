@@ -202,7 +202,7 @@ def _pump(
 
     def take(data: bytes) -> None:
         nonlocal kept, dropped, tail
-        if not limit or kept + len(data) <= limit:
+        if not limit or (not tail and kept + len(data) <= limit):  # once past it, all is tail
             kept += len(data)
             write(data)
             return

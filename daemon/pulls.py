@@ -130,6 +130,7 @@ class Open:
     branch: str
     opened: str
     revisions: int = 0
+    name: str = ""  # the ticket's key (``Backlog.key``)
 
 
 class Rules:
@@ -507,21 +508,16 @@ def open_pulls(backlog: Backlog, *, tidy: bool = False) -> list[Open]:
     record whose ticket left review/ by hand (not to in-progress/, where a revision runs) is
     removed."""
     found = []
-    folder = backlog.folder("review")
-    try:
-        names = sorted(p for p in folder.iterdir() if p.name.endswith(".review.json"))
-    except FileNotFoundError:
-        return []
-    for record in names:
+    for name, record in backlog.records("review"):
         try:
             data = json.loads(record.read_text())
         except (OSError, ValueError):
             continue
         if not isinstance(data, dict) or data.get("reason") != "PR_OPEN":
             continue
-        ticket = record.with_name(record.name.removesuffix(".review.json") + ".md")
-        if not ticket.exists():
-            if tidy and not (backlog.folder("in-progress") / ticket.name).exists():
+        ticket = backlog.locate(name, "review")
+        if ticket is None:
+            if tidy and backlog.state_of(name) != "in-progress":
                 record.unlink(missing_ok=True)
             continue
         try:
@@ -533,6 +529,7 @@ def open_pulls(backlog: Backlog, *, tidy: bool = False) -> list[Open]:
                     str(data["branch"]),
                     str(data.get("timestamp", "")),
                     int(data.get("revisions") or 0),
+                    name,
                 )
             )
         except (KeyError, TypeError, ValueError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -264,7 +263,7 @@ class Runner:
         except Interrupted as e:
             self.outcomes.back_to_review(run, run_id, e, outcome="requeued")
         except Cancelled as e:
-            if e.reason == Stop.REMOVED.name or not os.path.lexists(lease.path):
+            if e.reason == Stop.REMOVED.name or not self.backlog.present(lease):
                 self.outcomes.gone(run, run_id, e.message)
             else:
                 self._revision_failed(run, run_id, e, tools)
@@ -303,7 +302,7 @@ class Runner:
         if run.lease.released:
             return
         with contextlib.suppress(Exception):
-            if os.path.lexists(run.lease.path):
+            if self.backlog.present(run.lease):
                 crash = TicketdError(f"internal error in stage {run.stage}: {type(error).__name__}")
                 if run.revision is not None and run.run_id is not None:
                     self.outcomes.back_to_review(run, run.run_id, crash, outcome="failed")
@@ -314,7 +313,7 @@ class Runner:
 
     def _still_ours(self, run: Active) -> None:
         """Raise when the ticket's file has left in-progress/ (moved or removed by hand)."""
-        if not os.path.lexists(run.lease.path):
+        if not self.backlog.present(run.lease):
             run.ctx.cancel(Stop.REMOVED)
             run.ctx.check()
 

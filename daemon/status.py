@@ -29,6 +29,10 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
             continue  # claimed or moved since the listing
         except InvalidTicket as e:
             waiting.append({"taskId": None, "file": path.name, "reason": f"invalid: {e.message}"})
+    waiting += [
+        {"taskId": None, "file": path.name, "reason": f"invalid: {why}"}
+        for path, why in backlog.problems().items()
+    ]
     ready, blocked = backlog.plan(candidates)
     waiting += [{"taskId": t.id, "file": t.path.name, "reason": "ready"} for t in ready]
     waiting += [
@@ -37,10 +41,11 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
     history = store.running()
     running = []
     for path in backlog.files("in-progress"):
-        info = _lease(backlog, path.name)
+        name = backlog.key(path)
+        info = _lease(backlog, name)
         if not os.path.lexists(path):
             continue  # finished since the listing
-        row = history.get(path.name, {})
+        row = history.get(name, {})
         claimed = _parse(info.get("claimedAt"))
         running.append(
             {
@@ -53,6 +58,7 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
             }
         )
     return {
+        "layout": backlog.layout,
         "counts": {f: len(backlog.files(f)) for f in FOLDERS},
         "waiting": waiting,
         "running": running,

@@ -30,7 +30,8 @@ from loguru import logger
 
 from daemon import config as configuration
 from daemon import gates, logs, procs, pulls, tickets, wiring
-from daemon.backlog import FOLDERS, Backlog
+from daemon.backlog import FOLDERS
+from daemon.board import open_backlog
 from daemon.errors import ConfigError, InvalidTicket
 from daemon.llm.health import Monitor
 from daemon.metrics import Metrics
@@ -44,7 +45,7 @@ from daemon.store import Store
 from daemon.watcher import Watcher, ignore_lease_breaks, settle_delay
 from daemon.webhook import Webhook
 
-__all__ = ["Supervisor", "preflight", "statuses"]
+__all__ = ["Supervisor", "preflight"]
 
 Clock = Callable[[], datetime]
 CLOCK_STEP_S = 60  # a wall clock that moved this much more or less than the monotonic one
@@ -53,17 +54,6 @@ DISK_FULL_WAIT_S = 30
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def statuses(cfg: configuration.Config) -> dict[str, str]:
-    s = cfg.backlog.statuses
-    return {
-        "todo": s.todo,
-        "in-progress": s.in_progress,
-        "review": s.review,
-        "done": s.done,
-        "failed": s.failed,
-    }
 
 
 class Supervisor:
@@ -83,7 +73,7 @@ class Supervisor:
         self.clock = clock
         self.monotonic = monotonic
         self.log_to_stderr = log_to_stderr
-        self.backlog = Backlog(cfg.backlog.dir, statuses(cfg))
+        self.backlog = open_backlog(cfg)
         self.store = Store(cfg.state_dir / "history.sqlite3")
         self.wake = threading.Event()
         self.signals = 0
@@ -92,6 +82,7 @@ class Supervisor:
         self.next_reconcile = 0.0
         self.claims_paused_until = 0.0
         self.waiting = ""  # why nothing is claimed now (Ollama away, a hold)
+        self._problems: dict[Path, str] = {}  # said already (see _tell_problems)
         self.revisions: dict[str, tuple[pulls.Open, pulls.Revision]] = {}  # by ticket file
         self._revisions_lock = threading.Lock()
         self.metrics = Metrics(self._depth, self._circuit)
@@ -255,7 +246,7 @@ class Supervisor:
     def _probe_status(self) -> tuple[int, dict[str, Any]]:
         store = Store(self.cfg.state_dir / "history.sqlite3")
         try:
-            report = collect(Backlog(self.cfg.backlog.dir, statuses(self.cfg)), store, self.clock())
+            report = collect(open_backlog(self.cfg), store, self.clock())
         finally:
             store.close()
         return 200, report
@@ -353,7 +344,7 @@ class Supervisor:
                 request.unlink(missing_ok=True)
                 logger.bind(ticket=run.ticket.id).warning("cancel requested for {}", name)
                 run.ctx.cancel(Stop.CANCELLED, fail=fail)
-            elif not os.path.lexists(run.lease.path):
+            elif not self.backlog.present(run.lease):
                 run.ctx.cancel(Stop.REMOVED)
 
     def _check_clock(self, now: float) -> None:
@@ -376,6 +367,7 @@ class Supervisor:
         wait: float | None = None
         candidates = []
         todo = self.backlog.files("todo")
+        self._tell_problems()
         self.queue_depth = len(todo)
         for path in todo:
             try:
@@ -415,7 +407,7 @@ class Supervisor:
             branch = self.runner.branch(ticket)
             if branch in busy:  # one branch per ticket file: wait for the other to finish
                 continue
-            if ticket.path.name not in history and self._duplicate(ticket):
+            if self.backlog.key(ticket.path) not in history and self._duplicate(ticket):
                 continue
             try:
                 started = self._start(ticket, branch)
@@ -427,9 +419,18 @@ class Supervisor:
                 busy.add(branch)
         return wait, len(ready)
 
+    def _tell_problems(self) -> None:
+        """Say once what keeps a task from running where it is not moved for it (the
+        Backlog.md layout: an unreadable task, two files with one id)."""
+        problems = self.backlog.problems()
+        for path, why in problems.items():
+            if self._problems.get(path) != why:
+                logger.error("{}: {}", path, why)
+        self._problems = problems
+
     def _queue_revision(self, pull: pulls.Open, revision: pulls.Revision) -> bool:
         """The watch asks for a revision (on its thread): queued for the next claim."""
-        name = pull.ticket.name
+        name = pull.name
         with self._revisions_lock:
             if name in self.revisions or name in self.active:
                 return False
@@ -494,7 +495,7 @@ class Supervisor:
         """A todo file that cannot be read as a ticket goes straight to failed/."""
         now = self.clock()
         try:
-            lease = self.backlog.claim(path.name, now, uuid.uuid4().hex)
+            lease = self.backlog.claim(self.backlog.key(path), now, uuid.uuid4().hex)
         except OSError as e:
             self._pause_claims(e)
             return
@@ -514,7 +515,7 @@ class Supervisor:
         )
         if other is None:
             return False
-        lease = self.backlog.claim(ticket.path.name, self.clock(), uuid.uuid4().hex)
+        lease = self.backlog.claim(self.backlog.key(ticket.path), self.clock(), uuid.uuid4().hex)
         if lease is None:
             return True
         held = gates.Held(
@@ -527,7 +528,7 @@ class Supervisor:
         return True
 
     def _start(self, ticket: tickets.Ticket, branch: str) -> bool:
-        lease = self.backlog.claim(ticket.path.name, self.clock(), uuid.uuid4().hex)
+        lease = self.backlog.claim(self.backlog.key(ticket.path), self.clock(), uuid.uuid4().hex)
         if lease is None:
             return False
         self._submit(Active(ticket=ticket, lease=lease, started=time.monotonic(), branch=branch))

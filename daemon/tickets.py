@@ -51,6 +51,7 @@ _FENCE = re.compile(r" {0,3}(?:```|~~~)")
 _H1 = re.compile(r"#[ \t]+(.+)")
 _H2 = re.compile(r"##[ \t]+(.*)")
 _MARKER = re.compile(r"<!--[ \t]*(SECTION:\w+|AC|DOD|COMMENTS):(BEGIN|END)[ \t]*-->", re.I)
+_MODEL_LABEL = "model:"
 _CHECKBOX = re.compile(r"- \[([ xX])\][ \t]+(?:#(\d+)[ \t]+)?(.+)")
 _FILE_ID = re.compile(r"[A-Za-z][\w-]*?-\d+(?:\.\d+)*(?=$|[\s._-])")
 _ID_PARTS = re.compile(r"(?:(.*)-)?(\d+(?:\.\d+)*)")
@@ -91,6 +92,11 @@ class Ticket:
     plan: str
     notes: str
     newline: str  # "\r\n" if the file uses CRLF else "\n"
+    definition_of_done: tuple[Criterion, ...] = ()
+    references: tuple[str, ...] = ()
+    documentation: tuple[str, ...] = ()
+    assignees: tuple[str, ...] = ()
+    ordinal: float | None = None
 
 
 def read_bytes(path: Path) -> bytes:
@@ -160,7 +166,9 @@ def parse_text(text: str, path: Path) -> Ticket:
     if match is None or not any(s.name == "description" for s in sections):
         description = "\n".join(ln for i, ln in enumerate(lines) if i != title_line).strip()
     priority = _text(frontmatter.get("priority")).lower()
+    labels = _strings(frontmatter.get("labels"))
     models = _strings(frontmatter.get("model")) + _strings(frontmatter.get("models"))
+    models += tuple(x[len(_MODEL_LABEL) :].strip() for x in labels if _is_model_label(x))
     ticket_id = _text(frontmatter.get("id")) or id_from_filename(path)
     if len(ticket_id) > MAX_ID_CHARS:
         raise InvalidTicket(f"id is {len(ticket_id)} characters; at most {MAX_ID_CHARS}")
@@ -172,15 +180,73 @@ def parse_text(text: str, path: Path) -> Ticket:
         title=title or path.stem,
         status=_text(frontmatter.get("status")) or None,
         priority=priority if priority in PRIORITIES else None,
-        labels=_strings(frontmatter.get("labels")),
+        labels=labels,
         dependencies=_strings(frontmatter.get("dependencies")),
-        models=tuple(dict.fromkeys(models)),
+        models=tuple(m for m in dict.fromkeys(models) if m),
         description=description,
-        acceptance_criteria=_criteria(sections),
+        acceptance_criteria=_criteria(sections, "acceptance criteria"),
         plan=_section_text(sections, "implementation plan"),
         notes=_section_text(sections, "implementation notes"),
         newline=_newline(text),
+        definition_of_done=_criteria(sections, "definition of done"),
+        references=_strings(frontmatter.get("references")),
+        documentation=_strings(frontmatter.get("documentation")),
+        assignees=_strings(frontmatter.get("assignee")),
+        ordinal=_number(frontmatter.get("ordinal")),
     )
+
+
+def _is_model_label(label: str) -> bool:
+    """``model:qwen2.5-coder:7b``: a label that names a model (labels survive every edit
+    Backlog.md's CLI makes; an unknown frontmatter key such as ``model`` does not)."""
+    return label.lower().startswith(_MODEL_LABEL)
+
+
+def append_note(text: str, line: str) -> str:
+    """Add ``line`` at the end of the ticket's Implementation Notes (Backlog.md's
+    ``SECTION:NOTES`` block), making the section where there is none; every other byte stays.
+    A line already there is not added twice."""
+    newline = _newline(text)
+    line = " ".join(line.split()).replace("<!--", "<!\u200b--")
+    match = _match_frontmatter(text)
+    start = match.end() if match else 0
+    lines = _lines(text[start:])
+    if any(ln.rstrip("\r\n") == line for ln in lines):
+        return text
+    names = [_section_name(ln) for ln in lines]
+    at = next((i for i, n in enumerate(names) if n == "implementation notes"), None)
+    if at is None:  # a new section, before the final summary when there is one
+        end = next((i for i, n in enumerate(names) if n == "final summary"), len(lines))
+        block = (
+            f"## Implementation Notes{newline}{newline}<!-- SECTION:NOTES:BEGIN -->{newline}"
+            f"{line}{newline}<!-- SECTION:NOTES:END -->{newline}"
+        )
+        head = "".join(lines[:end])
+        if head and not head.endswith("\n"):
+            head += newline
+        gap = newline if head.strip() and not head.endswith(newline * 2) else ""
+        tail = "".join(lines[end:])
+        return text[:start] + head + gap + block + (newline if tail else "") + tail
+    end = next((i for i in range(at + 1, len(lines)) if names[i]), len(lines))
+    close = next(
+        (i for i in range(at + 1, end) if lines[i].strip().upper() == "<!-- SECTION:NOTES:END -->"),
+        None,
+    )
+    if close is None:  # no markers: after the section's last line of text
+        close = end
+        while close > at + 1 and not lines[close - 1].strip():
+            close -= 1
+    before = "".join(lines[:close])
+    if before and not before.endswith("\n"):
+        before += newline
+    return text[:start] + before + line + newline + "".join(lines[close:])
+
+
+def _section_name(line: str) -> str:
+    """The known section a ``## `` heading line opens, or ""."""
+    heading = _H2.fullmatch(line.rstrip("\r\n"))
+    name = heading[1].rstrip(" \t").lower().removesuffix(" (optional)") if heading else ""
+    return name if name in _SECTIONS else ""
 
 
 def update_frontmatter(text: str, updates: Mapping[str, str | Sequence[str]]) -> str:
@@ -230,6 +296,7 @@ def render_new(
     labels: Sequence[str] = (),
     acceptance_criteria: Sequence[str] = (),
     status: str = "To Do",
+    assignee: Sequence[str] = (),
     created: datetime,
 ) -> str:
     """A new task file laid out as Backlog.md writes one.
@@ -242,7 +309,7 @@ def render_new(
         _render_key("id", ticket_id, "\n"),
         _render_key("title", " ".join(title.split()), "\n"),
         _render_key("status", status, "\n"),
-        "assignee: []\n",
+        _render_key("assignee", list(assignee), "\n"),
         _render_key("created_date", created.strftime("%Y-%m-%d %H:%M"), "\n"),
         _render_key("labels", list(labels), "\n"),
         "dependencies: []\n",
@@ -286,16 +353,17 @@ def slug(text: str, max_len: int = 40) -> str:
     return "-".join(words)[:max_len].strip("-") or "ticket"[:max_len]
 
 
-def next_id(existing_ids: Iterable[str], prefix: str = "task") -> str:
-    """The number after the largest ``<prefix>-N`` (``task-4.2`` counts as 4), zero padding kept."""
+def next_id(existing_ids: Iterable[str], prefix: str = "task", width: int = 0) -> str:
+    """The number after the largest ``<prefix>-N`` (``task-4.2`` counts as 4), zero padding
+    kept (or ``width`` digits at least)."""
     pattern = re.compile(rf"{re.escape(prefix)}-(\d+)(?:\.\d+)*", re.I)
-    largest, width = 0, 0
+    largest, padded = 0, 0
     for ticket_id in existing_ids:
         found = pattern.fullmatch(ticket_id.strip())
         if found and int(found[1]) >= largest:
             largest = int(found[1])
-            width = len(found[1]) if found[1].startswith("0") else 0
-    return f"{prefix}-{str(largest + 1).zfill(width)}"
+            padded = len(found[1]) if found[1].startswith("0") else 0
+    return f"{prefix}-{str(largest + 1).zfill(max(width, padded))}"
 
 
 def id_key(ticket_id: str) -> tuple[str, tuple[int, ...], str]:
@@ -371,9 +439,8 @@ def _scan(lines: list[str]) -> list[_Section]:
         if _FENCE.match(line):
             fenced = not fenced
         elif not fenced:
-            heading = _H2.fullmatch(line)
-            name = heading[1].rstrip(" \t").lower().removesuffix(" (optional)") if heading else ""
-            if heading and name in _SECTIONS:
+            name = _section_name(line)
+            if name:
                 current = _Section(name)
                 sections.append(current)
                 continue
@@ -394,11 +461,11 @@ def _section_text(sections: list[_Section], name: str) -> str:
     return ""
 
 
-def _criteria(sections: list[_Section]) -> tuple[Criterion, ...]:
+def _criteria(sections: list[_Section], name: str) -> tuple[Criterion, ...]:
     marked: list[Criterion] = []
     legacy: list[Criterion] = []
     for section in sections:
-        if section.name == "acceptance criteria":
+        if section.name == name:
             if section.has_markers:
                 marked.extend(_checkboxes(section.marked))
             else:
@@ -450,6 +517,13 @@ def _text(value: Any) -> str:
 def _strings(value: Any) -> tuple[str, ...]:
     items = value if isinstance(value, list | tuple) else [value]
     return tuple(text for text in (_text(item) for item in items) if text)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _newline(text: str) -> str:

@@ -160,7 +160,8 @@ class Parts:
         """Remove checkouts (and sandbox folders) no live daemon is using (left by a crash)."""
 
         def keep() -> set[Path]:  # checkouts of tickets some live daemon is running
-            return {self.runner.worktree(p.name) for p in hooks.backlog.files("in-progress")}
+            busy = hooks.backlog.files("in-progress")
+            return {self.runner.worktree(hooks.backlog.key(p)) for p in busy}
 
         try:
             for path in self.repo.prune(self.cfg.state_dir / "worktrees", keep):
@@ -175,9 +176,7 @@ class Parts:
     def retry_due(self, hooks: Hooks) -> None:
         """The scheduled job: failed tickets whose retry is due go back to todo/."""
         now = hooks.clock()
-        decisions = failures.plan(
-            hooks.backlog.files("failed"), now, failures.policy_from(self.cfg.retry)
-        )
+        decisions = failures.plan(hooks.backlog, now, failures.policy_from(self.cfg.retry))
         for d in failures.apply(hooks.backlog, decisions, now, dry_run=False):
             if d.action == "retried":
                 logger.info("retrying {} ({})", d.file, d.reason)
@@ -346,6 +345,17 @@ def plan(cfg: configuration.Config, bwrap: str | None, repo: Repo) -> Plan:
     )
 
 
+def backlog_inside(cfg: configuration.Config) -> tuple[str, ...]:
+    """The backlog folder as a path in the repository, when it is in it: what an agent
+    changes there (Backlog.md's AGENTS.md tells agents to edit their task file) never goes
+    into a ticket's branch."""
+    try:
+        inside = cfg.backlog.dir.resolve().relative_to(cfg.repo.path.resolve()).as_posix()
+    except (ValueError, OSError):
+        return ()
+    return (inside,) if inside != "." else ()
+
+
 def settings(cfg: configuration.Config) -> pipeline.Settings:
     return pipeline.Settings(
         base_branch=cfg.repo.base_branch,
@@ -354,7 +364,7 @@ def settings(cfg: configuration.Config) -> pipeline.Settings:
         prompts=cfg.state_dir / "prompts",
         logs=cfg.logging.dir / "tasks",
         timeout_s=cfg.agent.timeout_s,
-        exclude=cfg.agent.exclude,
+        exclude=(*cfg.agent.exclude, *backlog_inside(cfg)),
         models=cfg.ollama.models,
         kind=cfg.agent.kind,
         models_by_label=cfg.ollama.models_by_label,

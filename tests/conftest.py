@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -41,6 +42,37 @@ WRITE_AGENT = [
 # channel: a file of starts, a marker): the sandbox would hide it. Tests of the sandbox
 # itself are in test_sandbox.py and test_contain.py.
 SIDE_CHANNEL = {"sandbox": "off"}
+
+
+# The real Backlog.md CLI, pinned; installed from npm into the virtualenv on first use.
+BACKLOG_MD = "backlog.md@1.52.0"
+
+
+@pytest.fixture(scope="session")
+def backlog_cli() -> Path:
+    """The ``backlog`` program of Backlog.md, installed with npm when it is not there yet
+    (a fresh checkout's first test run). Without npm the tests that need it skip saying so,
+    except in CI, where that is a failure."""
+    home = Path(sys.prefix) / BACKLOG_MD.replace("@", "-")
+    program = home / "node_modules" / ".bin" / "backlog"
+    if program.exists():
+        return program
+    npm = shutil.which("npm")
+    if npm is None:
+        why = "npm is not installed: the tests that drive the real Backlog.md CLI need it"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    done = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(home), BACKLOG_MD],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0 or not program.exists():
+        pytest.fail(f"npm install {BACKLOG_MD} failed:\n{done.stdout}\n{done.stderr}")
+    return program
 
 
 def git(cwd: Path, *args: str) -> str:

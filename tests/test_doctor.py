@@ -20,7 +20,7 @@ from fake_ollama import FakeOllama
 
 from daemon import service
 
-NAMES = ["config", "agent", "sandbox", "repo", "remote", "push", "folders", "unit"]
+NAMES = ["config", "agent", "sandbox", "repo", "remote", "push", "folders", "backlog", "unit"]
 TOKEN_ENV = "GH_TOKEN_TEST"
 
 
@@ -99,7 +99,8 @@ def test_a_healthy_setup_passes_every_check(
         "warn  unit      not installed (fine for a foreground run; `ticketd install-service` "
         "to install)"
     )
-    assert lines[-1].startswith("11 checks: 0 failed, 0 skipped,")
+    assert lines[-1].startswith("12 checks: 0 failed, 0 skipped,")
+    assert f"ok    backlog   folders under {project.backlog}" in lines
     assert project.remote_branches() == ["main"]  # the push was a dry run
 
     report = checks(project, home, env)
@@ -387,7 +388,8 @@ def test_help_says_what_is_checked_and_the_exit_statuses() -> None:
     result = ticketd("doctor", "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    for name in ("config", "agent", "sandbox", "push", "ollama", "github", "folders", "unit"):
+    names = ("config", "agent", "sandbox", "push", "ollama", "github", "folders", "backlog", "unit")
+    for name in names:
         assert name in text
     assert "0 when nothing FAILs" in text and "1 when a check FAILs" in text
     assert "2 when the config cannot be read" in text

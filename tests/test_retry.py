@@ -85,7 +85,7 @@ def test_backoff_is_exponential_jittered_and_capped(count: int, seed: int) -> No
 def write_failed(project: Project, name: str, rec: dict) -> Path:
     path = project.ticket(name, folder="failed", status="Failed")
     rec = {**rec, "file": name, "contentSha256": failures.sha256(path.read_bytes())}
-    failures.write(path, rec)
+    failures.write(path.with_name(path.stem + ".error.json"), rec)
     return path
 
 
@@ -140,7 +140,7 @@ def test_retry_failed_reports_each_ticket_and_moves_the_due_ones(project: Projec
     forced = ticketd("retry-failed", "--force", "--task-id", "TASK-4", "--json", *cfg)
     assert json.loads(forced.stdout)["tickets"][0]["action"] == "retried"
     missing = ticketd("retry-failed", "--task-id", "task-99", *cfg)
-    assert missing.returncode == 1 and "no ticket task-99" in missing.stderr
+    assert missing.returncode == 1 and "no failed ticket task-99" in missing.stderr
 
 
 def test_editing_a_failed_ticket_makes_it_eligible(project: Project) -> None:

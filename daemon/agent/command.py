@@ -52,14 +52,25 @@ class Paths:
 
 
 def ticket_sections(ticket: Ticket, *, plan_and_notes: bool = True) -> list[str]:
-    """Markdown lines: description, acceptance criteria as a checklist, plan and notes."""
+    """Markdown lines: everything the task holds, once each: description, acceptance
+    criteria and Definition of Done as checklists, references, documentation, plan, notes."""
     parts: list[str] = []
     if ticket.description:
         parts += ["## Description", "", ticket.description, ""]
-    if ticket.acceptance_criteria:
-        parts += ["## Acceptance Criteria", ""]
-        parts += [f"- [{'x' if c.checked else ' '}] {c.text}" for c in ticket.acceptance_criteria]
-        parts.append("")
+    for title, items in (
+        ("Acceptance Criteria", ticket.acceptance_criteria),
+        ("Definition of Done", ticket.definition_of_done),
+    ):
+        if items:
+            parts += [f"## {title}", ""]
+            parts += [f"- [{'x' if c.checked else ' '}] {c.text}" for c in items]
+            parts.append("")
+    for title, links in (
+        ("References", ticket.references),
+        ("Documentation", ticket.documentation),
+    ):
+        if links:
+            parts += [f"## {title}", "", *(f"- {link}" for link in links), ""]
     if plan_and_notes and ticket.plan:
         parts += ["## Implementation Plan", "", ticket.plan, ""]
     if plan_and_notes and ticket.notes:
