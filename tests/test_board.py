@@ -551,3 +551,15 @@ def test_a_failed_task_a_person_takes_over_is_not_handed_back(board: Board) -> N
     view = board.view(task)
     assert re.search(r"Status: .*In Progress", view) and re.search(r"Assignee: @alice\n", view)
     assert status(project)["counts"]["failed"] == 0
+
+
+def test_the_queue_is_ordered_by_priority_then_ordinal_then_id(board: Board) -> None:
+    """As the board orders it: priority first, then the ordinal a person gave by dragging,
+    then the id."""
+    project = board.project
+    late = board.create("Ordinal 3000", "-a", "@ticketd", "--ordinal", "3000")
+    early = board.create("Ordinal 1000", "-a", "@ticketd", "--ordinal", "1000")
+    urgent = board.create("High", "-a", "@ticketd", "--ordinal", "9000", "--priority", "high")
+    plain = board.create("No ordinal", "-a", "@ticketd")
+    ready = [w["taskId"] for w in status(project)["waiting"] if w["reason"] == "ready"]
+    assert ready == [urgent, early, late, plain]
