@@ -233,14 +233,16 @@ class Backlog:
         ready = [t for t in candidates if not t.dependencies]
         waiting: list[Waiting] = []
         if len(ready) < len(candidates):  # only then read the other folders
-            done = {i.lower() for i in self.done_ids()}
-            elsewhere = {t.id.lower(): "todo" for t in candidates} | self.whereabouts()
+            done = {self.canonical(i) for i in self.done_ids()}
+            elsewhere = {self.canonical(t.id): "todo" for t in candidates} | self.whereabouts()
             for t in candidates:
-                missing = [d for d in t.dependencies if d.lower() not in done]
+                missing = [d for d in t.dependencies if self.canonical(d) not in done]
                 if t.dependencies and not missing:
                     ready.append(t)
                 elif missing:
-                    why = [f"{d} ({elsewhere.get(d.lower(), 'not found')})" for d in missing]
+                    why = [
+                        f"{d} ({elsewhere.get(self.canonical(d), 'not found')})" for d in missing
+                    ]
                     waiting.append(Waiting(t, "waits for " + ", ".join(why)))
         ready.sort(
             key=lambda t: (
@@ -252,13 +254,17 @@ class Backlog:
         )
         return ready, waiting
 
+    def canonical(self, task_id: str) -> str:
+        """An id as dependencies are matched against it."""
+        return task_id.strip().lower()
+
     def whereabouts(self) -> dict[str, str]:
-        """Where each ticket not done is, by lower-cased id (a waiting ticket's reason)."""
+        """Where each ticket not done is, by canonical id (a waiting ticket's reason)."""
         found: dict[str, str] = {}
         for folder in ("failed", "review", "in-progress"):
             for path in self.files(folder):
                 with contextlib.suppress(InvalidTicket, OSError):
-                    found.setdefault(self.read(path).id.lower(), folder)
+                    found.setdefault(self.canonical(self.read(path).id), folder)
         return found
 
     def duplicate_of(

@@ -48,6 +48,7 @@ PROJECT_FILE = "config.yml"
 MAX_PROJECT_BYTES = 256 * 1024
 # Backlog.md's folders that hold tasks with ids (ids are never reused across them).
 ID_FOLDERS = ("tasks", "drafts", "completed", "archive/tasks", "archive/drafts")
+_ID = re.compile(r"(?:([A-Za-z]+)-)?(\d+(?:\.\d+)*)")
 
 
 @dataclass(frozen=True)
@@ -299,8 +300,24 @@ class Board(Backlog):
         lease.path = found[0]
         return True
 
+    def canonical(self, task_id: str) -> str:
+        """As Backlog.md matches ids: the prefix optional (the project's) and of any case,
+        leading zeros ignored (``3``, ``task-3``, ``TASK-003`` are one task)."""
+        found = _ID.fullmatch(task_id.strip())
+        if found is None:
+            return task_id.strip().casefold()
+        prefix = (found[1] or self.project.task_prefix).casefold()
+        return prefix + "-" + ".".join(str(int(n)) for n in found[2].split("."))
+
     def done_ids(self) -> list[str]:
-        ids = [t.id for p, t in self._tasks() if self._is(t, "done")]
+        """Done as Backlog.md counts it for dependencies: in ``completed/``, or in the
+        project's last status (or the status ticketd writes for done)."""
+        last = self.project.statuses[-1].casefold()
+        ids = [
+            t.id
+            for p, t in self._tasks()
+            if self._is(t, "done") or (t.status or "").casefold() == last
+        ]
         for path in self._listing("completed"):
             try:
                 ids.append(self.read(path).id)
@@ -309,7 +326,7 @@ class Board(Backlog):
         return ids
 
     def whereabouts(self) -> dict[str, str]:
-        return {t.id.lower(): t.status or "no status" for _, t in self._tasks()}
+        return {self.canonical(t.id): t.status or "no status" for _, t in self._tasks()}
 
     def ticket_ids(self) -> list[str]:
         ids = []

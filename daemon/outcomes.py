@@ -88,7 +88,7 @@ class Outcomes:
         """Write ``review/X.review.json`` and move the ticket to review/."""
         now = self.clock()
         dst = self.backlog.target("review", lease.name)
-        path = self.backlog.record("review", lease.name)
+        path = self.backlog.record("review", self.backlog.key(dst))  # beside it, as it lands
         record = {
             "taskId": task_id,
             "file": dst.name,
@@ -346,7 +346,9 @@ class Outcomes:
         note = self.backlog.failure_note(record, now)
         self.backlog.rewrite(lease.path, "failed", now, note=note)  # as it will read in failed/
         record["contentSha256"] = failures.content_sha256(lease.path)
-        failures.write(self.backlog.record("failed", lease.name), self.redact.data(record))
+        failures.write(
+            self.backlog.record("failed", self.backlog.key(dst)), self.redact.data(record)
+        )
         self.backlog.move(lease.path, "failed", now, dst=dst, note=note)
         self.backlog.release(lease)
         self.failed += 1

@@ -600,3 +600,29 @@ def test_links_and_fifos_in_tasks_are_named_and_never_followed(board: Board) -> 
     assert "task-7 - Link.md: cannot be read as a task: a symbolic link, not a file" in log
     assert "task-8 - Fifo.md: cannot be read as a task" in log
     assert "To Do" in secret.read_text()  # never rewritten through the link
+
+
+def test_dependency_ids_match_as_backlog_md_matches_them(board: Board) -> None:
+    """Hand-written dependency ids (``1``, ``task-01``) name TASK-1; a task in the project's
+    last status, or in completed/, satisfies its dependents as it does for Backlog.md."""
+    project = board.project
+    config = board.root / "config.yml"
+    config.write_text(
+        re.sub(
+            r"statuses: .*",
+            'statuses: ["To Do", "In Progress", "Done", "Closed"]',
+            config.read_text(),
+        )
+    )
+    first = board.create("Closed by a person")
+    gone = board.create("Completed long ago")
+    board("task", "edit", first, "-s", "Closed")
+    board("task", "edit", gone, "-s", "Closed")
+    (board.root / "completed").mkdir(exist_ok=True)
+    board.file(gone).rename(board.root / "completed" / board.file(gone).name)
+    task = board.create("Waits for both", "-a", "@ticketd")
+    path = board.file(task)
+    path.write_text(path.read_text().replace("dependencies: []", "dependencies: ['1', task-02]"))
+    board.commit()
+    assert run_once(project).returncode == 0
+    assert re.search(r"Status: .*Done", board.view(task))

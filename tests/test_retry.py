@@ -4,6 +4,7 @@ scheduled job, resuming where a run failed, duplicates."""
 from __future__ import annotations
 
 import json
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -254,3 +255,23 @@ def test_retries_queue_behind_fresh_tickets_of_the_same_priority(
     project.ticket("task-2 - Second.md", body="Beta work item, unrelated.")
     assert run_once(project) == 0
     assert order.read_text().split() == ["task-1", "task-2", "task-1"]
+
+
+def test_a_failure_landing_beside_a_same_named_file_keeps_its_record_beside_it(
+    project: Project,
+) -> None:
+    """failed/ already holds a file of that name (a person's copy): the ticket lands as
+    ``X (2).md`` and its ``.error.json`` is ``X (2).error.json``, where retries read it."""
+    name = "task-1 - Twice.md"
+    project.ticket(name, folder="failed", status="Failed")
+    project.ticket(name)
+    project.write_config(agent={"command": [sys.executable, "-c", "raise SystemExit(3)"]})
+    cfg = ["--config", str(project.config_path)]
+    assert ticketd("run", "--once", *cfg).returncode == 1
+    assert project.where() == {"failed": ["task-1 - Twice (2).md", name]}
+    record = json.loads((project.folder("failed") / "task-1 - Twice (2).error.json").read_text())
+    assert (record["file"], record["errorCode"]) == ("task-1 - Twice (2).md", "AGENT_FAILED")
+    dry = ticketd("retry-failed", "--dry-run", "--json", *cfg)
+    reasons = {t["reason"] for t in json.loads(dry.stdout)["tickets"]}
+    assert "no readable .error.json beside it; use --force" in reasons  # the person's copy
+    assert any(r.startswith("backing off until") for r in reasons)  # ticketd's, read
