@@ -169,9 +169,14 @@ class Backlog:
         return {"status": self.statuses["todo"]}
 
     def files(self, folder: str) -> list[Path]:
+        """The tickets in ``folder``."""
+        return self._listing(folder)
+
+    def _listing(self, folder: str) -> list[Path]:
+        """The ticket files of ``root/folder`` (a path under the backlog), by name."""
         try:
             names = os.listdir(self.root / folder)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(self.root / folder / n for n in names if is_ticket_name(n) and not is_temp(n))
 

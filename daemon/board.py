@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import files, tickets
-from daemon.backlog import FOLDERS, Backlog, Lease, is_ticket_name
+from daemon.backlog import FOLDERS, Backlog, Lease
 from daemon.errors import ConfigError, InvalidTicket
 from daemon.frontmatter import load as load_yaml
 
@@ -197,15 +197,6 @@ class Board(Backlog):
         return tickets.id_from_filename(path).lower() + ".md"
 
     # -- reading the board ------------------------------------------------------------------
-
-    def _listing(self, folder: str) -> list[Path]:
-        try:
-            names = os.listdir(self.root / folder)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(
-            self.root / folder / n for n in names if is_ticket_name(n) and not files.is_temp(n)
-        )
 
     def _tasks(self) -> list[tuple[Path, tickets.Ticket]]:
         """The readable tasks of tasks/, less those whose id another file has too (both are

@@ -246,7 +246,7 @@ class Supervisor:
     def _probe_status(self) -> tuple[int, dict[str, Any]]:
         store = Store(self.cfg.state_dir / "history.sqlite3")
         try:
-            report = collect(open_backlog(self.cfg), store, self.clock())
+            report = collect(self.backlog, store, self.clock())  # its cache is thread-safe
         finally:
             store.close()
         return 200, report

@@ -75,6 +75,34 @@ def backlog_cli() -> Path:
     return program
 
 
+@contextlib.contextmanager
+def small_disk(folder: Path) -> Iterator[None]:
+    """A 256 KiB tmpfs mounted on ``folder`` (to fill it up), unmounted after; skips where
+    that cannot be done (it needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write into ``folder`` until its file system is full; returns the file to remove."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    return filler
+
+
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=cwd, check=True, capture_output=True, text=True, timeout=60

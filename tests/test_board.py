@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PY, Daemon, Project, git, ticketd, wait_until
+from conftest import PY, Daemon, Project, fill, git, small_disk, ticketd, wait_until
 from fake_github import FakeGitHub
 
 from daemon import tickets
@@ -626,3 +626,32 @@ def test_dependency_ids_match_as_backlog_md_matches_them(board: Board) -> None:
     board.commit()
     assert run_once(project).returncode == 0
     assert re.search(r"Status: .*Done", board.view(task))
+
+
+def test_a_full_disk_at_claim_time_leaves_the_task_to_do_and_it_runs_later(
+    board: Board, daemons: list
+) -> None:
+    """Fault: the project's disk is full when ticketd would write In Progress. The status
+    write fails whole (temp file + rename), the claim is undone, the task stays To Do and
+    runs once there is room."""
+    project = board.project
+    task = board.create("Full disk", "-a", "@ticketd")
+    board.commit()
+    saved = project.root / "saved-backlog"
+    board.root.rename(saved)
+    board.root.mkdir()
+    with small_disk(board.root):
+        subprocess.run(["cp", "-a", f"{saved}/.", str(board.root)], check=True, timeout=60)
+        before = board.file(task).read_bytes()
+        filler = fill(board.root)
+        try:
+            daemons.append(d := Daemon(project))
+            wait_until(lambda: "No space left on device" in d.text(), what="the full disk")
+            assert board.file(task).read_bytes() == before
+            assert status(project)["counts"]["in-progress"] == 0
+            filler.unlink()
+            wait_until(lambda: "Done" in board.file(task).read_text(), timeout=60, what="done")
+            assert "crashed" not in d.text()
+        finally:
+            for d in daemons:
+                d.stop()

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-from conftest import PY, SIDE_CHANNEL, Daemon, Project, git, ticketd, wait_until
+from conftest import PY, SIDE_CHANNEL, Daemon, Project, fill, git, small_disk, ticketd, wait_until
 from fake_ollama import FakeOllama
 
 MODEL = "qwen2.5-coder:7b"
@@ -262,36 +261,24 @@ def test_a_worker_crash_is_recorded_on_the_ticket_and_the_daemon_goes_on(
 def test_a_full_disk_at_claim_time_undoes_the_claim_and_waits(
     project: Project, daemons: list
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system for the backlog needs root")
     for folder in ("todo", "in-progress", "review", "done", "failed", ".leases"):
         (project.backlog / folder).mkdir(parents=True, exist_ok=True)
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(project.backlog)],
-        capture_output=True,
-        text=True,
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with small_disk(project.backlog):
         for folder in ("todo", "in-progress", "review", "done", "failed", ".leases"):
             (project.backlog / folder).mkdir()
         name = "task-1 - Full.md"
         project.ticket(name)
-        filler = project.backlog / "filler"
-        with filler.open("wb", buffering=0) as f, pytest.raises(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-        daemons.append(d := Daemon(project))
-        wait_until(lambda: "No space left on device" in d.text(), what="the full disk")
-        assert project.where() == {"todo": [name]}
-        filler.unlink()
-        wait_until(lambda: project.where() == {"done": [name]}, timeout=60, what="done")
-        assert "crashed" not in d.text()
-    finally:
-        for d in daemons:
-            d.stop()
-        subprocess.run(["umount", "-l", str(project.backlog)], capture_output=True)
+        filler = fill(project.backlog)
+        try:
+            daemons.append(d := Daemon(project))
+            wait_until(lambda: "No space left on device" in d.text(), what="the full disk")
+            assert project.where() == {"todo": [name]}
+            filler.unlink()
+            wait_until(lambda: project.where() == {"done": [name]}, timeout=60, what="done")
+            assert "crashed" not in d.text()
+        finally:
+            for d in daemons:
+                d.stop()
 
 
 def test_the_file_zoo_goes_to_failed_and_the_good_ticket_runs(project: Project) -> None:
