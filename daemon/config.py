@@ -118,6 +118,8 @@ class AgentConfig(_Section):
     max_reflections: int = Field(default=3, ge=0, le=20)
     max_memory_mb: float = Field(default=0, ge=0)  # the agent's process tree; 0: no limit
     max_context_files: int = Field(default=12, ge=0, le=200)
+    candidates: int = Field(default=2, ge=1, le=10)  # builtin: fresh attempts per model
+    edit_format: Literal["auto", "search-replace", "whole", "udiff"] = "auto"  # builtin
     sandbox: Literal["auto", "required", "off"] = "auto"
     allow_hosts: tuple[str, ...] = ()  # host:port the agent and checks may reach (a proxy)
     pass_env: tuple[str, ...] = ()  # names of the daemon's environment variables to pass on
@@ -168,6 +170,8 @@ class OllamaConfig(_Section):
     num_ctx: int = Field(default=16384, ge=512)
     num_predict: int = Field(default=4096, ge=64)
     keep_alive: str = "10m"
+    temperature: float | None = Field(default=0.0, ge=0, le=2)  # null: the server's (0.8)
+    seed: int | None = 42  # null: the server's (random)
     timeout_s: float = Field(default=300, gt=0)
     retries: int = Field(default=3, ge=0, le=10)
     health_check: HealthCheckConfig = HealthCheckConfig()

@@ -110,6 +110,7 @@ MIGRATIONS = [
     ("runs", "labels", "TEXT"),  # JSON list of the ticket's labels
     ("runs", "lesson_version", "INTEGER"),  # lessons in the builtin prompt; 0: none
     ("runs", "revision", "INTEGER"),  # a revision run: its pull request's number
+    ("runs", "edit_format", "TEXT"),  # builtin: the format of the answer that passed
 ]
 
 

@@ -129,7 +129,9 @@ class Runner:
             s = dataclasses.replace(
                 s,
                 models_by_label=learned,
-                builtin=dataclasses.replace(s.builtin, lessons=lessons),
+                builtin=dataclasses.replace(
+                    s.builtin, lessons=lessons, learned_formats=self.store.edit_formats()
+                ),
             )
         owner = self.store.branch_owner(run.branch, lease.name)
         if owner is not None:
@@ -357,6 +359,7 @@ class Runner:
             calls,
             quality=result.quality if result else None,
             outcomes=result.outcomes if result else {},
+            edit_format=result.edit_format if result else None,
         )
         prompt = sum(c.prompt_tokens for c in calls)
         evals = sum(c.eval_tokens for c in calls)

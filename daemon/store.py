@@ -117,9 +117,16 @@ class Store:
             )
 
     def record_calls(
-        self, run_id: int, calls: Sequence[Call], *, quality: float | None, outcomes: dict[str, str]
+        self,
+        run_id: int,
+        calls: Sequence[Call],
+        *,
+        quality: float | None,
+        outcomes: dict[str, str],
+        edit_format: str | None = None,
     ) -> None:
-        """Each LLM request of a run, its totals, each model's outcome and the quality score."""
+        """Each LLM request of a run, its totals, each model's outcome, the quality score and
+        (builtin) the edit format of the answer that passed."""
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO llm_calls (run_id, model, prompt_tokens, eval_tokens, duration_s,"
@@ -131,16 +138,31 @@ class Store:
             )
             db.execute(
                 "UPDATE runs SET llm_calls = ?, prompt_tokens = ?, eval_tokens = ?, quality = ?,"
-                " model_outcomes = ? WHERE id = ?",
+                " model_outcomes = ?, edit_format = ? WHERE id = ?",
                 (
                     len(calls),
                     sum(c.prompt_tokens for c in calls),
                     sum(c.eval_tokens for c in calls),
                     quality,
                     json.dumps(outcomes),
+                    edit_format or None,
                     run_id,
                 ),
             )
+
+    def edit_formats(self, recent: int = 10) -> dict[str, str]:
+        """Per model, the edit format most of its last ``recent`` passing answers were in
+        (the latest wins a tie)."""
+        rows = self._read(
+            "SELECT model, edit_format FROM runs WHERE edit_format IS NOT NULL AND model IS NOT"
+            " NULL ORDER BY id DESC"
+        )
+        seen: dict[str, list[str]] = {}
+        for row in rows:
+            kept = seen.setdefault(row["model"], [])
+            if len(kept) < recent:
+                kept.append(row["edit_format"])
+        return {model: max(kept, key=kept.count) for model, kept in seen.items()}
 
     def interrupt(self, claim_id: str, ticket: str, task_id: str, at: str) -> None:
         """Record that the run under ``claim_id`` was cut off (a dead daemon's run)."""

@@ -316,6 +316,8 @@ def _ollama(
         num_ctx=o.num_ctx,
         num_predict=o.num_predict,
         keep_alive=o.keep_alive,
+        temperature=o.temperature,
+        seed=o.seed,
         retries=o.retries,
     )
     monitor = Monitor(
@@ -373,6 +375,8 @@ def settings(cfg: configuration.Config) -> pipeline.Settings:
             num_predict=cfg.ollama.num_predict,
             max_reflections=cfg.agent.max_reflections,
             max_context_files=cfg.agent.max_context_files,
+            candidates=cfg.agent.candidates,
+            edit_format=cfg.agent.edit_format,
         ),
         command=command.Settings(
             cfg.agent.command,

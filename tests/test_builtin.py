@@ -33,7 +33,8 @@ def builtin_config(project: Project, fake: FakeOllama, **sections: object) -> No
         "circuit_breaker": {"failure_threshold": 1, "reset_timeout_s": 0.3},
     }
     ollama.update(sections.pop("ollama", {}))  # type: ignore[arg-type]
-    agent = {"kind": "builtin", "max_reflections": 2, **sections.pop("agent", {})}  # type: ignore[dict-item]
+    agent = {"kind": "builtin", "max_reflections": 2, "candidates": 1}
+    agent.update(sections.pop("agent", {}))  # type: ignore[arg-type]
     project.write_config(agent=agent, ollama=ollama, **sections)
 
 
@@ -317,3 +318,172 @@ def test_static_analysis_commands_get_the_changed_files(
     fake_ollama.reply(block("a.txt", "", "a\n") + block("b.md", "", "b\n"))
     assert run_once(project) == 0
     assert seen.read_text() == "a.txt"
+
+
+# -- what real small models answer (issue: the builtin agent on real local models) ---------
+
+INVENTORY = (
+    "class Inventory:\n    def __init__(self):\n        self.items = {}\n\n"
+    "    def total(self):\n        return 0\n\n\ndef load(path):\n    return Inventory()\n"
+)
+
+
+def add_module(project: Project, path: str = "textkit/inventory.py", text: str = INVENTORY) -> None:
+    target = project.repo / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    git(project.repo, "add", ".")
+    git(project.repo, "commit", "-q", "-m", f"add {path}")
+    git(project.repo, "push", "-q", "origin", "main")
+
+
+def test_answers_are_sampled_deterministically_unless_configured(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-30 - Greet.md", body="Change README.md to say hi.")
+    fake_ollama.reply(block("README.md", "hello\n", "hi\n"))
+    assert run_once(project) == 0
+    assert chats(fake_ollama)[0].options["temperature"] == 0
+    assert chats(fake_ollama)[0].options["seed"] == 42
+
+    builtin_config(project, fake_ollama, ollama={"temperature": 0.3, "seed": 7})
+    project.ticket("task-31 - Again.md", body="Change README.md to say yo.")
+    fake_ollama.reply(block("README.md", "hello\n", "yo\n"))
+    assert run_once(project) == 0
+    assert chats(fake_ollama)[1].options["temperature"] == 0.3
+    assert chats(fake_ollama)[1].options["seed"] == 7
+
+
+def test_the_context_the_model_really_holds_bounds_every_request(project: Project) -> None:
+    with FakeOllama([MODEL], context_length=2048) as fake:
+        builtin_config(project, fake, ollama={"num_ctx": 8192, "num_predict": 256})
+        project.ticket("task-32 - Greet.md", body="Change README.md to say hi.")
+        fake.reply(block("README.md", "hello\n", "hi\n"))
+        assert run_once(project) == 0
+        assert [r.options["num_ctx"] for r in chats(fake)] == [2048]
+        assert fake.requests_to("/api/show"), "the model's context length was not asked"
+
+        project.ticket("task-33 - Big.md", body="Edit README.md. " + "context " * 900)
+        assert run_once(project) == 1
+        assert len(chats(fake)) == 1  # no request for a ticket the model cannot hold
+    err = error_json(project, "task-33 - Big.md")
+    assert err["errorCode"] == "CONTEXT_TOO_LARGE"
+    assert f"the context of {MODEL} (2048 tokens" in err["error"]
+
+
+def test_a_whole_file_under_a_copied_path_is_the_real_file(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    add_module(project)
+    builtin_config(project, fake_ollama)
+    project.ticket("task-34 - Total.md", body="Inventory.total should return the item count.")
+    fake_ollama.reply(
+        "Here is the updated code:\n\npath/to/inventory.py\n```python\nclass Inventory:\n"
+        "    def total(self):\n        return len(self.items)\n```\n"
+    )
+
+    assert run_once(project) == 0
+
+    shown = git(project.remote, "show", "ticketd/task-34-total:textkit/inventory.py")
+    assert shown + "\n" == INVENTORY.replace("return 0", "return len(self.items)")
+    prompt = "\n".join(m["content"] for m in chats(fake_ollama)[0].messages)
+    assert "path/to" not in prompt
+    assert "Answer format, shown on textkit/inventory.py" in prompt
+    assert "<<<<<<< SEARCH\nclass Inventory:\n=======\nclass Inventory:\n" in prompt
+
+
+def test_a_prose_answer_gets_the_format_again_on_the_file_at_hand(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-35 - Hi.md", body="Change README.md to say hi.")
+    fake_ollama.reply("You should change hello to hi in the readme.")
+    fake_ollama.reply(block("README.md", "hello\n", "hi\n"))
+
+    assert run_once(project) == 0
+
+    feedback = chats(fake_ollama)[1].messages[-1]["content"]
+    assert "no edits that I could read" in feedback
+    assert "README.md\n```\n<<<<<<< SEARCH\nhello\n=======\nhello\n" in feedback
+    assert feedback.endswith("Answer with SEARCH/REPLACE blocks.")
+
+
+def test_a_copied_example_is_refused_and_never_written(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama, agent={"max_reflections": 0})
+    project.ticket("task-36 - Hi.md", body="Change README.md to say hi.")
+    fake_ollama.reply(block("README.md", "hello\n", "hello\n(your new lines)\n"))
+
+    assert run_once(project) == 1
+
+    err = error_json(project, "task-36 - Hi.md")
+    assert err["errorCode"] == "EDIT_PARSE_FAILED" and "copied the format example" in err["error"]
+
+
+def test_a_repeated_answer_ends_the_conversation_and_a_fresh_candidate_passes(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama, agent={"candidates": 2, "max_reflections": 3})
+    project.ticket("task-37 - Hi.md", body="Change README.md to say hi.")
+    wrong = block("README.md", "helo\n", "hi\n")
+    fake_ollama.reply(wrong)
+    fake_ollama.reply(wrong)  # the same again: reflecting further would not help
+    fake_ollama.reply("README.md\n```\nhi\n```\n")  # the candidate, asked for whole files
+
+    assert run_once(project) == 0
+
+    assert git(project.remote, "show", "ticketd/task-37-hi:README.md") == "hi"
+    first, second, third = chats(fake_ollama)
+    assert len(second.messages) == 4  # a reflection on the first
+    assert len(third.messages) == 2  # a fresh conversation, not a second reflection
+    assert "each changed file in full" in third.messages[0]["content"]
+    assert (third.options["temperature"], third.options["seed"]) == (0.6, 43)
+    assert (first.options["temperature"], first.options["seed"]) == (0, 42)
+    log = (project.root / "logs" / "tasks" / "task-37.log").read_text()
+    assert "the same answer again" in log and "candidate 2/2" in log
+
+
+def test_an_answer_cut_at_the_window_is_asked_again_with_less_context(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    for n in range(6):
+        add_module(project, f"textkit/part{n}.py", f"def greet{n}():\n    return 'hello'\n" * 40)
+    builtin_config(project, fake_ollama, agent={"candidates": 1})
+    project.ticket("task-38 - Hi.md", body="Change README.md to say hi; see greet0 .. greet5.")
+    fake_ollama.reply(
+        "README.md\n```\n<<<<<<< SEARCH\nhel",
+        done_reason="length",
+        prompt_eval_count=7000,
+        eval_count=1000,
+    )
+    fake_ollama.reply(block("README.md", "hello\n", "hi\n"))
+
+    assert run_once(project) == 0
+
+    first, second = (r.messages[1]["content"] for r in chats(fake_ollama))
+    assert first.count("textkit/part") > second.count("textkit/part")
+    assert len(second) < len(first)
+
+
+def test_the_format_that_worked_for_a_model_is_asked_for_next(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    builtin_config(project, fake_ollama)
+    project.ticket("task-39 - Hi.md", body="Change README.md to say hi.")
+    fake_ollama.reply("README.md\n```\nhi\n```\n")  # whole files, though blocks were asked for
+    assert run_once(project) == 0
+    assert "SEARCH/REPLACE blocks" in chats(fake_ollama)[0].messages[0]["content"]
+
+    project.ticket("task-40 - Yo.md", body="Change README.md to say yo.")
+    fake_ollama.reply("README.md\n```\nyo\n```\n")
+    assert run_once(project) == 0
+    assert "each changed file in full" in chats(fake_ollama)[1].messages[0]["content"]
+
+    builtin_config(project, fake_ollama, agent={"edit_format": "udiff"})  # said: it wins
+    project.ticket("task-41 - Ho.md", body="Change README.md to say ho.")
+    fake_ollama.reply("```diff\n--- a/README.md\n+++ b/README.md\n@@ -1 +1 @@\n-hello\n+ho\n```\n")
+    assert run_once(project) == 0
+    assert "a unified diff in a ```diff fence" in chats(fake_ollama)[2].messages[0]["content"]
+    assert git(project.remote, "show", "ticketd/task-41-ho:README.md") == "ho"

@@ -574,3 +574,34 @@ def test_describe_failures() -> None:
         "them to match one place."
     )
     assert describe_failures([]) == ""
+
+
+# -- a block that adds a new function by searching for its head ----------------------------
+
+
+def test_a_block_searching_for_the_head_of_a_new_function_adds_it_at_the_end(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.py").write_text(APP)
+    head = "def reverse_words(text: str) -> str:\n"
+    new = head + "    return ' '.join(reversed(text.split()))\n"
+    applied = apply(tmp_path, [edit("s.py", head, new)])
+    assert applied.failures == () and applied.fuzzy == 1
+    assert (tmp_path / "s.py").read_text() == APP + "\n\n" + new
+
+
+def test_a_block_for_an_existing_function_with_a_wrong_head_is_not_an_addition(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.py").write_text(APP)
+    head = "def total(values):\n"  # the file has total(items): a misremembered head
+    applied = apply(tmp_path, [edit("s.py", head, head + "    return 0\n")])
+    assert [f.reason for f in applied.failures] == ["SEARCH text not found in s.py"]
+    assert (tmp_path / "s.py").read_text() == APP
+
+
+def test_a_block_whose_search_lines_are_in_the_file_is_not_an_addition(tmp_path: Path) -> None:
+    (tmp_path / "s.py").write_text(APP + "\n\ndef other():\n    return sum(items)\n")
+    search = "def nothing():\n    return sum(items)\n"  # its second line is in the file
+    applied = apply(tmp_path, [edit("s.py", search, search + "    # more\n")])
+    assert len(applied.failures) == 1

@@ -1,54 +1,89 @@
-"""The builtin agent: a small local model edits the worktree with SEARCH/REPLACE blocks.
+"""The builtin agent: a local model edits the worktree, judged by the checks.
 
-For each model of the chain in turn: show it a stable system prompt (so Ollama reuses the
-cached prefix across calls), then the ticket and the repository context within the token
-budget. Apply the edits it answers with; run static analysis and the checks; on any failure
-tell it what failed and ask again, up to ``max_reflections`` times. A model that runs out of
-reflections hands over to the next one, on a clean worktree, with a summary of what failed.
-A missing model (404) hands over at once. The run's ``RunContext`` reaches every model call
-and check: a cancel ends them at once, and ``agent.timeout_s`` bounds the whole run.
+For each model of the chain in turn: ask the server how many tokens the model really holds
+(``/api/show``, ``/api/ps``), show it a stable system prompt for the edit format (so Ollama
+reuses the cached prefix), then the ticket, the repository context within the budget, and a
+format example made of a real line of a file it is shown (nothing in the prompt is a path to
+copy). Read the answer in whatever format it came (``formats``: SEARCH/REPLACE, a unified
+diff, whole or partial files), apply it, run static analysis and the checks; on a failure
+say what failed, with the format shown again, up to ``max_reflections`` times.
+
+A conversation that cannot succeed stops early: an answer the model has given before, an
+answer cut at the context window. Then, and when the reflections run out, a fresh candidate
+starts on a clean worktree (``candidates`` in all), at a higher temperature and another
+seed, in the format the model has shown it writes, with less context when the window was
+the problem; the checks judge each. A model that runs out of candidates hands over to the
+next one of the chain. The run's ``RunContext`` reaches every call and check: a cancel ends
+them at once, and ``agent.timeout_s`` bounds the whole run; no candidate starts that the
+time left cannot hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from daemon import checks
-from daemon.agent import context, edits
+from daemon.agent import context, edits, formats
 from daemon.agent.chain import AgentFailure, Result, walk
 from daemon.agent.command import render_ticket
 from daemon.confine import Confinement
 from daemon.errors import TicketdError
-from daemon.llm.client import Message, Ollama, estimate_tokens
+from daemon.llm.client import Message, Ollama, Reply
 from daemon.repo import Workspace
 from daemon.runctx import RunContext
 from daemon.tickets import Ticket
 
-SYSTEM_PROMPT = """\
-You are an expert software engineer working in a git repository. You change files only by
-answering with SEARCH/REPLACE blocks, in exactly this form:
+_INTRO = "You are an expert software engineer working in a git repository.\n"
+_RULES = """\
+Rules:
+- Use the paths exactly as the file list gives them.
+- Change only what the task needs. Do not touch files under .git/.
+- Briefly say what you will change, then give the edits. Nothing else.
+"""
+SYSTEM_PROMPTS = {
+    formats.SEARCH_REPLACE: _INTRO
+    + """\
+You change files only by answering with SEARCH/REPLACE blocks. A block is the file's path
+on a line of its own, then a fence holding three markers:
 
-path/to/file.py
-```python
 <<<<<<< SEARCH
-lines copied exactly from the file, including indentation
+the lines to change, copied from the file exactly, with their indentation
 =======
 the lines that replace them
 >>>>>>> REPLACE
-```
 
-Rules:
-- The path line comes right before each block, relative to the repository root.
-- SEARCH must copy a run of the file's current lines character for character, and must match
-  one place only: include a few unchanged lines around the change to make it unique.
+- SEARCH must match one place only: include a few unchanged lines around the change.
 - To create a file, leave SEARCH empty. To delete lines, leave REPLACE empty.
 - Several blocks may change one file; they apply in order.
-- Change only what the task needs. Do not touch files under .git/.
-- Briefly say what you will change, then give the blocks. Nothing else.
 """
-
-REFLECTION_RESERVE = 1500  # tokens kept free for feedback messages and earlier answers
+    + _RULES,
+    formats.WHOLE: _INTRO
+    + """\
+You change files by answering with each changed file in full: the file's path on a line of
+its own, then a fence holding the file's complete new content, every line of it, changed or
+not. To create a file, do the same under its new path.
+"""
+    + _RULES,
+    formats.UDIFF: _INTRO
+    + """\
+You change files by answering with a unified diff in a ```diff fence: for each file a
+"--- path" and a "+++ path" line, then hunks that start with "@@ ... @@", where unchanged
+lines start with a space, removed lines with "-" and added lines with "+". Give two or three
+unchanged lines around each change. To create a file, use "--- /dev/null".
+"""
+    + _RULES,
+}
+FORMAT_NAMES = {
+    formats.SEARCH_REPLACE: "SEARCH/REPLACE blocks",
+    formats.WHOLE: "the whole changed files",
+    formats.UDIFF: "a unified diff",
+}
+_YOURS = "(your new lines)"  # the example's placeholder: an answer holding it copied the example
+REFLECTION_RESERVE = 1500  # tokens kept free for feedback and earlier answers (an 8th at most)
+CANDIDATE_TEMPERATURE = 0.6  # a fresh candidate samples; the first answer is deterministic
+_CHARS_PER_TOKEN = 3.0  # the budget's first guess; measured on the model's first answer
 
 
 @dataclass(frozen=True)
@@ -58,18 +93,18 @@ class Settings:
     max_reflections: int
     max_context_files: int
     lessons: str = ""  # learned from earlier runs (insights); appended to the system prompt
+    candidates: int = 2  # fresh attempts per model when one fails
+    edit_format: str = "auto"  # or one of formats.FORMATS
+    learned_formats: Mapping[str, str] = field(default_factory=dict)  # model -> what worked
 
-    @property
-    def system(self) -> str:
-        return SYSTEM_PROMPT + (
-            f"\nLessons from earlier tickets:\n{self.lessons}\n" if self.lessons else ""
-        )
+    def system(self, fmt: str) -> str:
+        lessons = f"\nLessons from earlier tickets:\n{self.lessons}\n" if self.lessons else ""
+        return SYSTEM_PROMPTS[fmt] + lessons
 
-
-class _Truncated(Exception):
-    def __init__(self, tokens: int) -> None:
-        super().__init__(tokens)
-        self.tokens = tokens
+    def first_format(self, model: str) -> str:
+        if self.edit_format != "auto":
+            return self.edit_format
+        return self.learned_formats.get(model, formats.SEARCH_REPLACE)
 
 
 @dataclass(frozen=True)
@@ -88,6 +123,25 @@ class _Run:
     log: Callable[[str], None]
 
 
+@dataclass
+class _Plan:
+    """How the next candidate of one model goes; each failure may change it."""
+
+    model: str
+    num_ctx: int
+    format: str
+    narrow: bool = False  # show less context: the window was too small
+    chars_per_token: float = _CHARS_PER_TOKEN
+    answers: list[str] = field(default_factory=list)  # every answer so far, to see repeats
+    written: list[str] = field(default_factory=list)  # formats the model answered in
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    failure: AgentFailure | None  # None: the checks pass
+    format: str = ""  # the format the answer was in
+
+
 def run(
     ticket: Ticket,
     workspace: Workspace,
@@ -103,85 +157,141 @@ def run(
     request: str | None = None,
 ) -> Result:
     result = Result()
-    task = render_ticket(ticket, request)
-    budget = s.num_ctx - s.num_predict - REFLECTION_RESERVE
-    budget -= estimate_tokens(s.system) + estimate_tokens(task) + 200
-    if budget < 0:
-        raise AgentFailure(
-            f"the ticket alone needs about {s.num_ctx - s.num_predict - budget} tokens, more than "
-            f"ollama.num_ctx ({s.num_ctx}) leaves after num_predict ({s.num_predict})",
-            code="CONTEXT_TOO_LARGE",
-            result=result,
-        )
-    r = _Run(ticket, task, workspace, llm, s, suite, confine, ctx, result, log)
+    r = _Run(
+        ticket, render_ticket(ticket, request), workspace, llm, s, suite, confine, ctx, result, log
+    )
 
     def attempt(model: str | None, before: TicketdError | None) -> None:
         assert model is not None
-        try:
-            _attempt(r, model, budget, before)
-        except _Truncated:
-            log(f"{model}: Ollama truncated the prompt; trying again with half the context")
-            workspace.reset()
-            result.changed.clear()
-            try:
-                _attempt(r, model, budget // 2, before)
-            except _Truncated as e:
-                raise AgentFailure(
-                    f"Ollama truncated the prompt for {model} (evaluated {e.tokens} tokens) "
-                    "even with half the context; lower agent.max_context_files or raise "
-                    "ollama.num_ctx",
-                    code="CONTEXT_TOO_LARGE",
-                    result=result,
-                ) from None
+        _model(r, model, before)
 
     earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
     return walk(chain, workspace, attempt, result, log=log, earlier=earlier)
 
 
-def _attempt(r: _Run, model: str, budget: int, previous: TicketdError | None) -> None:
-    s, result, log = r.s, r.result, r.log
-    shown = context.gather(r.workspace, r.task, budget, s.max_context_files)
+def _model(r: _Run, model: str, before: TicketdError | None) -> None:
+    """Up to ``candidates`` conversations with ``model``; returns once one passes."""
+    s, log = r.s, r.log
+    known = r.llm.context_length(model)
+    num_ctx = min(s.num_ctx, known or s.num_ctx)
+    if num_ctx < s.num_ctx:
+        log(f"{model}: holds {known} tokens, less than ollama.num_ctx ({s.num_ctx}); using {known}")
+    plan = _Plan(model, num_ctx, s.first_format(model))
+    failure: AgentFailure | None = None
+    k = 0
+    while k < max(1, s.candidates):
+        if failure is not None:
+            if not _time_for_another(r):
+                log(f"{model}: no time left for another candidate")
+                break
+            r.workspace.reset()
+            r.result.changed.clear()
+            r.result.candidates += 1
+            log(f"{model}: candidate {k + 1}/{s.candidates}, {FORMAT_NAMES[plan.format]}")
+        failure = _converse(r, plan, k, before)
+        if failure is None:
+            r.result.edit_format = plan.written[-1]
+            return
+        if failure.code != "CONTEXT_TOO_LARGE":  # a window too small: the same again, narrower
+            k += 1
+    assert failure is not None
+    raise failure
+
+
+def _time_for_another(r: _Run) -> bool:
+    """Whether the run's time left holds another candidate's first answer and its checks."""
+    longest = max((c.duration_s for c in r.result.calls), default=0.0)
+    return r.ctx.remaining() > 2 * longest
+
+
+def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> AgentFailure | None:
+    """One candidate: an answer and up to ``max_reflections`` corrections. None when it
+    passes; else the failure, with ``plan`` changed for the next candidate."""
+    s, result, log, model = r.s, r.result, r.log, plan.model
+    system = s.system(plan.format)
+    budget = _budget(plan, system, r.task, s)
+    if budget < 0:
+        raise AgentFailure(
+            f"the ticket alone needs about {plan.num_ctx - budget} "
+            f"tokens with the answer, more than {_window(plan, s)} holds; shorten the ticket "
+            "or use a model with a larger context",
+            code="CONTEXT_TOO_LARGE",
+            result=result,
+        )
+    files = 3 if plan.narrow else s.max_context_files
+    shown = context.gather(r.workspace, r.task, budget, files)
     if shown.dropped:
         log(f"context: {len(shown.files)} files shown, over budget: {', '.join(shown.dropped)}")
-    user = f"{shown.tree}\n{r.task}\n## Files\n\n{shown.text}"
-    if previous is not None:
-        user += f"\n## An earlier attempt failed\n\n{previous.message}\n"
+    example = _example(plan.format, shown)
+    user = f"{shown.tree}\n{r.task}\n## Files\n\n{shown.text}\n{example}"
+    if before is not None:
+        user += f"\n## An earlier attempt failed\n\n{before.message}\n"
     messages: list[Message] = [
-        {"role": "system", "content": s.system},
+        {"role": "system", "content": system},
         {"role": "user", "content": user},
     ]
     failure: AgentFailure | None = None
+    repeated = False
     for turn in range(s.max_reflections + 1):
-        # a reflection shares most of its prompt with the call before; some Ollama versions
-        # count only the uncached part, so only a first call is judged by its shortfall
         reply = r.llm.chat(
             model,
-            _fit(messages, s),
+            _fit(messages, plan, s),
             on_call=result.calls.append,
             judge_shortfall=turn == 0,
             ctx=r.ctx,
+            num_ctx=plan.num_ctx,
+            temperature=CANDIDATE_TEMPERATURE if k else None,
+            seed=(r.llm.seed + k) if k and r.llm.seed is not None else None,
         )
         call = reply.call
         log(
             f"llm {model}: {call.prompt_tokens} prompt + {call.eval_tokens} eval tokens, "
             f"{call.duration_s:.1f}s, {call.outcome}"
         )
-        if reply.truncated:
-            raise _Truncated(call.prompt_tokens)
-        failure = _apply_and_check(reply.content, r)
+        if turn == 0 and call.prompt_tokens and not reply.truncated:
+            chars = sum(len(m["content"]) for m in messages)
+            plan.chars_per_token = min(_CHARS_PER_TOKEN, chars / call.prompt_tokens)
+        if reply.truncated or _window_full(reply, plan):
+            what = (
+                f"Ollama truncated the prompt for {model} (evaluated {call.prompt_tokens} tokens)"
+                if reply.truncated
+                else f"the prompt and answer filled {_window(plan, s)}"
+            )
+            if plan.narrow:
+                raise AgentFailure(
+                    f"{what} even with less context; lower agent.max_context_files or use a "
+                    "model with a larger context",
+                    code="CONTEXT_TOO_LARGE",
+                    result=result,
+                )
+            log(f"{what}; trying again with less context")
+            plan.narrow = True
+            return AgentFailure(what, code="CONTEXT_TOO_LARGE", result=result)
+        verdict = _apply_and_check(reply.content, r, plan, shown, example)
+        failure = verdict.failure
+        if verdict.format:
+            plan.written.append(verdict.format)
         if failure is not None and reply.done_reason == "length":
             failure = AgentFailure(
                 f"Your answer was cut off at the length limit (ollama.num_predict: "
-                f"{s.num_predict} tokens) before its edit blocks were complete. Answer "
-                "again, shorter: only the blocks, with SEARCH as small as still matches "
-                "one place.",
+                f"{s.num_predict} tokens) before its edits were complete. Answer again, "
+                "shorter: only the changed lines, as SEARCH/REPLACE blocks.",
                 code="ANSWER_TOO_LONG",
                 result=result,
             )
+            plan.format = formats.SEARCH_REPLACE
         if failure is None:
-            result.first_try = result.first_try or (turn == 0 and len(result.models_tried) == 1)
+            result.first_try = result.first_try or (
+                turn == 0 and k == 0 and len(result.models_tried) == 1
+            )
             result.checks_passed = True
-            return
+            return None
+        repeated = reply.content.strip() in plan.answers
+        plan.answers.append(reply.content.strip())
+        if repeated:
+            log(f"{model}: the same answer again; a fresh candidate instead")
+            plan.format = _other(plan)
+            break
         if turn == s.max_reflections:
             break
         result.reflections += 1
@@ -190,54 +300,127 @@ def _attempt(r: _Run, model: str, budget: int, previous: TicketdError | None) ->
             {"role": "assistant", "content": reply.content},
             {"role": "user", "content": failure.message},
         ]
-    assert failure is not None
-    raise failure
+    if plan.written and plan.written[-1] != plan.format and not repeated:
+        plan.format = plan.written[-1]  # the model writes this format: ask for it
+    return failure
 
 
-def _apply_and_check(answer: str, r: _Run) -> AgentFailure | None:
-    """Apply the answer's edits and check them; the failure to reflect on, or None."""
+def _budget(plan: _Plan, system: str, task: str, s: Settings) -> int:
+    """Tokens left for the repository context, with the measured characters per token."""
+    budget = plan.num_ctx - s.num_predict - _reserve(plan) - 200
+    budget -= _tokens(system + task, plan.chars_per_token)
+    if plan.narrow:
+        budget //= 2
+    return budget if budget < 0 else int(budget * plan.chars_per_token / _CHARS_PER_TOKEN)
+
+
+def _reserve(plan: _Plan) -> int:
+    return min(REFLECTION_RESERVE, plan.num_ctx // 8)
+
+
+def _window(plan: _Plan, s: Settings) -> str:
+    if plan.num_ctx == s.num_ctx:
+        return f"ollama.num_ctx ({s.num_ctx})"
+    return f"the context of {plan.model} ({plan.num_ctx} tokens, as the server reports)"
+
+
+def _tokens(text: str, chars_per_token: float) -> int:
+    return int(len(text) / chars_per_token) + 1
+
+
+def _window_full(reply: Reply, plan: _Plan) -> bool:
+    """An answer cut because the prompt and it filled the window (not at num_predict)."""
+    used = reply.call.prompt_tokens + reply.call.eval_tokens
+    return reply.done_reason == "length" and used >= plan.num_ctx * 0.95
+
+
+def _other(plan: _Plan) -> str:
+    """The format to try when the model repeats itself: the one it wrote, if it wrote
+    another; else whole files after blocks, blocks after anything else."""
+    if plan.written and plan.written[-1] != plan.format:
+        return plan.written[-1]
+    return formats.WHOLE if plan.format == formats.SEARCH_REPLACE else formats.SEARCH_REPLACE
+
+
+def _example(fmt: str, shown: context.Context, path: str | None = None) -> str:
+    """The answer format shown on a real line of a shown file (``path``, else the first
+    one): nothing in it is a path to copy or an answer to give back."""
+    path = path or next(iter(shown.bodies), None)
+    if path is None:
+        return ""
+    body = shown.bodies[path]
+    lines = [line for line in body.splitlines() if line.strip()]
+    line = next((x for x in lines if re.match(r"\s*(def|class|function|fn|func)\b", x)), None)
+    line = line or (lines[0] if lines else "")
+    indent = line[: len(line) - len(line.lstrip())] + (
+        "    " if line.rstrip().endswith(":") else ""
+    )
+    head = f"## Answer format, shown on {path} (an illustration only, not the change to make)\n\n"
+    fence = "```"
+    if fmt == formats.WHOLE:
+        return f"{head}{path}\n{fence}\n(every line of the new {path})\n{fence}\n"
+    if fmt == formats.UDIFF:
+        diff = f"--- {path}\n+++ {path}\n@@ ... @@\n {line}\n+{indent}{_YOURS}\n"
+        return f"{head}{fence}diff\n{diff}{fence}\n"
+    block = f"<<<<<<< SEARCH\n{line}\n=======\n{line}\n{indent}{_YOURS}\n>>>>>>> REPLACE\n"
+    return f"{head}{path}\n{fence}\n{block}{fence}\n"
+
+
+def _apply_and_check(
+    answer: str, r: _Run, plan: _Plan, shown: context.Context, example: str
+) -> _Verdict:
+    """Apply the answer's edits and check them: the failure to reflect on, or None."""
     result, worktree = r.result, r.workspace.path
+    asked = FORMAT_NAMES[plan.format]
+
+    def failed(message: str, code: str, fmt: str = "", path: str | None = None) -> _Verdict:
+        again = _example(plan.format, shown, path) if path in shown.bodies else example
+        text = f"{message}\n\n{again}\nAnswer with {asked}." if again else message
+        return _Verdict(AgentFailure(text, code=code, result=result), fmt)
+
     try:
-        found = edits.parse(answer)
+        read = formats.read(answer)
     except TicketdError as e:
-        return AgentFailure(
-            f"Your edit blocks could not be read: {e.message}. Answer again "
-            "with complete SEARCH/REPLACE blocks.",
-            code=e.code,
-            result=result,
+        return failed(f"Your edit blocks could not be read: {e.message}.", e.code)
+    if not read.edits:
+        return failed("Your answer had no edits that I could read.", "EDIT_PARSE_FAILED")
+    if any(_YOURS in e.replace or "(every line of the new" in e.replace for e in read.edits):
+        return failed(
+            "Your answer copied the format example; it only shows the format. Make the change "
+            "the task asks for.",
+            "EDIT_PARSE_FAILED",
+            read.format,
         )
-    if not found:
-        return AgentFailure(
-            "Your answer had no SEARCH/REPLACE blocks. Make the change with SEARCH/REPLACE blocks.",
-            code="EDIT_PARSE_FAILED",
-            result=result,
-        )
+    placed, unplaced = formats.place(read.edits, r.workspace.files(), dict(shown.bodies))
     try:
-        applied = edits.apply(worktree, found)
+        applied = edits.apply(worktree, placed)
     except TicketdError as e:
         raise AgentFailure(e.message, code=e.code, result=result) from None
     result.changed.update(applied.changed)
-    if applied.failures:
-        return AgentFailure(
-            edits.describe_failures(applied.failures), code="EDIT_APPLY_FAILED", result=result
-        )
+    if unplaced or applied.failures:
+        failures = sorted([*unplaced, *applied.failures], key=lambda f: f.edit.index)
+        first = failures[0].edit.path
+        return failed(edits.describe_failures(failures), "EDIT_APPLY_FAILED", read.format, first)
     outcome = r.suite.verify(worktree, sorted(result.changed), confine=r.confine, ctx=r.ctx)
     result.fixes += outcome.fixes
     if outcome.ok:
-        return None
+        return _Verdict(None, read.format)
     text = "\n\n".join(outcome.failures)
-    return AgentFailure(
-        f"The change does not pass the checks:\n\n{text}\n\nFix it with SEARCH/REPLACE blocks.",
-        code="CHECKS_FAILED",
-        result=result,
+    return _Verdict(
+        AgentFailure(
+            f"The change does not pass the checks:\n\n{text}\n\nFix it with {asked}.",
+            code="CHECKS_FAILED",
+            result=result,
+        ),
+        read.format,
     )
 
 
-def _fit(messages: list[Message], s: Settings) -> list[Message]:
+def _fit(messages: list[Message], plan: _Plan, s: Settings) -> list[Message]:
     """Drop the oldest reflections (never the system prompt, the task or the last exchange)
-    until the conversation fits ``num_ctx`` with room for the answer."""
+    until the conversation fits the model's window with room for the answer."""
     kept = list(messages)
-    limit = s.num_ctx - s.num_predict
-    while len(kept) > 4 and sum(estimate_tokens(m["content"]) for m in kept) > limit:
+    limit = plan.num_ctx - s.num_predict
+    while len(kept) > 4 and sum(_tokens(m["content"], plan.chars_per_token) for m in kept) > limit:
         del kept[2:4]
     return kept

@@ -2,16 +2,17 @@
 
 The base commit's file list (trimmed), the files the ticket names, and the files where the
 ticket's identifiers and keywords occur (``git grep`` of the base commit, in ticketd's own
-repository: never git inside the checkout), most relevant first. A file is shown whole or
-not at all: a SEARCH block can only copy lines the model has seen. Only regular files are
-read from the checkout.
+repository: never git inside the checkout), chosen most relevant first and shown most
+relevant last, nearest the question (small models follow what they read last). A file is
+shown whole or not at all: a SEARCH block can only copy lines the model has seen. Only
+regular files are read from the checkout.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon import files
@@ -40,6 +41,7 @@ class Context:
     files: tuple[str, ...]  # shown whole
     dropped: tuple[str, ...]  # relevant but over the budget
     tokens: int
+    bodies: dict[str, str] = field(default_factory=dict)  # the files shown, path -> text
 
 
 def keywords(text: str) -> list[str]:
@@ -60,19 +62,21 @@ def gather(workspace: Workspace, ticket_text: str, budget_tokens: int, max_files
     listing = workspace.files()
     tracked = set(listing)
     ranked: Counter[str] = Counter()
+    named: set[str] = set()
     for token in PATHLIKE.findall(ticket_text):
         for path in listing:
             if path == token or path.endswith("/" + token) or Path(path).name == token:
                 ranked[path] += 100
+                named.add(token)
     for word in keywords(ticket_text):
-        if PATHLIKE.fullmatch(word):
+        if word in named:
             continue  # a file name: matched above, not a word to search for
         for path, count in workspace.grep(word.split(".")[-1]).items():
             if path in tracked:
                 ranked[path] += min(count, 10)
     tree = _file_tree(listing, max(200, budget_tokens // 8))
     used = estimate_tokens(tree)
-    shown: list[str] = []
+    shown: dict[str, str] = {}
     dropped: list[str] = []
     parts: list[str] = []
     for path, _ in ranked.most_common():
@@ -86,10 +90,11 @@ def gather(workspace: Workspace, ticket_text: str, budget_tokens: int, max_files
         if used + cost > budget_tokens:
             dropped.append(path)
             continue
-        shown.append(path)
+        shown[path] = body
         parts.append(block)
         used += cost
-    return Context(tree, "\n".join(parts), tuple(shown), tuple(dropped), used)
+    text = "\n".join(reversed(parts))  # the most relevant last, next to the question
+    return Context(tree, text, tuple(shown), tuple(dropped), used, shown)
 
 
 def _file_tree(listing: list[str], budget_tokens: int) -> str:

@@ -6,6 +6,8 @@ never lands in SEARCH or REPLACE, and a stray line before a block ("...", a fenc
 tag) is never taken for its path. ``apply`` matches each SEARCH exactly, then ignoring trailing
 whitespace, then under a uniform indentation shift, then (as aider) without a spurious leading
 blank line or a fence wrapped round it, and refuses a SEARCH that matches more than one place.
+A block whose SEARCH is only the head of a new function (REPLACE starts with it, and nothing
+of it is in the file) adds REPLACE at the end of the file.
 A block that cannot be applied becomes a ``Failure`` that shows the model the closest real
 lines. The worktree is hostile: only regular files of at most 1 MiB are read, and a path
 outside the worktree, into ``.git`` or through a symlink refuses the whole answer
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import files
+from daemon.agent import merge
 from daemon.errors import TicketdError
 from daemon.files import atomic_write
 
@@ -35,6 +38,7 @@ class Edit:
     search: str  # "\n"-joined lines with a final "\n" when non-empty; "" creates a file
     replace: str
     index: int  # 1-based position among the answer's blocks
+    whole: bool = False  # replace: the whole file, or a part of it (merge.whole)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ _LANGUAGES = frozenset(
     "python python3 ruby rust sh shell sql text toml ts typescript txt xml yaml yml".split()
 )
 _LINE = re.compile(r"[^\n]*\n|[^\n]+\Z")
+_DEFINED = re.compile(r"\b(?:def|class|function|fn|func)\s+(\w+)")
 _WORD = re.compile(r"\w+|[^\w\s]")
 _CONTEXT = 2  # lines shown around the closest match
 _SHOWN = 12  # at most this many lines shown
@@ -287,6 +292,12 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
     """The file's new text and whether the match was fuzzy, or why the block fails."""
     if file.error:
         return Failure(edit, f"{edit.path} {file.error}", "")
+    if edit.whole and file.text is not None:
+        text = merge.whole(edit.path, file.text, edit.replace)
+        if text is None:
+            why = f"the fenced code for {edit.path} is only a part of it; use SEARCH/REPLACE"
+            return Failure(edit, why, "")
+        return text, False
     if not edit.search.strip():  # create the file
         inner = _unwrap(_split(edit.replace), edit.path)  # a fence round the whole file
         content = edit.replace if inner is None else _join(inner)
@@ -309,6 +320,8 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
     if not matches and (repaired := _repair(search, replace, edit.path)):
         search, replace = repaired
         matches, fuzzy = _find(lines, search)[0], True
+    if not matches and (added := _addition(lines, search, replace)) is not None:
+        return added, True
     if not matches:
         reason = f"SEARCH text not found in {edit.path}"
         return Failure(edit, reason, _closest(lines, search))
@@ -337,6 +350,26 @@ def _repair(search: list[str], replace: list[str], path: str) -> tuple[list[str]
         outer = _unwrap(r, path)
         s, r = inner, r if outer is None else outer
     return None if s == search else (s, r)
+
+
+def _addition(lines: list[str], search: list[str], replace: list[str]) -> str | None:
+    """The file with REPLACE added at its end, when the block only adds lines to a SEARCH that
+    names something new: SEARCH is the head of REPLACE, and neither its lines nor a function
+    or class it defines are in the file. A small model asked to add a function searches for
+    the head of the function it means to write. None when the block is no such addition."""
+    if len(replace) <= len(search) or replace[: len(search)] != search:
+        return None
+    have = {line.strip() for line in lines}
+    if any(line.strip() in have for line in search if line.strip()):
+        return None
+    text = "".join(lines)
+    if any(
+        re.search(rf"\b(?:def|class|function|fn|func)\s+{re.escape(n)}\b", text)
+        for n in _DEFINED.findall("".join(search))
+    ):
+        return None
+    gap = "" if not text else "\n\n" if text.endswith("\n") else "\n\n\n"
+    return text + gap + _join(replace)
 
 
 def _unwrap(lines: list[str], path: str) -> list[str] | None:

@@ -1,6 +1,9 @@
 """One wrapper around the official ``ollama`` client.
 
-Every request has explicit timeouts and sends ``options.num_ctx`` and ``keep_alive``.
+Every request has explicit timeouts and sends ``keep_alive`` and ``options``: ``num_ctx``,
+``num_predict``, and ``temperature`` and ``seed`` (deterministic by default: the server's
+own default samples at 0.8). ``context_length`` asks the server how many tokens a model
+can really hold (``/api/show``, ``/api/ps``): a ``num_ctx`` above it is cut silently.
 Transient failures (refused connection, timeouts, 5xx, 503 busy, an error line mid-stream)
 are retried with exponential backoff and jitter; a missing model (404) is not. Every call
 passes through the host's circuit breaker and is reported, with its token counts, to
@@ -121,6 +124,8 @@ class Ollama:
         num_ctx: int = 16384,
         num_predict: int = 4096,
         keep_alive: str = "10m",
+        temperature: float | None = 0.0,
+        seed: int | None = 42,
         retries: int = 3,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -131,6 +136,8 @@ class Ollama:
         self.num_ctx = num_ctx
         self.num_predict = num_predict
         self.keep_alive = keep_alive
+        self.temperature = temperature
+        self.seed = seed
         self.retries = retries
         self.sleep = sleep
         self._sockets = _Sockets()
@@ -149,6 +156,8 @@ class Ollama:
             num_ctx=self.num_ctx,
             num_predict=self.num_predict,
             keep_alive=self.keep_alive,
+            temperature=self.temperature,
+            seed=self.seed,
             retries=self.retries,
             sleep=self.sleep,
         )
@@ -169,12 +178,23 @@ class Ollama:
         on_call: Callable[[Call], None] = lambda call: None,
         judge_shortfall: bool = True,
         ctx: RunContext | None = None,
+        num_ctx: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> Reply:
         """Stream one chat completion; ``on_call`` hears of every request, failed or not.
         Raises ``LLMError`` with MODEL_NOT_FOUND, OLLAMA_UNAVAILABLE or LLM_TIMEOUT once
         retries are used up. With ``ctx``: a cancel ends the call at once (``ctx.error()``),
-        and the deadline bounds it (AGENT_TIMEOUT)."""
+        and the deadline bounds it (AGENT_TIMEOUT). ``num_ctx``, ``temperature`` and ``seed``
+        override the client's for this call."""
         ctx = ctx or RunContext()
+        options: dict[str, Any] = {
+            "num_ctx": num_ctx or self.num_ctx,
+            "num_predict": self.num_predict,
+            "temperature": self.temperature if temperature is None else temperature,
+            "seed": self.seed if seed is None else seed,
+        }
+        options = {k: v for k, v in options.items() if v is not None}
 
         def pause(seconds: float) -> None:  # between tries; a cancel cuts it short
             if self.sleep is time.sleep:
@@ -196,7 +216,7 @@ class Ollama:
                     with attempt:
                         ctx.check()
                         return self._chat_once(
-                            model, messages, format, on_call, judge_shortfall, ctx
+                            model, messages, format, options, on_call, judge_shortfall, ctx
                         )
             except _Transient as e:
                 ctx.check()  # a cancel or the deadline cut the request: say that instead
@@ -208,6 +228,7 @@ class Ollama:
         model: str,
         messages: Sequence[Message],
         format: dict[str, Any] | None,
+        options: dict[str, Any],
         on_call: Callable[[Call], None],
         judge_shortfall: bool,
         ctx: RunContext,
@@ -228,7 +249,7 @@ class Ollama:
                 messages=[dict(m) for m in messages],
                 stream=True,
                 format=format,
-                options={"num_ctx": self.num_ctx, "num_predict": self.num_predict},
+                options=options,
                 keep_alive=self.keep_alive,
             )
             for part in stream:
@@ -250,7 +271,9 @@ class Ollama:
         text = "".join(content)
         prompt_tokens = int(getattr(final, "prompt_eval_count", 0) or 0)
         prompt_chars = sum(len(m.get("content", "")) for m in messages)
-        cut = looks_truncated(prompt_chars, prompt_tokens, self.num_ctx, shortfall=judge_shortfall)
+        cut = looks_truncated(
+            prompt_chars, prompt_tokens, options["num_ctx"], shortfall=judge_shortfall
+        )
         outcome = "truncated" if cut else "ok"
         call = Call(
             model=model,
@@ -310,6 +333,23 @@ class Ollama:
                 f"model {model!r} not found on {self.host}: run `ollama pull {model}`",
                 code="MODEL_NOT_FOUND",
             )
+
+    def context_length(self, model: str) -> int | None:
+        """The most tokens one request for ``model`` can hold: the least of the context it
+        was trained with (``/api/show``) and, while it is loaded, the window the server
+        loaded it with (``/api/ps``). None when the server tells neither or cannot be asked:
+        then ``num_ctx`` is taken on trust."""
+        found: list[int] = []
+        with contextlib.suppress(ollama.ResponseError, httpx.HTTPError, ConnectionError):
+            info = self._client.show(model).modelinfo or {}
+            length = info.get(f"{info.get('general.architecture')}.context_length")
+            if isinstance(length, int) and length > 0:
+                found.append(length)
+        with contextlib.suppress(ollama.ResponseError, httpx.HTTPError, ConnectionError):
+            for loaded in self._client.ps().models:
+                if loaded.model in (model, f"{model}:latest") and (loaded.context_length or 0) > 0:
+                    found.append(int(loaded.context_length or 0))
+        return min(found, default=None)
 
     def warm(self, model: str) -> None:
         """Load ``model`` into memory (an empty generate) so the first ticket starts fast."""
