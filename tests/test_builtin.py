@@ -390,7 +390,8 @@ def test_a_whole_file_under_a_copied_path_is_the_real_file(
     prompt = "\n".join(m["content"] for m in chats(fake_ollama)[0].messages)
     assert "path/to" not in prompt
     assert "Answer format, shown on textkit/inventory.py" in prompt
-    assert "<<<<<<< SEARCH\nclass Inventory:\n=======\nclass Inventory:\n" in prompt
+    # the format is shown on the line that defines what the ticket names
+    assert "<<<<<<< SEARCH\n    def total(self):\n=======\n    def total(self):\n" in prompt
 
 
 def test_a_prose_answer_gets_the_format_again_on_the_file_at_hand(
@@ -487,3 +488,33 @@ def test_the_format_that_worked_for_a_model_is_asked_for_next(
     assert run_once(project) == 0
     assert "a unified diff in a ```diff fence" in chats(fake_ollama)[2].messages[0]["content"]
     assert git(project.remote, "show", "ticketd/task-41-ho:README.md") == "ho"
+
+
+def test_the_file_defining_what_the_ticket_names_is_shown_last_with_the_example(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    add_module(project, "textkit/strings.py", "def truncate(text, n):\n    return text[: n - 1]\n")
+    uses = "from textkit.strings import truncate\n\n\ndef test_truncate():\n"
+    add_module(
+        project, "tests/test_strings.py", uses + "    assert truncate('ab', 5) == 'ab'\n" * 5
+    )
+    builtin_config(project, fake_ollama, agent={"max_reflections": 1})
+    project.ticket("task-42 - Fit.md", body="truncate('hello', 5) cuts a string that fits.")
+    fake_ollama.reply(  # changes nothing: SEARCH and REPLACE alike
+        block("textkit/strings.py", "    return text[: n - 1]\n", "    return text[: n - 1]\n")
+    )
+    fake_ollama.reply(  # no path: the one shown file holding SEARCH
+        "```\n<<<<<<< SEARCH\n    return text[: n - 1]\n=======\n    return text[:n]\n"
+        ">>>>>>> REPLACE\n```\n"
+    )
+
+    assert run_once(project) == 0
+
+    shown = git(project.remote, "show", "ticketd/task-42-fit:textkit/strings.py")
+    assert shown == "def truncate(text, n):\n    return text[:n]"
+    first = chats(fake_ollama)[0].messages[1]["content"]
+    files = first.split("## Files")[1]
+    assert files.index("tests/test_strings.py\n```") < files.index("textkit/strings.py\n```")
+    assert "shown on textkit/strings.py" in files
+    assert "<<<<<<< SEARCH\ndef truncate(text, n):\n" in files
+    assert "Your edits change nothing" in chats(fake_ollama)[1].messages[-1]["content"]

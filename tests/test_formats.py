@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.agent import formats
+from daemon.agent import edits, formats
 from daemon.agent.edits import Edit, apply
 from daemon.agent.merge import merge_python, whole
 from daemon.errors import TicketdError
@@ -253,3 +253,14 @@ def test_another_files_code_under_a_path_is_refused() -> None:
     )
     new = "textkit/strings.py\n```python\ndef reverse(t):\n    return t[::-1]\n```\n"
     assert formats.place(read(new).edits, LISTING, shown)[1] == []  # new code: its own
+
+
+def test_a_block_without_a_path_goes_to_the_one_shown_file_holding_its_search() -> None:
+    answer = "```\n<<<<<<< SEARCH\n    def count(self):\n=======\n    def size(self):\n"
+    answer += ">>>>>>> REPLACE\n```\n"
+    shown = {"textkit/inventory.py": INVENTORY, "textkit/strings.py": "def slug(t):\n    pass\n"}
+    placed, failures = formats.place(read(answer).edits, LISTING, shown)
+    assert failures == [] and [e.path for e in placed] == ["textkit/inventory.py"]
+    nowhere = answer.replace("def count(self)", "def nothing(self)")
+    placed, failures = formats.place(read(nowhere).edits, LISTING, shown)
+    assert placed == [] and failures[0].reason == edits.NO_PATH

@@ -121,6 +121,7 @@ class _Run:
     ctx: RunContext
     result: Result
     log: Callable[[str], None]
+    words: list[str]  # the ticket's identifiers and keywords
 
 
 @dataclass
@@ -157,9 +158,9 @@ def run(
     request: str | None = None,
 ) -> Result:
     result = Result()
-    r = _Run(
-        ticket, render_ticket(ticket, request), workspace, llm, s, suite, confine, ctx, result, log
-    )
+    task = render_ticket(ticket, request)
+    words = context.keywords(task)
+    r = _Run(ticket, task, workspace, llm, s, suite, confine, ctx, result, log, words)
 
     def attempt(model: str | None, before: TicketdError | None) -> None:
         assert model is not None
@@ -222,7 +223,7 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
     shown = context.gather(r.workspace, r.task, budget, files)
     if shown.dropped:
         log(f"context: {len(shown.files)} files shown, over budget: {', '.join(shown.dropped)}")
-    example = _example(plan.format, shown)
+    example = _example(plan.format, shown, r.words)
     user = f"{shown.tree}\n{r.task}\n## Files\n\n{shown.text}\n{example}"
     if before is not None:
         user += f"\n## An earlier attempt failed\n\n{before.message}\n"
@@ -342,16 +343,13 @@ def _other(plan: _Plan) -> str:
     return formats.WHOLE if plan.format == formats.SEARCH_REPLACE else formats.SEARCH_REPLACE
 
 
-def _example(fmt: str, shown: context.Context, path: str | None = None) -> str:
-    """The answer format shown on a real line of a shown file (``path``, else the first
-    one): nothing in it is a path to copy or an answer to give back."""
-    path = path or next(iter(shown.bodies), None)
-    if path is None:
+def _example(fmt: str, shown: context.Context, words: Sequence[str], path: str = "") -> str:
+    """The answer format shown on a real line (``_focus``): copied, it changes a place the
+    ticket is about; nothing in it is a path to copy or an answer to give back."""
+    found = _focus(shown, words, path)
+    if found is None:
         return ""
-    body = shown.bodies[path]
-    lines = [line for line in body.splitlines() if line.strip()]
-    line = next((x for x in lines if re.match(r"\s*(def|class|function|fn|func)\b", x)), None)
-    line = line or (lines[0] if lines else "")
+    path, line = found
     indent = line[: len(line) - len(line.lstrip())] + (
         "    " if line.rstrip().endswith(":") else ""
     )
@@ -366,6 +364,41 @@ def _example(fmt: str, shown: context.Context, path: str | None = None) -> str:
     return f"{head}{path}\n{fence}\n{block}{fence}\n"
 
 
+_TEST = re.compile(
+    r"(^|/)(tests?|spec|__tests__)/|(^|/)test_[^/]*$|_test\.\w+$|\.(test|spec)\.\w+$"
+)
+
+
+def _focus(shown: context.Context, words: Sequence[str], path: str = "") -> tuple[str, str] | None:
+    """Where to show the format: in ``path`` if given, else in the shown files that are not
+    tests (most relevant first), the line that defines one of the ticket's words, else the
+    first definition (or line) of the most relevant file."""
+    paths = (
+        [path]
+        if path in shown.bodies
+        else sorted(shown.bodies, key=lambda p: bool(_TEST.search(p)))
+    )
+    if not paths:
+        return None
+    lines = {p: [x for x in shown.bodies[p].splitlines() if x.strip()] for p in paths}
+    for word in words:
+        name = re.escape(word.split(".")[-1])
+        for p in paths:
+            if _TEST.search(p) and p != path:
+                continue
+            hit = next(
+                (x for x in lines[p] if re.match(r"\s*" + context.DEFINITION + name + r"\b", x)),
+                None,
+            )
+            if hit is not None:
+                return p, hit
+    first = lines[paths[0]]
+    line = next(
+        (x for x in first if re.match(r"\s*" + context.DEFINITION, x)), first[0] if first else ""
+    )
+    return paths[0], line
+
+
 def _apply_and_check(
     answer: str, r: _Run, plan: _Plan, shown: context.Context, example: str
 ) -> _Verdict:
@@ -373,8 +406,8 @@ def _apply_and_check(
     result, worktree = r.result, r.workspace.path
     asked = FORMAT_NAMES[plan.format]
 
-    def failed(message: str, code: str, fmt: str = "", path: str | None = None) -> _Verdict:
-        again = _example(plan.format, shown, path) if path in shown.bodies else example
+    def failed(message: str, code: str, fmt: str = "", path: str = "") -> _Verdict:
+        again = _example(plan.format, shown, r.words, path) if path in shown.bodies else example
         text = f"{message}\n\n{again}\nAnswer with {asked}." if again else message
         return _Verdict(AgentFailure(text, code=code, result=result), fmt)
 
@@ -397,6 +430,12 @@ def _apply_and_check(
     except TicketdError as e:
         raise AgentFailure(e.message, code=e.code, result=result) from None
     result.changed.update(applied.changed)
+    if not (unplaced or applied.failures or applied.changed):
+        return failed(
+            "Your edits change nothing: the files already read so. Write the changed lines.",
+            "NO_CHANGES",
+            read.format,
+        )
     if unplaced or applied.failures:
         failures = sorted([*unplaced, *applied.failures], key=lambda f: f.edit.index)
         first = failures[0].edit.path

@@ -31,6 +31,7 @@ STOPWORDS = frozenset(
     ).split()
 )
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+DEFINITION = r"(?:async\s+)?(?:def|class|function|fn|func|struct|interface|type)\s+"
 PATHLIKE = re.compile(r"[\w./-]+\.[A-Za-z0-9]{1,8}")
 
 
@@ -68,12 +69,16 @@ def gather(workspace: Workspace, ticket_text: str, budget_tokens: int, max_files
             if path == token or path.endswith("/" + token) or Path(path).name == token:
                 ranked[path] += 100
                 named.add(token)
-    for word in keywords(ticket_text):
-        if word in named:
-            continue  # a file name: matched above, not a word to search for
-        for path, count in workspace.grep(word.split(".")[-1]).items():
+    words = [w.split(".")[-1] for w in keywords(ticket_text) if w not in named]
+    for word in words:  # a file name was matched above: not a word to search for
+        for path, count in workspace.grep(word).items():
             if path in tracked:
                 ranked[path] += min(count, 10)
+    bodies = {path: _read(worktree / path) for path, _ in ranked.most_common(3 * max_files)}
+    defining = re.compile(rf"^\s*{DEFINITION}(?:{'|'.join(map(re.escape, words))})\b", re.M)
+    for path, body in bodies.items():
+        if words and body and defining.search(body):
+            ranked[path] += 50  # defines what the ticket names: where the change goes
     tree = _file_tree(listing, max(200, budget_tokens // 8))
     used = estimate_tokens(tree)
     shown: dict[str, str] = {}
@@ -82,7 +87,7 @@ def gather(workspace: Workspace, ticket_text: str, budget_tokens: int, max_files
     for path, _ in ranked.most_common():
         if len(shown) >= max_files:
             break
-        body = _read(worktree / path)
+        body = bodies[path] if path in bodies else _read(worktree / path)
         if body is None:
             continue
         block = f"{path}\n```\n{body}{'' if body.endswith(chr(10)) or not body else chr(10)}```\n"

@@ -75,13 +75,16 @@ _SCORED = 40  # SEARCH lines that rank the windows
 _CANDIDATES = 5  # best-ranked windows that difflib compares
 _MAX_BYTES = 1 << 20  # a larger file is not read
 
+NO_PATH = "no file path before it; put the path on its own line"
+
 Shift = tuple[str, str]  # (indentation to add, indentation to remove) on REPLACE lines
 
 
-def parse(answer: str) -> list[Edit]:
+def parse(answer: str, *, pathless: bool = False) -> list[Edit]:
     """The answer's edit blocks in order; [] when it has none.
 
-    Raises EDIT_PARSE_FAILED naming the block and the answer's line when a block is malformed.
+    Raises EDIT_PARSE_FAILED naming the block and the answer's line when a block is malformed,
+    or has no path (with ``pathless``, its path is "": the caller finds the file).
     """
     lines = answer.replace("\r\n", "\n").split("\n")
     edits: list[Edit] = []
@@ -95,9 +98,9 @@ def parse(answer: str) -> list[Edit]:
         if not _SEARCH.match(lines[i]):
             i += 1
             continue
-        path = _path_before(lines, start, i) or path
+        path = _path_before(lines, start, i) or path or ("" if pathless else None)
         if path is None:
-            raise _malformed(index, where, "no file path before it; put the path on its own line")
+            raise _malformed(index, where, NO_PATH)
         divider = _marker(lines, i + 1)
         if divider == len(lines) or not _DIVIDER.match(lines[divider]):
             raise _malformed(index, where, "missing '=======' between SEARCH and REPLACE")

@@ -51,7 +51,7 @@ class Answer:
 def read(answer: str) -> Answer:
     """The answer's edits and their format. EDIT_PARSE_FAILED for a malformed SEARCH/REPLACE
     block (``edits.parse``); an answer with no edits in any format gives ``Answer([], "")``."""
-    found = edits.parse(answer)
+    found = edits.parse(answer, pathless=True)
     if found:
         return Answer(found, SEARCH_REPLACE)
     lines = answer.replace("\r\n", "\n").split("\n")
@@ -162,10 +162,12 @@ def place(
     placed: list[Edit] = []
     failures: list[Failure] = []
     for edit in found:
-        path = locate(edit.path, listing) if edit.path else _by_content(edit.replace, shown)
+        if edit.path:
+            path = locate(edit.path, listing)
+        else:
+            path = _by_content(edit.replace, shown) if edit.whole else _by_search(edit, shown)
         if not path:
-            why = "the fenced code has no file path on the line before it"
-            failures.append(Failure(edit, why, ""))
+            failures.append(Failure(edit, edits.NO_PATH, ""))
         elif path not in listing and _PLACEHOLDER.search(path):
             why = f"{path} is a placeholder, not a file; use a path from the file list"
             failures.append(Failure(edit, why, ""))
@@ -203,6 +205,19 @@ def _by_content(text: str, shown: dict[str, str]) -> str:
     best = max(scores.values(), default=0)
     hits = [p for p, score in scores.items() if score == best]
     return hits[0] if best and len(hits) == 1 else ""
+
+
+def _by_search(edit: Edit, shown: dict[str, str]) -> str:
+    """The one shown file holding the block's SEARCH lines (ignoring trailing whitespace)."""
+    want = [line.rstrip() for line in edit.search.splitlines()]
+    if not any(want):
+        return ""
+    hits = [p for p, body in shown.items() if _holds([x.rstrip() for x in body.splitlines()], want)]
+    return hits[0] if len(hits) == 1 else ""
+
+
+def _holds(lines: list[str], want: list[str]) -> bool:
+    return any(lines[i : i + len(want)] == want for i in range(len(lines) - len(want) + 1))
 
 
 def _elsewhere(path: str, text: str, shown: dict[str, str]) -> str:
