@@ -18,12 +18,13 @@ fresh project (bench/project.py: a repo with the fixture committed and pushed to
 remote.git, backlog/, config.yaml) whose config has ``agent.kind: builtin``, or ``command``
 with config.yaml's default aider command (its executable from ``--aider``); ``timeout_s`` from
 ``--timeout``; ``ollama.host`` the counting proxy below and ``ollama.models: [--model]``; the
-ticket's check as the only ``checks`` entry (120 s); ``retry.enabled: false``; all else
-default. The ticket goes into backlog/todo/ as a Backlog.md task and one
-``python -m daemon run --once --config ...`` runs it, with a timeout of ``--timeout`` + 120 s.
+ticket's check and the passing tests (``tests``) as ``checks`` (120 s each), as a project
+would have them; ``retry.enabled: false``; all else default. The ticket goes into
+backlog/todo/ as a Backlog.md task and one ``python -m daemon run --once --config ...`` runs
+it, with a timeout of ``--timeout`` + 120 s.
 
 A run is done when its ticket ends in backlog/done/. The pushed branch (the only one besides
-main in remote.git) is cloned and the check run there again, outside any sandbox; a ticket done
+main in remote.git) is cloned and both checks run there again, outside any sandbox; a ticket done
 whose branch fails the check, or one not done whose branch passes, is reported as MISMATCH.
 The failure code is ``errorCode`` of ``backlog/failed/*.error.json`` (else the folder the ticket
 ended in). Calls and tokens come from a proxy in this process that forwards every request to
@@ -275,6 +276,7 @@ def test_other_punctuation_still_separates_words():
 }
 FAILING_TESTS = ("tests/test_inventory_remove.py", "tests/test_slugify_apostrophes.py")
 PASSING_TESTS = sorted(p for p in BASE if p.startswith("tests/") and p not in FAILING_TESTS)
+SUITE = [PY, "-B", "-m", "pytest", "-q", "-p", "no:cacheprovider", *PASSING_TESTS]
 
 
 @dataclass(frozen=True)
@@ -464,7 +466,7 @@ def passes(argv: list[str], cwd: Path) -> tuple[bool, str]:
 
 def verify() -> list[str]:
     """Each ticket in a scratch copy: check fails, reference fix, check and old tests pass."""
-    suite = [PY, "-B", "-m", "pytest", "-q", "-p", "no:cacheprovider", *PASSING_TESTS]
+    suite = SUITE
     problems = []
     with tempfile.TemporaryDirectory(prefix="ticketd-real-verify-") as tmp:
         write_files(Path(tmp) / "base", BASE)
@@ -656,7 +658,10 @@ def configure(config: Path, agent: str, t: Ticket, args: argparse.Namespace, hos
         command = [args.aider, *default[1:]]
         data["agent"] = {"kind": "command", "command": command, "timeout_s": args.timeout}
     data["ollama"] = {"host": host, "models": [args.model]}
-    data["checks"] = [{"name": "check", "run": t.check, "timeout_s": CHECK_TIMEOUT_S}]
+    data["checks"] = [
+        {"name": "check", "run": t.check, "timeout_s": CHECK_TIMEOUT_S},
+        {"name": "tests", "run": SUITE, "timeout_s": CHECK_TIMEOUT_S},
+    ]
     data["retry"] = {"enabled": False}
     config.write_text(yaml.safe_dump(data, sort_keys=False))
 
@@ -671,7 +676,7 @@ def pushed(base: Path, t: Ticket) -> tuple[str | None, bool | None]:
         return None, None
     clone = base / "verify"
     git(base, "clone", "--quiet", "--branch", branches[0], str(base / "remote.git"), str(clone))
-    return branches[0], passes(t.check, clone)[0]
+    return branches[0], passes(t.check, clone)[0] and passes(SUITE, clone)[0]
 
 
 def run_one(root: Path, agent: str, t: Ticket, args: argparse.Namespace, proxy: Proxy) -> Result:

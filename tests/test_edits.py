@@ -605,3 +605,32 @@ def test_a_block_whose_search_lines_are_in_the_file_is_not_an_addition(tmp_path:
     search = "def nothing():\n    return sum(items)\n"  # its second line is in the file
     applied = apply(tmp_path, [edit("s.py", search, search + "    # more\n")])
     assert len(applied.failures) == 1
+
+
+# -- a block that searches for a function's head and answers with the whole function --------
+
+MOVING = (
+    "def moving_average(values, window):\n"
+    "    if window <= 0:\n"
+    "        raise ValueError('window')\n"
+    "    return [sum(values[i : i + window]) / window for i in range(len(values) - window)]\n"
+    "\n\ndef other():\n    return 1\n"
+)
+
+
+def test_a_whole_function_answered_under_its_head_replaces_the_old_body(tmp_path: Path) -> None:
+    (tmp_path / "s.py").write_text(MOVING)
+    head = "def moving_average(values, window):\n"
+    fixed = MOVING.split("\n\n\n")[0].replace("len(values) - window", "len(values) - window + 1")
+    applied = apply(tmp_path, [edit("s.py", head, fixed + "\n")])
+    assert applied.failures == ()
+    assert (tmp_path / "s.py").read_text() == MOVING.replace("- window)]", "- window + 1)]")
+
+
+def test_lines_added_under_a_head_keep_the_body(tmp_path: Path) -> None:
+    (tmp_path / "s.py").write_text(MOVING)
+    head = "def moving_average(values, window):\n"
+    doc = '    """The mean of each window of ``values``."""\n'
+    applied = apply(tmp_path, [edit("s.py", head, head + doc)])
+    assert applied.failures == ()
+    assert (tmp_path / "s.py").read_text() == head + doc + MOVING.removeprefix(head)

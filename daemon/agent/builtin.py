@@ -1,7 +1,7 @@
 """The builtin agent: a local model edits the worktree, judged by the checks.
 
 For each model of the chain in turn: ask the server how many tokens the model really holds
-(``/api/show``, ``/api/ps``), show it a stable system prompt for the edit format (so Ollama
+(``/api/show``), show it a stable system prompt for the edit format (so Ollama
 reuses the cached prefix), then the ticket, the repository context within the budget, and a
 format example made of a real line of a file it is shown (nothing in the prompt is a path to
 copy). Read the answer in whatever format it came (``formats``: SEARCH/REPLACE, a unified
@@ -39,7 +39,8 @@ _INTRO = "You are an expert software engineer working in a git repository.\n"
 _RULES = """\
 Rules:
 - Use the paths exactly as the file list gives them.
-- Change only what the task needs. Do not touch files under .git/.
+- Change only what the task needs: the code, not its tests, unless the task asks for tests.
+  Do not touch files under .git/.
 - Briefly say what you will change, then give the edits. Nothing else.
 """
 SYSTEM_PROMPTS = {
@@ -355,8 +356,11 @@ def _example(fmt: str, shown: context.Context, words: Sequence[str], path: str =
     )
     head = f"## Answer format, shown on {path} (an illustration only, not the change to make)\n\n"
     fence = "```"
-    if fmt == formats.WHOLE:
-        return f"{head}{path}\n{fence}\n(every line of the new {path})\n{fence}\n"
+    if fmt == formats.WHOLE:  # a fenced placeholder gets copied: say it instead
+        return (
+            f"## Answer format\n\nFor each file you change, its path on a line of its own "
+            f"(such as {path}), then a fence holding every line of the file as it should be.\n"
+        )
     if fmt == formats.UDIFF:
         diff = f"--- {path}\n+++ {path}\n@@ ... @@\n {line}\n+{indent}{_YOURS}\n"
         return f"{head}{fence}diff\n{diff}{fence}\n"
@@ -417,7 +421,7 @@ def _apply_and_check(
         return failed(f"Your edit blocks could not be read: {e.message}.", e.code)
     if not read.edits:
         return failed("Your answer had no edits that I could read.", "EDIT_PARSE_FAILED")
-    if any(_YOURS in e.replace or "(every line of the new" in e.replace for e in read.edits):
+    if any(_YOURS in e.replace for e in read.edits):
         return failed(
             "Your answer copied the format example; it only shows the format. Make the change "
             "the task asks for.",

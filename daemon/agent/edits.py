@@ -333,9 +333,10 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
         reason = f"SEARCH matches {len(matches)} places in {edit.path} (lines {where}); "
         return Failure(edit, reason + "include more lines so it matches one", "")
     start, shift = matches[0]
+    size = _rewritten(lines, start, search, replace) or len(search)
     eol = _eol(file.text)
     new = "".join(_reindent(line, shift) + eol for line in replace)
-    text = "".join(lines[:start]) + new + "".join(lines[start + len(search) :])
+    text = "".join(lines[:start]) + new + "".join(lines[start + size :])
     if not file.text.endswith("\n") and text.endswith("\n"):  # keep "no final newline"
         text = text.removesuffix(eol) if text.endswith(eol) else text[:-1]
     return text, fuzzy
@@ -373,6 +374,30 @@ def _addition(lines: list[str], search: list[str], replace: list[str]) -> str | 
         return None
     gap = "" if not text else "\n\n" if text.endswith("\n") else "\n\n\n"
     return text + gap + _join(replace)
+
+
+def _rewritten(lines: list[str], start: int, search: list[str], replace: list[str]) -> int:
+    """The length of the whole definition at ``start`` when the block rewrites it: SEARCH is
+    only its head, and REPLACE, after that head, repeats at least half of its body's lines.
+    A small model searches for the head and answers with the whole new function; the old
+    body must go, not stay under the new one. 0 when the block is no such rewrite (it adds
+    lines after the head: a docstring, a guard)."""
+    head = search[0] if len(search) == 1 else ""
+    if not _DEFINED.search(head) or not replace or replace[0].strip() != head.strip():
+        return 0
+    depth = len(head) - len(head.lstrip())
+    end = start + 1
+    while end < len(lines) and (
+        not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > depth
+    ):
+        end += 1
+    if end < len(lines) and lines[end].strip() in ("}", "end"):
+        end += 1
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1  # the blank lines after the body stay
+    body = {line.strip() for line in lines[start + 1 : end] if line.strip()}
+    kept = body & {line.strip() for line in replace[1:]}
+    return end - start if body and 2 * len(kept) >= len(body) else 0
 
 
 def _unwrap(lines: list[str], path: str) -> list[str] | None:

@@ -3,7 +3,7 @@
 Every request has explicit timeouts and sends ``keep_alive`` and ``options``: ``num_ctx``,
 ``num_predict``, and ``temperature`` and ``seed`` (deterministic by default: the server's
 own default samples at 0.8). ``context_length`` asks the server how many tokens a model
-can really hold (``/api/show``, ``/api/ps``): a ``num_ctx`` above it is cut silently.
+can really hold (``/api/show``): a ``num_ctx`` above it is cut silently.
 Transient failures (refused connection, timeouts, 5xx, 503 busy, an error line mid-stream)
 are retried with exponential backoff and jitter; a missing model (404) is not. Every call
 passes through the host's circuit breaker and is reported, with its token counts, to
@@ -335,21 +335,15 @@ class Ollama:
             )
 
     def context_length(self, model: str) -> int | None:
-        """The most tokens one request for ``model`` can hold: the least of the context it
-        was trained with (``/api/show``) and, while it is loaded, the window the server
-        loaded it with (``/api/ps``). None when the server tells neither or cannot be asked:
-        then ``num_ctx`` is taken on trust."""
-        found: list[int] = []
-        with contextlib.suppress(ollama.ResponseError, httpx.HTTPError, ConnectionError):
+        """The most tokens ``model`` can hold: the context it was trained with, from
+        ``/api/show`` (Ollama cuts a larger ``num_ctx`` to it). None when the server does not
+        say or cannot be asked: then ``num_ctx`` is taken on trust."""
+        try:
             info = self._client.show(model).modelinfo or {}
-            length = info.get(f"{info.get('general.architecture')}.context_length")
-            if isinstance(length, int) and length > 0:
-                found.append(length)
-        with contextlib.suppress(ollama.ResponseError, httpx.HTTPError, ConnectionError):
-            for loaded in self._client.ps().models:
-                if loaded.model in (model, f"{model}:latest") and (loaded.context_length or 0) > 0:
-                    found.append(int(loaded.context_length or 0))
-        return min(found, default=None)
+        except (ollama.ResponseError, httpx.HTTPError, ConnectionError):
+            return None
+        length = info.get(f"{info.get('general.architecture')}.context_length")
+        return length if isinstance(length, int) and length > 0 else None
 
     def warm(self, model: str) -> None:
         """Load ``model`` into memory (an empty generate) so the first ticket starts fast."""
