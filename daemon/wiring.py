@@ -375,6 +375,7 @@ def settings(cfg: configuration.Config) -> pipeline.Settings:
             num_predict=cfg.ollama.num_predict,
             max_reflections=cfg.agent.max_reflections,
             max_context_files=cfg.agent.max_context_files,
+            whole_files=cfg.agent.whole_files,
             candidates=cfg.agent.candidates,
             edit_format=cfg.agent.edit_format,
         ),

@@ -34,6 +34,7 @@ def builtin_config(project: Project, fake: FakeOllama, **sections: object) -> No
     }
     ollama.update(sections.pop("ollama", {}))  # type: ignore[arg-type]
     agent = {"kind": "builtin", "max_reflections": 2, "candidates": 1}
+    agent["edit_format"] = "search-replace"  # the tests of blocks; auto is tested on its own
     agent.update(sections.pop("agent", {}))  # type: ignore[arg-type]
     project.write_config(agent=agent, ollama=ollama, **sections)
 
@@ -471,16 +472,19 @@ def test_an_answer_cut_at_the_window_is_asked_again_with_less_context(
 def test_the_format_that_worked_for_a_model_is_asked_for_next(
     project: Project, fake_ollama: FakeOllama
 ) -> None:
-    builtin_config(project, fake_ollama)
+    builtin_config(project, fake_ollama, agent={"edit_format": "auto"})
     project.ticket("task-39 - Hi.md", body="Change README.md to say hi.")
-    fake_ollama.reply("README.md\n```\nhi\n```\n")  # whole files, though blocks were asked for
+    fake_ollama.reply(
+        block("README.md", "hello\n", "hi\n")
+    )  # blocks, though whole files were asked
     assert run_once(project) == 0
-    assert "SEARCH/REPLACE blocks" in chats(fake_ollama)[0].messages[0]["content"]
+    # nothing learned yet: short files are asked for whole
+    assert "each changed file in full" in chats(fake_ollama)[0].messages[0]["content"]
 
     project.ticket("task-40 - Yo.md", body="Change README.md to say yo.")
-    fake_ollama.reply("README.md\n```\nyo\n```\n")
+    fake_ollama.reply(block("README.md", "hello\n", "yo\n"))
     assert run_once(project) == 0
-    assert "each changed file in full" in chats(fake_ollama)[1].messages[0]["content"]
+    assert "SEARCH/REPLACE blocks" in chats(fake_ollama)[1].messages[0]["content"]  # learned
 
     builtin_config(project, fake_ollama, agent={"edit_format": "udiff"})  # said: it wins
     project.ticket("task-41 - Ho.md", body="Change README.md to say ho.")
@@ -518,3 +522,26 @@ def test_the_file_defining_what_the_ticket_names_is_shown_last_with_the_example(
     assert "shown on textkit/strings.py" in files
     assert "<<<<<<< SEARCH\ndef truncate(text, n):\n" in files
     assert "Your edits change nothing" in chats(fake_ollama)[1].messages[-1]["content"]
+
+
+def test_the_most_relevant_files_are_shown_whole_and_the_others_as_outlines(
+    project: Project, fake_ollama: FakeOllama
+) -> None:
+    for n in range(5):
+        body = f"def greet{n}():\n    return 'body of {n}'\n\n\nclass Part{n}:\n    pass\n"
+        add_module(project, f"textkit/part{n}.py", body)
+    builtin_config(project, fake_ollama, agent={"whole_files": 2})
+    project.ticket(
+        "task-43 - Hi.md", body="greet0 greet1 greet2 greet3 greet4: say hi in README.md."
+    )
+    fake_ollama.reply(block("README.md", "hello\n", "hi\n"))
+
+    assert run_once(project) == 0
+
+    files = chats(fake_ollama)[0].messages[1]["content"].split("## Files")[1].split("# task-43")[0]
+    whole = [n for n in range(5) if f"'body of {n}'" in files]
+    outlined = [n for n in range(5) if f"textkit/part{n}.py (outline" in files]
+    assert len(whole) == 1 and "README.md\n```\nhello\n```" in files  # README is named: first
+    assert sorted(whole + outlined) == [0, 1, 2, 3, 4]
+    for n in outlined:
+        assert f"def greet{n}():\nclass Part{n}:" in files

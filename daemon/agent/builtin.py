@@ -11,11 +11,11 @@ say what failed, with the format shown again, up to ``max_reflections`` times.
 A conversation that cannot succeed stops early: an answer the model has given before, an
 answer cut at the context window. Then, and when the reflections run out, a fresh candidate
 starts on a clean worktree (``candidates`` in all), at a higher temperature and another
-seed, in the format the model has shown it writes, with less context when the window was
-the problem; the checks judge each. A model that runs out of candidates hands over to the
-next one of the chain. The run's ``RunContext`` reaches every call and check: a cancel ends
-them at once, and ``agent.timeout_s`` bounds the whole run; no candidate starts that the
-time left cannot hold.
+seed, in the format the model has shown it writes (another one when it repeated itself),
+with less context after a repeat or a full window; the checks judge each. A model that runs
+out of candidates hands over to the next one of the chain. The run's ``RunContext`` reaches
+every call and check: a cancel ends them at once, and ``agent.timeout_s`` bounds the whole
+run; no candidate starts that the time left cannot hold.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class Settings:
     num_predict: int
     max_reflections: int
     max_context_files: int
+    whole_files: int = 3  # of the files shown, this many whole, the others as outlines
     lessons: str = ""  # learned from earlier runs (insights); appended to the system prompt
     candidates: int = 2  # fresh attempts per model when one fails
     edit_format: str = "auto"  # or one of formats.FORMATS
@@ -103,9 +104,10 @@ class Settings:
         return SYSTEM_PROMPTS[fmt] + lessons
 
     def first_format(self, model: str) -> str:
+        """The format to ask for first; "" to choose by the files (``_by_size``)."""
         if self.edit_format != "auto":
             return self.edit_format
-        return self.learned_formats.get(model, formats.SEARCH_REPLACE)
+        return self.learned_formats.get(model, "")
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ class _Plan:
     model: str
     num_ctx: int
     format: str
-    narrow: bool = False  # show less context: the window was too small
+    narrow: bool = False  # fewer files: the window was too small, or the model repeated itself
     chars_per_token: float = _CHARS_PER_TOKEN
     answers: list[str] = field(default_factory=list)  # every answer so far, to see repeats
     written: list[str] = field(default_factory=list)  # formats the model answered in
@@ -210,8 +212,7 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
     """One candidate: an answer and up to ``max_reflections`` corrections. None when it
     passes; else the failure, with ``plan`` changed for the next candidate."""
     s, result, log, model = r.s, r.result, r.log, plan.model
-    system = s.system(plan.format)
-    budget = _budget(plan, system, r.task, s)
+    budget = _budget(plan, s.system(plan.format or formats.SEARCH_REPLACE), r.task, s)
     if budget < 0:
         raise AgentFailure(
             f"the ticket alone needs about {plan.num_ctx - budget} "
@@ -221,19 +222,21 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
             result=result,
         )
     files = 3 if plan.narrow else s.max_context_files
-    shown = context.gather(r.workspace, r.task, budget, files)
+    whole = min(files, 2 if plan.narrow else s.whole_files)
+    shown = context.gather(r.workspace, r.task, budget, files, whole)
     if shown.dropped:
         log(f"context: {len(shown.files)} files shown, over budget: {', '.join(shown.dropped)}")
+    plan.format = plan.format or _by_size(shown)
     example = _example(plan.format, shown, r.words)
-    user = f"{shown.tree}\n{r.task}\n## Files\n\n{shown.text}\n{example}"
-    if before is not None:
-        user += f"\n## An earlier attempt failed\n\n{before.message}\n"
+    earlier = f"\n## An earlier attempt failed\n\n{before.message}\n" if before else ""
+    # the files, then the task and the format last: small models follow what they read last
+    user = f"{shown.tree}\n## Files\n\n{shown.text}\n{r.task}\n{earlier}\n{example}"
     messages: list[Message] = [
-        {"role": "system", "content": system},
+        {"role": "system", "content": s.system(plan.format)},
         {"role": "user", "content": user},
     ]
     failure: AgentFailure | None = None
-    repeated = False
+    chosen = False  # the next candidate's format is decided
     for turn in range(s.max_reflections + 1):
         reply = r.llm.chat(
             model,
@@ -281,7 +284,7 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
                 code="ANSWER_TOO_LONG",
                 result=result,
             )
-            plan.format = formats.SEARCH_REPLACE
+            plan.format, chosen = formats.SEARCH_REPLACE, True
         if failure is None:
             result.first_try = result.first_try or (
                 turn == 0 and k == 0 and len(result.models_tried) == 1
@@ -292,7 +295,7 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
         plan.answers.append(reply.content.strip())
         if repeated:
             log(f"{model}: the same answer again; a fresh candidate instead")
-            plan.format = _other(plan)
+            plan.format, plan.narrow, chosen = _other(plan), True, True  # and fewer files
             break
         if turn == s.max_reflections:
             break
@@ -302,9 +305,18 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
             {"role": "assistant", "content": reply.content},
             {"role": "user", "content": failure.message},
         ]
-    if plan.written and plan.written[-1] != plan.format and not repeated:
+    if plan.written and not chosen:
         plan.format = plan.written[-1]  # the model writes this format: ask for it
     return failure
+
+
+WHOLE_LINES = 200  # files this short are cheaper to answer whole than to get blocks wrong
+
+
+def _by_size(shown: context.Context) -> str:
+    """Whole files when every file shown whole is short, else SEARCH/REPLACE blocks."""
+    short = all(body.count("\n") <= WHOLE_LINES for body in shown.bodies.values())
+    return formats.WHOLE if shown.bodies and short else formats.SEARCH_REPLACE
 
 
 def _budget(plan: _Plan, system: str, task: str, s: Settings) -> int:

@@ -32,6 +32,7 @@ STOPWORDS = frozenset(
 )
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 DEFINITION = r"(?:async\s+)?(?:def|class|function|fn|func|struct|interface|type)\s+"
+OUTLINE = re.compile(rf"^\s*(?:@\w|{DEFINITION})")
 PATHLIKE = re.compile(r"[\w./-]+\.[A-Za-z0-9]{1,8}")
 
 
@@ -58,7 +59,11 @@ def keywords(text: str) -> list[str]:
     return [w for _, _, w in sorted(scored)][:MAX_KEYWORDS]
 
 
-def gather(workspace: Workspace, ticket_text: str, budget_tokens: int, max_files: int) -> Context:
+def gather(
+    workspace: Workspace, ticket_text: str, budget_tokens: int, max_files: int, whole: int = 3
+) -> Context:
+    """The ``max_files`` most relevant files: the first ``whole`` of them whole, the others
+    as outlines (their definition lines), within ``budget_tokens``."""
     worktree = workspace.path
     listing = workspace.files()
     tracked = set(listing)
@@ -82,20 +87,31 @@ def gather(workspace: Workspace, ticket_text: str, budget_tokens: int, max_files
     tree = _file_tree(listing, max(200, budget_tokens // 8))
     used = estimate_tokens(tree)
     shown: dict[str, str] = {}
+    outlines: list[str] = []
     dropped: list[str] = []
     parts: list[str] = []
     for path, _ in ranked.most_common():
-        if len(shown) >= max_files:
+        if len(shown) + len(outlines) >= max_files:
             break
         body = bodies[path] if path in bodies else _read(worktree / path)
         if body is None:
             continue
-        block = f"{path}\n```\n{body}{'' if body.endswith(chr(10)) or not body else chr(10)}```\n"
+        if len(shown) < whole:
+            end = "" if body.endswith("\n") or not body else "\n"
+            block = f"{path}\n```\n{body}{end}```\n"
+        else:
+            heads = [line.rstrip() for line in body.splitlines() if OUTLINE.match(line)]
+            if not heads:
+                continue
+            block = f"{path} (outline: its definitions only)\n" + "\n".join(heads) + "\n"
         cost = estimate_tokens(block)
         if used + cost > budget_tokens:
             dropped.append(path)
             continue
-        shown[path] = body
+        if len(shown) < whole:
+            shown[path] = body
+        else:
+            outlines.append(path)
         parts.append(block)
         used += cost
     text = "\n".join(reversed(parts))  # the most relevant last, next to the question
