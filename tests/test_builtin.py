@@ -390,9 +390,7 @@ def test_a_whole_file_under_a_copied_path_is_the_real_file(
     assert shown + "\n" == INVENTORY.replace("return 0", "return len(self.items)")
     prompt = "\n".join(m["content"] for m in chats(fake_ollama)[0].messages)
     assert "path/to" not in prompt
-    assert "Answer format, shown on textkit/inventory.py" in prompt
-    # the format is shown on the line that defines what the ticket names
-    assert "<<<<<<< SEARCH\n    def total(self):\n=======\n    def total(self):\n" in prompt
+    assert "the change most likely goes to textkit/inventory.py" in prompt
 
 
 def test_a_prose_answer_gets_the_format_again_on_the_file_at_hand(
@@ -494,7 +492,7 @@ def test_the_format_that_worked_for_a_model_is_asked_for_next(
     assert git(project.remote, "show", "ticketd/task-41-ho:README.md") == "ho"
 
 
-def test_the_file_defining_what_the_ticket_names_is_shown_last_with_the_example(
+def test_the_file_defining_what_the_ticket_names_is_shown_last_and_the_format_on_it(
     project: Project, fake_ollama: FakeOllama
 ) -> None:
     add_module(project, "textkit/strings.py", "def truncate(text, n):\n    return text[: n - 1]\n")
@@ -519,9 +517,12 @@ def test_the_file_defining_what_the_ticket_names_is_shown_last_with_the_example(
     first = chats(fake_ollama)[0].messages[1]["content"]
     files = first.split("## Files")[1]
     assert files.index("tests/test_strings.py\n```") < files.index("textkit/strings.py\n```")
-    assert "shown on textkit/strings.py" in files
-    assert "<<<<<<< SEARCH\ndef truncate(text, n):\n" in files
-    assert "Your edits change nothing" in chats(fake_ollama)[1].messages[-1]["content"]
+    assert "the change most likely goes to textkit/strings.py" in files
+    feedback = chats(fake_ollama)[1].messages[-1]["content"]
+    assert "Your edits change nothing" in feedback
+    # the format again, on the line that defines what the ticket names
+    assert "shown on textkit/strings.py" in feedback
+    assert "<<<<<<< SEARCH\ndef truncate(text, n):\n=======\ndef truncate(text, n):\n" in feedback
 
 
 def test_the_most_relevant_files_are_shown_whole_and_the_others_as_outlines(

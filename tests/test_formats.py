@@ -264,3 +264,10 @@ def test_a_block_without_a_path_goes_to_the_one_shown_file_holding_its_search() 
     nowhere = answer.replace("def count(self)", "def nothing(self)")
     placed, failures = formats.place(read(nowhere).edits, LISTING, shown)
     assert placed == [] and failures[0].reason == edits.NO_PATH
+
+
+def test_the_system_prompts_example_file_is_never_created() -> None:
+    answer = f"{formats.EXAMPLE_PATH}\n```\ndef farewell(name):\n    print(name)\n```\n"
+    placed, failures = formats.place(read(answer).edits, LISTING, {})
+    assert placed == [] and "the example's file" in failures[0].reason
+    assert formats.place(read(answer).edits, [*LISTING, formats.EXAMPLE_PATH], {})[1] == []

@@ -1,12 +1,14 @@
 """The builtin agent: a local model edits the worktree, judged by the checks.
 
 For each model of the chain in turn: ask the server how many tokens the model really holds
-(``/api/show``), show it a stable system prompt for the edit format (so Ollama
-reuses the cached prefix), then the ticket, the repository context within the budget, and a
-format example made of a real line of a file it is shown (nothing in the prompt is a path to
-copy). Read the answer in whatever format it came (``formats``: SEARCH/REPLACE, a unified
+(``/api/show``); show it a stable system prompt for the edit format (so Ollama reuses the
+cached prefix) whose worked example is another project's (an example in this repository
+gets copied); then the file list, the files (the most relevant whole, the others as
+outlines), the ticket, and the format named again with the file the change most likely goes
+to. Read the answer in whatever format it came (``formats``: SEARCH/REPLACE, a unified
 diff, whole or partial files), apply it, run static analysis and the checks; on a failure
-say what failed, with the format shown again, up to ``max_reflections`` times.
+say what failed, with the format shown on a real line of the file at hand, up to
+``max_reflections`` times.
 
 A conversation that cannot succeed stops early: an answer the model has given before, an
 answer cut at the context window. Then, and when the reflections run out, a fresh candidate
@@ -43,9 +45,65 @@ Rules:
   Do not touch files under .git/.
 - Briefly say what you will change, then give the edits. Nothing else.
 """
-SYSTEM_PROMPTS = {
-    formats.SEARCH_REPLACE: _INTRO
-    + """\
+_REQUEST = """\
+For example, in another project (its file is not in this repository), greeting.py reads:
+
+```
+def greeting(name):
+    print(f"Hello {name}")
+```
+
+and the task is: make the greeting casual, and add farewell(name), which prints "Bye NAME".
+The answer:
+
+I will change "Hello" to "Hey" and add farewell after greeting.
+
+"""
+_ANSWERS = {
+    formats.SEARCH_REPLACE: """\
+greeting.py
+```
+<<<<<<< SEARCH
+def greeting(name):
+    print(f"Hello {name}")
+=======
+def greeting(name):
+    print(f"Hey {name}")
+
+
+def farewell(name):
+    print(f"Bye {name}")
+>>>>>>> REPLACE
+```
+""",
+    formats.WHOLE: """\
+greeting.py
+```
+def greeting(name):
+    print(f"Hey {name}")
+
+
+def farewell(name):
+    print(f"Bye {name}")
+```
+""",
+    formats.UDIFF: """\
+```diff
+--- greeting.py
++++ greeting.py
+@@ ... @@
+ def greeting(name):
+-    print(f"Hello {name}")
++    print(f"Hey {name}")
++
++
++def farewell(name):
++    print(f"Bye {name}")
+```
+""",
+}
+_FORMATS = {
+    formats.SEARCH_REPLACE: """\
 You change files only by answering with SEARCH/REPLACE blocks. A block is the file's path
 on a line of its own, then a fence holding three markers:
 
@@ -56,25 +114,26 @@ the lines that replace them
 >>>>>>> REPLACE
 
 - SEARCH must match one place only: include a few unchanged lines around the change.
+- To add a function, SEARCH the lines it goes after and repeat them in REPLACE before it.
 - To create a file, leave SEARCH empty. To delete lines, leave REPLACE empty.
 - Several blocks may change one file; they apply in order.
-"""
-    + _RULES,
-    formats.WHOLE: _INTRO
-    + """\
+""",
+    formats.WHOLE: """\
 You change files by answering with each changed file in full: the file's path on a line of
 its own, then a fence holding the file's complete new content, every line of it, changed or
-not. To create a file, do the same under its new path.
-"""
-    + _RULES,
-    formats.UDIFF: _INTRO
-    + """\
+not, with your change made. To create a file, do the same under its new path.
+""",
+    formats.UDIFF: """\
 You change files by answering with a unified diff in a ```diff fence: for each file a
 "--- path" and a "+++ path" line, then hunks that start with "@@ ... @@", where unchanged
 lines start with a space, removed lines with "-" and added lines with "+". Give two or three
 unchanged lines around each change. To create a file, use "--- /dev/null".
-"""
-    + _RULES,
+""",
+}
+# The system prompt per format: fixed, so Ollama reuses it; its example is another project's
+# (formats.EXAMPLE_PATH is never created), since an example in this repository gets copied.
+SYSTEM_PROMPTS = {
+    fmt: f"{_INTRO}{text}\n{_REQUEST}{_ANSWERS[fmt]}\n{_RULES}" for fmt, text in _FORMATS.items()
 }
 FORMAT_NAMES = {
     formats.SEARCH_REPLACE: "SEARCH/REPLACE blocks",
@@ -227,10 +286,10 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
     if shown.dropped:
         log(f"context: {len(shown.files)} files shown, over budget: {', '.join(shown.dropped)}")
     plan.format = plan.format or _by_size(shown)
-    example = _example(plan.format, shown, r.words)
+    reminder = _reminder(plan.format, shown, r.words)
     earlier = f"\n## An earlier attempt failed\n\n{before.message}\n" if before else ""
     # the files, then the task and the format last: small models follow what they read last
-    user = f"{shown.tree}\n## Files\n\n{shown.text}\n{r.task}\n{earlier}\n{example}"
+    user = f"{shown.tree}\n## Files\n\n{shown.text}\n{r.task}\n{earlier}\n{reminder}"
     messages: list[Message] = [
         {"role": "system", "content": s.system(plan.format)},
         {"role": "user", "content": user},
@@ -272,7 +331,7 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
             log(f"{what}; trying again with less context")
             plan.narrow = True
             return AgentFailure(what, code="CONTEXT_TOO_LARGE", result=result)
-        verdict = _apply_and_check(reply.content, r, plan, shown, example)
+        verdict = _apply_and_check(reply.content, r, plan, shown)
         failure = verdict.failure
         if verdict.format:
             plan.written.append(verdict.format)
@@ -356,23 +415,34 @@ def _other(plan: _Plan) -> str:
     return formats.WHOLE if plan.format == formats.SEARCH_REPLACE else formats.SEARCH_REPLACE
 
 
+def _reminder(fmt: str, shown: context.Context, words: Sequence[str]) -> str:
+    """The format named again after the ticket, with the file the change most likely goes to
+    (``_focus``); the system prompt's example is another project's."""
+    found = _focus(shown, words)
+    where = f" (the change most likely goes to {found[0]})" if found else ""
+    how = {
+        formats.SEARCH_REPLACE: "SEARCH/REPLACE blocks, each after its file's path",
+        formats.WHOLE: "each changed file in full: its path on a line of its own, then a "
+        "fence holding every line of the file as it should be",
+        formats.UDIFF: "a unified diff in a ```diff fence",
+    }[fmt]
+    text = f"Answer with {how}, as in the example, for this repository's files{where}."
+    return f"## Answer format\n\n{text}\n"
+
+
 def _example(fmt: str, shown: context.Context, words: Sequence[str], path: str = "") -> str:
-    """The answer format shown on a real line (``_focus``): copied, it changes a place the
-    ticket is about; nothing in it is a path to copy or an answer to give back."""
+    """The answer format shown on a real line of the file at hand (``_focus``), for a
+    reflection: copied, it changes a place the ticket is about; nothing in it is a path to
+    copy or an answer to give back. Whole files are said, not shown."""
     found = _focus(shown, words, path)
-    if found is None:
-        return ""
+    if found is None or fmt == formats.WHOLE:
+        return _reminder(fmt, shown, words) if found else ""
     path, line = found
     indent = line[: len(line) - len(line.lstrip())] + (
         "    " if line.rstrip().endswith(":") else ""
     )
     head = f"## Answer format, shown on {path} (an illustration only, not the change to make)\n\n"
     fence = "```"
-    if fmt == formats.WHOLE:  # a fenced placeholder gets copied: say it instead
-        return (
-            f"## Answer format\n\nFor each file you change, its path on a line of its own "
-            f"(such as {path}), then a fence holding every line of the file as it should be.\n"
-        )
     if fmt == formats.UDIFF:
         diff = f"--- {path}\n+++ {path}\n@@ ... @@\n {line}\n+{indent}{_YOURS}\n"
         return f"{head}{fence}diff\n{diff}{fence}\n"
@@ -415,15 +485,13 @@ def _focus(shown: context.Context, words: Sequence[str], path: str = "") -> tupl
     return paths[0], line
 
 
-def _apply_and_check(
-    answer: str, r: _Run, plan: _Plan, shown: context.Context, example: str
-) -> _Verdict:
+def _apply_and_check(answer: str, r: _Run, plan: _Plan, shown: context.Context) -> _Verdict:
     """Apply the answer's edits and check them: the failure to reflect on, or None."""
     result, worktree = r.result, r.workspace.path
     asked = FORMAT_NAMES[plan.format]
 
     def failed(message: str, code: str, fmt: str = "", path: str = "") -> _Verdict:
-        again = _example(plan.format, shown, r.words, path) if path in shown.bodies else example
+        again = _example(plan.format, shown, r.words, path)
         text = f"{message}\n\n{again}\nAnswer with {asked}." if again else message
         return _Verdict(AgentFailure(text, code=code, result=result), fmt)
 

@@ -38,6 +38,7 @@ _DIFF_NEW = re.compile(r"^\+\+\+\s+(\S.*)$")
 _HUNK = re.compile(r"^@@.*@@")
 _PATHLIKE = re.compile(r"[\w.-]*[\w-](?:/[\w.-]+)*\.[A-Za-z0-9]{1,8}\b|[\w.-]+(?:/[\w.-]+)+")
 _COMMENT_PATH = re.compile(r"^\s*(?:#|//|--)\s*(?:file(?:name)?\s*:\s*)?(\S+)\s*$", re.IGNORECASE)
+EXAMPLE_PATH = "greeting.py"  # the system prompt's example file: another project's
 _PLACEHOLDER = re.compile(r"^(?:path/to/|your[_/-])|[<>{}]|(?:^|/)(?:file|filename)\.\w+$")
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
@@ -170,6 +171,9 @@ def place(
             failures.append(Failure(edit, edits.NO_PATH, ""))
         elif path not in listing and _PLACEHOLDER.search(path):
             why = f"{path} is a placeholder, not a file; use a path from the file list"
+            failures.append(Failure(edit, why, ""))
+        elif path == EXAMPLE_PATH and path not in listing:
+            why = f"{path} is the example's file, another project's; change this repository's"
             failures.append(Failure(edit, why, ""))
         elif edit.whole and (other := _elsewhere(path, edit.replace, shown)):
             why = f"the code given for {path} is {other}'s, not {path}'s"
