@@ -271,3 +271,11 @@ def test_the_system_prompts_example_file_is_never_created() -> None:
     placed, failures = formats.place(read(answer).edits, LISTING, {})
     assert placed == [] and "the example's file" in failures[0].reason
     assert formats.place(read(answer).edits, [*LISTING, formats.EXAMPLE_PATH], {})[1] == []
+
+
+def test_a_file_written_out_without_one_of_its_functions_keeps_that_function() -> None:
+    lost = INVENTORY.replace("\n\ndef dump(inv):\n    return json.dumps(inv.items)\n", "")
+    lost = lost.replace("json.load(open(path))", "json.loads(open(path).read())")
+    merged = merge_python(INVENTORY, lost)
+    assert merged is not None and "def dump(inv):" in merged
+    assert "json.loads(open(path).read())" in merged

@@ -26,10 +26,11 @@ def whole(path: str, original: str, new: str) -> str | None:
 
 
 def merge_python(original: str, new: str) -> str | None:
-    """``new`` when it keeps every top-level definition of ``original`` (a whole file), or
-    reads as one (as long, and starting as the file does); else ``new``'s definitions merged
-    into ``original`` by name, a class's methods one by one, and its missing imports added
-    after the file's. None when either does not parse."""
+    """``new`` when it is the whole file: it keeps every top-level definition of
+    ``original``, or has as many and starts as the file does (one was renamed). Else, with
+    fewer definitions, a part: ``new``'s definitions merged into ``original`` by name, a
+    class's methods one by one, and its missing imports added after the file's; what it
+    lacks is kept, never dropped. None when either does not parse."""
     try:
         a, b = ast.parse(original), ast.parse(new)
     except (SyntaxError, ValueError):
@@ -37,8 +38,8 @@ def merge_python(original: str, new: str) -> str | None:
     mine = {n.name for n in a.body if isinstance(n, _DEFS)}
     theirs = {n.name for n in b.body if isinstance(n, _DEFS)}
     first = next((line for line in original.splitlines() if line.strip()), "")
-    if mine <= theirs or (len(new) >= 0.7 * len(original) and new.lstrip().startswith(first)):
-        return new
+    if mine <= theirs or (len(theirs) >= len(mine) and new.lstrip().startswith(first)):
+        return new  # every definition kept, or as many and it starts as the file does: renamed
     old_lines, new_lines = original.splitlines(keepends=True), new.splitlines(keepends=True)
     changes = _merge(a.body, b.body, new_lines, len(old_lines))
     imports = [
