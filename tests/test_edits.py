@@ -634,3 +634,21 @@ def test_lines_added_under_a_head_keep_the_body(tmp_path: Path) -> None:
     applied = apply(tmp_path, [edit("s.py", head, head + doc)])
     assert applied.failures == ()
     assert (tmp_path / "s.py").read_text() == head + doc + MOVING.removeprefix(head)
+
+
+def test_a_new_version_written_in_search_too_rewrites_the_function_it_heads(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "s.py").write_text(MOVING)
+    new = MOVING.split("\n\n\n")[0].replace("len(values) - window", "len(values) - window + 1")
+    new += "\n"
+    applied = apply(tmp_path, [edit("s.py", new, new)])  # SEARCH matches nowhere: the new text
+    assert applied.failures == () and applied.fuzzy == 1
+    assert (tmp_path / "s.py").read_text() == MOVING.replace("- window)]", "- window + 1)]")
+
+
+def test_a_fragment_under_a_head_is_no_rewrite(tmp_path: Path) -> None:
+    (tmp_path / "s.py").write_text(MOVING)
+    fragment = "def moving_average(values, window):\n    total = 0\n"  # keeps none of the body
+    applied = apply(tmp_path, [edit("s.py", fragment, fragment)])
+    assert len(applied.failures) == 1 and (tmp_path / "s.py").read_text() == MOVING

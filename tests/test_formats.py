@@ -279,3 +279,13 @@ def test_a_file_written_out_without_one_of_its_functions_keeps_that_function() -
     merged = merge_python(INVENTORY, lost)
     assert merged is not None and "def dump(inv):" in merged
     assert "json.loads(open(path).read())" in merged
+
+
+def test_a_whole_file_whose_class_lost_a_method_keeps_that_method() -> None:
+    renamed = INVENTORY.replace("def add(self, name, qty)", "def add(self, name, quantity)")
+    renamed = renamed.replace("+ qty", "+ quantity")
+    lost = renamed.replace("\n    def count(self):\n        return len(self.items)\n", "")
+    merged = merge_python(INVENTORY, lost)
+    assert merged is not None and "def count(self):" in merged
+    assert "def add(self, name, quantity):" in merged and "def dump(inv):" in merged
+    assert merge_python(INVENTORY, renamed) == renamed  # nothing lost: taken whole

@@ -7,7 +7,8 @@ tag) is never taken for its path. ``apply`` matches each SEARCH exactly, then ig
 whitespace, then under a uniform indentation shift, then (as aider) without a spurious leading
 blank line or a fence wrapped round it, and refuses a SEARCH that matches more than one place.
 A block whose SEARCH is only the head of a new function (REPLACE starts with it, and nothing
-of it is in the file) adds REPLACE at the end of the file.
+of it is in the file) adds REPLACE at the end of the file; one whose SEARCH is, or starts
+with, the head of a function and whose REPLACE rewrites that whole function replaces it.
 A block that cannot be applied becomes a ``Failure`` that shows the model the closest real
 lines. The worktree is hostile: only regular files of at most 1 MiB are read, and a path
 outside the worktree, into ``.git`` or through a symlink refuses the whole answer
@@ -325,15 +326,19 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
         matches, fuzzy = _find(lines, search)[0], True
     if not matches and (added := _addition(lines, search, replace)) is not None:
         return added, True
-    if not matches:
+    if not matches and (rewrite := _by_head(lines, search, replace)) is not None:
+        start, size, shift = rewrite
+        fuzzy = True
+    elif not matches:
         reason = f"SEARCH text not found in {edit.path}"
         return Failure(edit, reason, _closest(lines, search))
-    if len(matches) > 1:
+    elif len(matches) > 1:
         where = ", ".join(str(i + 1) for i, _ in matches)
         reason = f"SEARCH matches {len(matches)} places in {edit.path} (lines {where}); "
         return Failure(edit, reason + "include more lines so it matches one", "")
-    start, shift = matches[0]
-    size = _rewritten(lines, start, search, replace) or len(search)
+    else:
+        start, shift = matches[0]
+        size = _rewritten(lines, start, search, replace) or len(search)
     eol = _eol(file.text)
     new = "".join(_reindent(line, shift) + eol for line in replace)
     text = "".join(lines[:start]) + new + "".join(lines[start + size :])
@@ -398,6 +403,24 @@ def _rewritten(lines: list[str], start: int, search: list[str], replace: list[st
     body = {line.strip() for line in lines[start + 1 : end] if line.strip()}
     kept = body & {line.strip() for line in replace[1:]}
     return end - start if body and 2 * len(kept) >= len(body) else 0
+
+
+def _by_head(
+    lines: list[str], search: list[str], replace: list[str]
+) -> tuple[int, int, Shift] | None:
+    """Where a block that matched nowhere rewrites a whole definition: SEARCH starts with the
+    head of one (found once in the file, indented alike or not) and REPLACE is that whole
+    definition rewritten (``_rewritten``). A small model often writes its new version of a
+    function in SEARCH too. (start, length, shift), or None."""
+    if not search or not _DEFINED.search(search[0]):
+        return None
+    heads = [i for i, line in enumerate(lines) if line.strip() == search[0].strip()]
+    if len(heads) != 1:
+        return None
+    start = heads[0]
+    shift = _shift([lines[start]], search[:1])
+    size = _rewritten(lines, start, [_body(lines[start])], replace)
+    return (start, size, shift) if shift is not None and size else None
 
 
 def _unwrap(lines: list[str], path: str) -> list[str] | None:

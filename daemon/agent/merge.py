@@ -26,20 +26,17 @@ def whole(path: str, original: str, new: str) -> str | None:
 
 
 def merge_python(original: str, new: str) -> str | None:
-    """``new`` when it is the whole file: it keeps every top-level definition of
-    ``original``, or has as many and starts as the file does (one was renamed). Else, with
-    fewer definitions, a part: ``new``'s definitions merged into ``original`` by name, a
-    class's methods one by one, and its missing imports added after the file's; what it
-    lacks is kept, never dropped. None when either does not parse."""
+    """``new`` when it is the whole file: it keeps every definition of ``original``, a
+    class's methods too (``_drops``). Else a part: ``new``'s definitions merged into
+    ``original`` by name, a class's methods one by one, and its missing imports added after
+    the file's; what it lacks is kept, never dropped. None when either does not parse."""
     try:
         a, b = ast.parse(original), ast.parse(new)
     except (SyntaxError, ValueError):
         return None
-    mine = {n.name for n in a.body if isinstance(n, _DEFS)}
-    theirs = {n.name for n in b.body if isinstance(n, _DEFS)}
     first = next((line for line in original.splitlines() if line.strip()), "")
-    if mine <= theirs or (len(theirs) >= len(mine) and new.lstrip().startswith(first)):
-        return new  # every definition kept, or as many and it starts as the file does: renamed
+    if not _drops(a.body, b.body, renamed=new.lstrip().startswith(first)):
+        return new
     old_lines, new_lines = original.splitlines(keepends=True), new.splitlines(keepends=True)
     changes = _merge(a.body, b.body, new_lines, len(old_lines))
     imports = [
@@ -58,6 +55,22 @@ def merge_python(original: str, new: str) -> str | None:
         old_lines[start:end] = [text]
     merged = "".join(old_lines)
     return merged if merged.endswith("\n") else merged + "\n"
+
+
+def _drops(mine: list[ast.stmt], theirs: list[ast.stmt], *, renamed: bool = False) -> bool:
+    """Whether ``theirs`` lacks a definition of ``mine`` (at the top or in a class both
+    have). Lacking one but having as many is a rename, where ``renamed`` allows it (at the
+    top: the text starts as the file does)."""
+    a = {n.name: n for n in mine if isinstance(n, _DEFS)}
+    b = {n.name: n for n in theirs if isinstance(n, _DEFS)}
+    if set(a) - set(b) and not (renamed and len(b) >= len(a)):
+        return True
+    both = a.keys() & b.keys()
+    return any(
+        _drops(x.body, y.body, renamed=True)
+        for x, y in ((a[k], b[k]) for k in both)
+        if isinstance(x, ast.ClassDef) and isinstance(y, ast.ClassDef)
+    )
 
 
 Change = tuple[int, int, str]  # replace old lines [start, end) (0-based) with text
