@@ -652,3 +652,12 @@ def test_a_fragment_under_a_head_is_no_rewrite(tmp_path: Path) -> None:
     fragment = "def moving_average(values, window):\n    total = 0\n"  # keeps none of the body
     applied = apply(tmp_path, [edit("s.py", fragment, fragment)])
     assert len(applied.failures) == 1 and (tmp_path / "s.py").read_text() == MOVING
+
+
+def test_line_numbers_copied_from_a_reflection_are_not_part_of_search(tmp_path: Path) -> None:
+    (tmp_path / "s.py").write_text(MOVING)
+    search = "1 | def moving_average(values, window):\n 2 |     if window <= 0:\n"
+    replace = "def moving_average(values, window):\n    if window < 1:\n"
+    applied = apply(tmp_path, [edit("s.py", search, replace)])
+    assert applied.failures == ()
+    assert (tmp_path / "s.py").read_text() == MOVING.replace("window <= 0", "window < 1")

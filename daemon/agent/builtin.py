@@ -450,11 +450,6 @@ def _example(fmt: str, shown: context.Context, words: Sequence[str], path: str =
     return f"{head}{path}\n{fence}\n{block}{fence}\n"
 
 
-_TEST = re.compile(
-    r"(^|/)(tests?|spec|__tests__)/|(^|/)test_[^/]*$|_test\.\w+$|\.(test|spec)\.\w+$"
-)
-
-
 def _focus(shown: context.Context, words: Sequence[str], path: str = "") -> tuple[str, str] | None:
     """Where to show the format: in ``path`` if given, else in the shown files that are not
     tests (most relevant first), the line that defines one of the ticket's words, else the
@@ -462,7 +457,7 @@ def _focus(shown: context.Context, words: Sequence[str], path: str = "") -> tupl
     paths = (
         [path]
         if path in shown.bodies
-        else sorted(shown.bodies, key=lambda p: bool(_TEST.search(p)))
+        else sorted(shown.bodies, key=lambda p: bool(context.TEST.search(p)))
     )
     if not paths:
         return None
@@ -470,7 +465,7 @@ def _focus(shown: context.Context, words: Sequence[str], path: str = "") -> tupl
     for word in words:
         name = re.escape(word.split(".")[-1])
         for p in paths:
-            if _TEST.search(p) and p != path:
+            if context.TEST.search(p) and p != path:
                 continue
             hit = next(
                 (x for x in lines[p] if re.match(r"\s*" + context.DEFINITION + name + r"\b", x)),

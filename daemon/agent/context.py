@@ -32,6 +32,7 @@ STOPWORDS = frozenset(
 )
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 DEFINITION = r"(?:async\s+)?(?:def|class|function|fn|func|struct|interface|type)\s+"
+TEST = re.compile(r"(^|/)(tests?|spec|__tests__)/|(^|/)test_[^/]*$|_test\.\w+$|\.(test|spec)\.\w+$")
 OUTLINE = re.compile(rf"^\s*(?:@\w|{DEFINITION})")
 PATHLIKE = re.compile(r"[\w./-]+\.[A-Za-z0-9]{1,8}")
 
@@ -72,7 +73,7 @@ def gather(
     for token in PATHLIKE.findall(ticket_text):
         for path in listing:
             if path == token or path.endswith("/" + token) or Path(path).name == token:
-                ranked[path] += 100
+                ranked[path] += 110  # named by the ticket: first
                 named.add(token)
     words = [w.split(".")[-1] for w in keywords(ticket_text) if w not in named]
     for word in words:  # a file name was matched above: not a word to search for
@@ -83,7 +84,10 @@ def gather(
     defining = re.compile(rf"^\s*{DEFINITION}(?:{'|'.join(map(re.escape, words))})\b", re.M)
     for path, body in bodies.items():
         if words and body and defining.search(body):
-            ranked[path] += 50  # defines what the ticket names: where the change goes
+            ranked[path] += 100  # defines what the ticket names: where the change goes
+    for path in ranked:
+        if TEST.search(path):
+            ranked[path] -= 60  # a test, even one the ticket names, after the code it tests
     tree = _file_tree(listing, max(200, budget_tokens // 8))
     used = estimate_tokens(tree)
     shown: dict[str, str] = {}

@@ -68,6 +68,7 @@ _LANGUAGES = frozenset(
     "python python3 ruby rust sh shell sql text toml ts typescript txt xml yaml yml".split()
 )
 _LINE = re.compile(r"[^\n]*\n|[^\n]+\Z")
+_NUMBERED = re.compile(r"^\s*\d+ \|(?: |$)")  # a line as ``_numbered`` shows it
 _DEFINED = re.compile(r"\b(?:def|class|function|fn|func)\s+(\w+)")
 _WORD = re.compile(r"\w+|[^\w\s]")
 _CONTEXT = 2  # lines shown around the closest match
@@ -350,8 +351,11 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
 def _repair(search: list[str], replace: list[str], path: str) -> tuple[list[str], list[str]] | None:
     """SEARCH and REPLACE as aider repairs a SEARCH that matches nowhere: without a spurious
     leading blank line, and without a fence wrapped round the section (a line naming the file
-    may stand above it); REPLACE loses the same only where it has them. None if no repair."""
+    may stand above it); REPLACE loses the same only where it has them. Line numbers copied
+    from the closest lines a reflection showed ("12 | ...") go too. None if no repair."""
     s, r = search, replace
+    if any(_NUMBERED.match(line) for line in s):  # copied from the closest lines we showed
+        s, r = [_NUMBERED.sub("", x) for x in s], [_NUMBERED.sub("", x) for x in r]
     if len(s) > 2 and not s[0].strip():
         s, r = s[1:], r[1:] if r and not r[0].strip() else r
     inner = _unwrap(s, path)
