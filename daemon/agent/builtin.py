@@ -418,7 +418,7 @@ def _other(plan: _Plan) -> str:
 def _reminder(fmt: str, shown: context.Context, words: Sequence[str]) -> str:
     """The format named again after the ticket, with the file the change most likely goes to
     (``_focus``); the system prompt's example is another project's."""
-    found = _focus(shown, words)
+    found = _focus(shown, words, guess=False)
     where = f" (the change most likely goes to {found[0]})" if found else ""
     how = {
         formats.SEARCH_REPLACE: "SEARCH/REPLACE blocks, each after its file's path",
@@ -450,10 +450,12 @@ def _example(fmt: str, shown: context.Context, words: Sequence[str], path: str =
     return f"{head}{path}\n{fence}\n{block}{fence}\n"
 
 
-def _focus(shown: context.Context, words: Sequence[str], path: str = "") -> tuple[str, str] | None:
+def _focus(
+    shown: context.Context, words: Sequence[str], path: str = "", *, guess: bool = True
+) -> tuple[str, str] | None:
     """Where to show the format: in ``path`` if given, else in the shown files that are not
-    tests (most relevant first), the line that defines one of the ticket's words, else the
-    first definition (or line) of the most relevant file."""
+    tests (most relevant first), the line that defines one of the ticket's words, else (with
+    ``guess``) the first definition (or line) of the most relevant file."""
     paths = (
         [path]
         if path in shown.bodies
@@ -473,6 +475,8 @@ def _focus(shown: context.Context, words: Sequence[str], path: str = "") -> tupl
             )
             if hit is not None:
                 return p, hit
+    if not guess and path not in shown.bodies:
+        return None  # no file defines what the ticket names: a new one, maybe; say none
     first = lines[paths[0]]
     line = next(
         (x for x in first if re.match(r"\s*" + context.DEFINITION, x)), first[0] if first else ""
