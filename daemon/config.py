@@ -119,7 +119,7 @@ class AgentConfig(_Section):
     max_memory_mb: float = Field(default=0, ge=0)  # the agent's process tree; 0: no limit
     max_context_files: int = Field(default=12, ge=0, le=200)
     whole_files: int = Field(default=3, ge=1, le=50)  # builtin: shown whole; others outlined
-    candidates: int = Field(default=2, ge=1, le=10)  # builtin: fresh attempts per model
+    candidates: int = Field(default=3, ge=1, le=10)  # builtin: fresh attempts per model
     edit_format: Literal["auto", "search-replace", "whole", "udiff"] = "auto"  # builtin
     sandbox: Literal["auto", "required", "off"] = "auto"
     allow_hosts: tuple[str, ...] = ()  # host:port the agent and checks may reach (a proxy)

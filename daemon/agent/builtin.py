@@ -154,7 +154,7 @@ class Settings:
     max_context_files: int
     whole_files: int = 3  # of the files shown, this many whole, the others as outlines
     lessons: str = ""  # learned from earlier runs (insights); appended to the system prompt
-    candidates: int = 2  # fresh attempts per model when one fails
+    candidates: int = 3  # fresh attempts per model when one fails
     edit_format: str = "auto"  # or one of formats.FORMATS
     learned_formats: Mapping[str, str] = field(default_factory=dict)  # model -> what worked
 
