@@ -12,7 +12,9 @@ dropping the rest of the file as a whole-file rewrite would.
 ``place`` maps each edit to a real file: a path copied from an example or decorated by the
 model (``path/to/textkit/inventory.py``, ``inventory.py``) is the listed file it ends with,
 or the one listed file of that name; a fence without a path is the shown file whose
-definitions it shares. A placeholder path (``path/to/...``, ``<path>``) is never created.
+definitions it shares, a block without one the shown file holding its SEARCH. A placeholder
+path (``path/to/...``, ``<path>``) or the system prompt's example file is never created, and
+a fence holding another shown file's code under this path is refused.
 """
 
 from __future__ import annotations
