@@ -150,12 +150,14 @@ class Store:
                 ),
             )
 
-    def edit_formats(self, recent: int = 10) -> dict[str, str]:
+    def edit_formats(self, recent: int = 10, window: int = 200) -> dict[str, str]:
         """Per model, the edit format most of its last ``recent`` passing answers were in
-        (the latest wins a tie)."""
+        (the latest wins a tie), among the last ``window`` of all models: asked at every
+        run's start, it reads a bounded tail of the history, however long that grows."""
         rows = self._read(
             "SELECT model, edit_format FROM runs WHERE edit_format IS NOT NULL AND model IS NOT"
-            " NULL ORDER BY id DESC"
+            " NULL ORDER BY id DESC LIMIT ?",
+            (window,),
         )
         seen: dict[str, list[str]] = {}
         for row in rows:

@@ -546,3 +546,16 @@ def test_the_most_relevant_files_are_shown_whole_and_the_others_as_outlines(
     assert sorted(whole + outlined) == [0, 1, 2, 3, 4]
     for n in outlined:
         assert f"def greet{n}():\nclass Part{n}:" in files
+
+
+def test_a_server_slow_to_tell_the_context_length_costs_the_run_no_more_than_a_health_check(
+    project: Project,
+) -> None:
+    with FakeOllama([MODEL], context_length=2048) as fake:
+        builtin_config(project, fake, ollama={"num_ctx": 8192, "num_predict": 256})
+        project.ticket("task-44 - Greet.md", body="Change README.md to say hi.")
+        fake.hang(8, path="/api/show")  # answers 2048, but only after 8 s: not waited for
+        fake.reply(block("README.md", "hello\n", "hi\n"))
+        assert run_once(project) == 0
+        # health_check.timeout_s (2 s) bounds the question; the run trusts ollama.num_ctx
+        assert [r.options["num_ctx"] for r in chats(fake)] == [8192]

@@ -32,7 +32,7 @@ from daemon.agent.chain import AgentFailure, Result, walk
 from daemon.agent.command import render_ticket
 from daemon.confine import Confinement
 from daemon.errors import TicketdError
-from daemon.llm.client import Message, Ollama, Reply
+from daemon.llm.client import CHARS_PER_TOKEN, Message, Ollama, Reply, estimate_tokens
 from daemon.repo import Workspace
 from daemon.runctx import RunContext
 from daemon.tickets import Ticket
@@ -143,7 +143,6 @@ FORMAT_NAMES = {
 _YOURS = "(your new lines)"  # the example's placeholder: an answer holding it copied the example
 REFLECTION_RESERVE = 1500  # tokens kept free for feedback and earlier answers (an 8th at most)
 CANDIDATE_TEMPERATURE = 0.6  # a fresh candidate samples; the first answer is deterministic
-_CHARS_PER_TOKEN = 3.0  # the budget's first guess; measured on the model's first answer
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,6 @@ class Settings:
 class _Run:
     """What every attempt of one run shares."""
 
-    ticket: Ticket
     task: str
     workspace: Workspace
     llm: Ollama
@@ -194,7 +192,7 @@ class _Plan:
     num_ctx: int
     format: str
     narrow: bool = False  # fewer files: the window was too small, or the model repeated itself
-    chars_per_token: float = _CHARS_PER_TOKEN
+    chars_per_token: float = CHARS_PER_TOKEN  # measured on the first answer
     answers: list[str] = field(default_factory=list)  # every answer so far, to see repeats
     written: list[str] = field(default_factory=list)  # formats the model answered in
 
@@ -222,7 +220,7 @@ def run(
     result = Result()
     task = render_ticket(ticket, request)
     words = context.keywords(task)
-    r = _Run(ticket, task, workspace, llm, s, suite, confine, ctx, result, log, words)
+    r = _Run(task, workspace, llm, s, suite, confine, ctx, result, log, words)
 
     def attempt(model: str | None, before: TicketdError | None) -> None:
         assert model is not None
@@ -235,7 +233,7 @@ def run(
 def _model(r: _Run, model: str, before: TicketdError | None) -> None:
     """Up to ``candidates`` conversations with ``model``; returns once one passes."""
     s, log = r.s, r.log
-    known = r.llm.context_length(model)
+    known = r.llm.context_length(model, r.ctx)
     num_ctx = min(s.num_ctx, known or s.num_ctx)
     if num_ctx < s.num_ctx:
         log(f"{model}: holds {known} tokens, less than ollama.num_ctx ({s.num_ctx}); using {known}")
@@ -249,7 +247,6 @@ def _model(r: _Run, model: str, before: TicketdError | None) -> None:
                 break
             r.workspace.reset()
             r.result.changed.clear()
-            r.result.candidates += 1
             log(f"{model}: candidate {k + 1}/{s.candidates}, {FORMAT_NAMES[plan.format]}")
         failure = _converse(r, plan, k, before)
         if failure is None:
@@ -314,7 +311,7 @@ def _converse(r: _Run, plan: _Plan, k: int, before: TicketdError | None) -> Agen
         )
         if turn == 0 and call.prompt_tokens and not reply.truncated:
             chars = sum(len(m["content"]) for m in messages)
-            plan.chars_per_token = min(_CHARS_PER_TOKEN, chars / call.prompt_tokens)
+            plan.chars_per_token = min(CHARS_PER_TOKEN, chars / call.prompt_tokens)
         if reply.truncated or _window_full(reply, plan):
             what = (
                 f"Ollama truncated the prompt for {model} (evaluated {call.prompt_tokens} tokens)"
@@ -381,10 +378,10 @@ def _by_size(shown: context.Context) -> str:
 def _budget(plan: _Plan, system: str, task: str, s: Settings) -> int:
     """Tokens left for the repository context, with the measured characters per token."""
     budget = plan.num_ctx - s.num_predict - _reserve(plan) - 200
-    budget -= _tokens(system + task, plan.chars_per_token)
+    budget -= estimate_tokens(system + task, plan.chars_per_token)
     if plan.narrow:
         budget //= 2
-    return budget if budget < 0 else int(budget * plan.chars_per_token / _CHARS_PER_TOKEN)
+    return budget if budget < 0 else int(budget * plan.chars_per_token / CHARS_PER_TOKEN)
 
 
 def _reserve(plan: _Plan) -> int:
@@ -395,10 +392,6 @@ def _window(plan: _Plan, s: Settings) -> str:
     if plan.num_ctx == s.num_ctx:
         return f"ollama.num_ctx ({s.num_ctx})"
     return f"the context of {plan.model} ({plan.num_ctx} tokens, as the server reports)"
-
-
-def _tokens(text: str, chars_per_token: float) -> int:
-    return int(len(text) / chars_per_token) + 1
 
 
 def _window_full(reply: Reply, plan: _Plan) -> bool:
@@ -470,7 +463,7 @@ def _focus(
             if context.TEST.search(p) and p != path:
                 continue
             hit = next(
-                (x for x in lines[p] if re.match(r"\s*" + context.DEFINITION + name + r"\b", x)),
+                (x for x in lines[p] if re.match(r"\s*" + edits.DEFINITION + name + r"\b", x)),
                 None,
             )
             if hit is not None:
@@ -479,7 +472,7 @@ def _focus(
         return None  # no file defines what the ticket names: a new one, maybe; say none
     first = lines[paths[0]]
     line = next(
-        (x for x in first if re.match(r"\s*" + context.DEFINITION, x)), first[0] if first else ""
+        (x for x in first if re.match(r"\s*" + edits.DEFINITION, x)), first[0] if first else ""
     )
     return paths[0], line
 
@@ -507,7 +500,7 @@ def _apply_and_check(answer: str, r: _Run, plan: _Plan, shown: context.Context) 
             "EDIT_PARSE_FAILED",
             read.format,
         )
-    placed, unplaced = formats.place(read.edits, r.workspace.files(), dict(shown.bodies))
+    placed, unplaced = formats.place(read.edits, shown.listing, shown.bodies)
     try:
         applied = edits.apply(worktree, placed)
     except TicketdError as e:
@@ -543,6 +536,9 @@ def _fit(messages: list[Message], plan: _Plan, s: Settings) -> list[Message]:
     until the conversation fits the model's window with room for the answer."""
     kept = list(messages)
     limit = plan.num_ctx - s.num_predict
-    while len(kept) > 4 and sum(_tokens(m["content"], plan.chars_per_token) for m in kept) > limit:
+    while (
+        len(kept) > 4
+        and sum(estimate_tokens(m["content"], plan.chars_per_token) for m in kept) > limit
+    ):
         del kept[2:4]
     return kept

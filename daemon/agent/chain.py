@@ -35,7 +35,6 @@ class Result:
     checks_passed: bool = False
     changed: set[str] = field(default_factory=set)
     attempts: int = 0  # runs of a command agent
-    candidates: int = 0  # builtin: fresh candidates after a first one failed
     edit_format: str = ""  # builtin: the format of the answer that passed
 
     @property

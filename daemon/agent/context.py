@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon import files
+from daemon.agent.edits import DEFINITION
 from daemon.llm.client import estimate_tokens
 from daemon.repo import Workspace
 
@@ -31,7 +32,6 @@ STOPWORDS = frozenset(
     ).split()
 )
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-DEFINITION = r"(?:async\s+)?(?:def|class|function|fn|func|struct|interface|type)\s+"
 TEST = re.compile(r"(^|/)(tests?|spec|__tests__)/|(^|/)test_[^/]*$|_test\.\w+$|\.(test|spec)\.\w+$")
 OUTLINE = re.compile(rf"^\s*(?:@\w|{DEFINITION})")
 PATHLIKE = re.compile(r"[\w./-]+\.[A-Za-z0-9]{1,8}")
@@ -45,6 +45,7 @@ class Context:
     dropped: tuple[str, ...]  # relevant but over the budget
     tokens: int
     bodies: dict[str, str] = field(default_factory=dict)  # the files shown, path -> text
+    listing: tuple[str, ...] = ()  # the base commit's files
 
 
 def keywords(text: str) -> list[str]:
@@ -119,7 +120,7 @@ def gather(
         parts.append(block)
         used += cost
     text = "\n".join(reversed(parts))  # the most relevant last, next to the question
-    return Context(tree, text, tuple(shown), tuple(dropped), used, shown)
+    return Context(tree, text, tuple(shown), tuple(dropped), used, shown, tuple(listing))
 
 
 def _file_tree(listing: list[str], budget_tokens: int) -> str:

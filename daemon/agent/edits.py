@@ -69,7 +69,9 @@ _LANGUAGES = frozenset(
 )
 _LINE = re.compile(r"[^\n]*\n|[^\n]+\Z")
 _NUMBERED = re.compile(r"^\s*\d+ \|(?: |$)")  # a line as ``_numbered`` shows it
-_DEFINED = re.compile(r"\b(?:def|class|function|fn|func)\s+(\w+)")
+# the head of a function, class or type: "def f", "async def f", "class C", "fn f", "struct S"
+DEFINITION = r"(?:async\s+)?(?:def|class|function|fn|func|struct|interface|type)\s+"
+_DEFINED = re.compile(rf"\b{DEFINITION}(\w+)")
 _WORD = re.compile(r"\w+|[^\w\s]")
 _CONTEXT = 2  # lines shown around the closest match
 _SHOWN = 12  # at most this many lines shown
@@ -107,7 +109,7 @@ def parse(answer: str, *, pathless: bool = False) -> list[Edit]:
         if divider == len(lines) or not _DIVIDER.match(lines[divider]):
             raise _malformed(index, where, "missing '=======' between SEARCH and REPLACE")
         replace, end = _replace_part(lines, divider, index, where)
-        edits.append(Edit(path, _join(lines[i + 1 : divider]), _join(replace), index))
+        edits.append(Edit(path, join_lines(lines[i + 1 : divider]), join_lines(replace), index))
         start = i = end + 1
     return edits
 
@@ -157,7 +159,7 @@ def _path_before(lines: list[str], start: int, i: int) -> str | None:
             continue
         fence = _FENCE.match(line)
         if fence is None or "." in fence[1] or "/" in fence[1]:
-            path = _as_path(fence[1] if fence else line)
+            path = as_path(fence[1] if fence else line)
             return path if fences < 2 or (path and re.search(r"[./]", path)) else None
         if fences == 2:
             return None
@@ -165,7 +167,7 @@ def _path_before(lines: list[str], start: int, i: int) -> str | None:
     return None
 
 
-def _as_path(line: str) -> str | None:
+def as_path(line: str) -> str | None:
     """``line`` as a file path without decorations (``**``, backticks, a trailing colon, a
     heading mark, ``File:``), or None when it reads as prose. A label (a bare word with a
     trailing colon and no ``.`` or ``/``: "Changes:"), a fence's language tag ("python") and a
@@ -180,7 +182,7 @@ def _as_path(line: str) -> str | None:
     return text if any(c.isalnum() for c in text) and text.casefold() not in _LANGUAGES else None
 
 
-def _join(lines: list[str]) -> str:
+def join_lines(lines: list[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
@@ -305,7 +307,7 @@ def _apply_one(edit: Edit, file: _File, blocked: bool) -> tuple[str, bool] | Fai
         return text, False
     if not edit.search.strip():  # create the file
         inner = _unwrap(_split(edit.replace), edit.path)  # a fence round the whole file
-        content = edit.replace if inner is None else _join(inner)
+        content = edit.replace if inner is None else join_lines(inner)
         if file.text is None:
             if blocked:
                 return Failure(edit, f"cannot create {edit.path}: a file is in the way", "")
@@ -377,12 +379,12 @@ def _addition(lines: list[str], search: list[str], replace: list[str]) -> str | 
         return None
     text = "".join(lines)
     if any(
-        re.search(rf"\b(?:def|class|function|fn|func)\s+{re.escape(n)}\b", text)
+        re.search(rf"\b{DEFINITION}{re.escape(n)}\b", text)
         for n in _DEFINED.findall("".join(search))
     ):
         return None
     gap = "" if not text else "\n\n" if text.endswith("\n") else "\n\n\n"
-    return text + gap + _join(replace)
+    return text + gap + join_lines(replace)
 
 
 def _rewritten(lines: list[str], start: int, search: list[str], replace: list[str]) -> int:
@@ -429,7 +431,7 @@ def _by_head(
 
 def _unwrap(lines: list[str], path: str) -> list[str] | None:
     """The lines inside a fence that wraps them all, or None when no fence does."""
-    name = _as_path(lines[0]) if len(lines) > 2 else None
+    name = as_path(lines[0]) if len(lines) > 2 else None
     if name in (path, path.rsplit("/", 1)[-1]) and _FENCE.match(lines[1]):
         lines = lines[1:]
     if len(lines) > 1 and _FENCE.match(lines[0]) and _CLOSING_FENCE.match(lines[-1]):

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
-from daemon.agent import edits
+from daemon.agent import edits, merge
 from daemon.agent.edits import Edit, Failure
 
 SEARCH_REPLACE, UDIFF, WHOLE = "search-replace", "udiff", "whole"
@@ -42,7 +42,6 @@ _PATHLIKE = re.compile(r"[\w.-]*[\w-](?:/[\w.-]+)*\.[A-Za-z0-9]{1,8}\b|[\w.-]+(?
 _COMMENT_PATH = re.compile(r"^\s*(?:#|//|--)\s*(?:file(?:name)?\s*:\s*)?(\S+)\s*$", re.IGNORECASE)
 EXAMPLE_PATH = "greeting.py"  # the system prompt's example file: another project's
 _PLACEHOLDER = re.compile(r"^(?:path/to/|your[_/-])|[<>{}]|(?:^|/)(?:file|filename)\.\w+$")
-_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,9 @@ def _diff(lines: list[str]) -> list[Edit]:
             before.pop()  # the blank line after the diff is no context
             after.pop()
         if before != after:
-            found.append(Edit(path, _join(before), _join(after), len(found) + 1))
+            found.append(
+                Edit(path, edits.join_lines(before), edits.join_lines(after), len(found) + 1)
+            )
     return found
 
 
@@ -125,13 +126,13 @@ def _fenced(lines: list[str]) -> list[Edit]:
         body = lines[i + 1 : end]
         path = _path_above(lines, i) or (info if re.search(r"[./]", info) else "")
         if info.casefold() in _NOT_FILES:  # a command or its output, unless a path heads it
-            path = path if path == edits._as_path(_above(lines, i)) else ""
+            path = path if path == edits.as_path(_above(lines, i)) else ""
             body = body if path else []
         if any(line.strip() for line in body):
             comment = _COMMENT_PATH.match(body[0])
             if comment and _PATHLIKE.fullmatch(comment[1]):  # "# textkit/strings.py"
                 path, body = path or comment[1], body[1:]
-            found.append(Edit(path, "", _join(body), len(found) + 1, whole=True))
+            found.append(Edit(path, "", edits.join_lines(body), len(found) + 1, whole=True))
         i = end + 1
     return found
 
@@ -141,7 +142,7 @@ def _path_above(lines: list[str], fence: int) -> str:
     above = _above(lines, fence)
     if _OPEN.match(above):
         return ""
-    path = edits._as_path(above)
+    path = edits.as_path(above)
     if path and re.search(r"[./]", path):
         return path
     words = _PATHLIKE.findall(above.replace("`", " ").replace("*", " "))
@@ -152,12 +153,8 @@ def _above(lines: list[str], i: int) -> str:
     return next((line for line in reversed(lines[:i]) if line.strip()), "")
 
 
-def _join(lines: list[str]) -> str:
-    return "".join(f"{line}\n" for line in lines)
-
-
 def place(
-    found: Sequence[Edit], listing: Sequence[str], shown: dict[str, str]
+    found: Sequence[Edit], listing: Sequence[str], shown: Mapping[str, str]
 ) -> tuple[list[Edit], list[Failure]]:
     """The edits with the paths they mean (see the module's doc), and those that name no file
     ticketd may create. ``listing``: the repository's files; ``shown``: the files shown to
@@ -202,7 +199,7 @@ def locate(path: str, listing: Sequence[str]) -> str:
     return same[0] if len(same) == 1 and _PLACEHOLDER.search(path) else path
 
 
-def _by_content(text: str, shown: dict[str, str]) -> str:
+def _by_content(text: str, shown: Mapping[str, str]) -> str:
     """The shown Python file sharing the most top-level names with ``text``; "" if none."""
     names = _names(text)
     if not names:
@@ -213,7 +210,7 @@ def _by_content(text: str, shown: dict[str, str]) -> str:
     return hits[0] if best and len(hits) == 1 else ""
 
 
-def _by_search(edit: Edit, shown: dict[str, str]) -> str:
+def _by_search(edit: Edit, shown: Mapping[str, str]) -> str:
     """The one shown file holding the block's SEARCH lines (ignoring trailing whitespace)."""
     want = [line.rstrip() for line in edit.search.splitlines()]
     if not any(want):
@@ -226,7 +223,7 @@ def _holds(lines: list[str], want: list[str]) -> bool:
     return any(lines[i : i + len(want)] == want for i in range(len(lines) - len(want) + 1))
 
 
-def _elsewhere(path: str, text: str, shown: dict[str, str]) -> str:
+def _elsewhere(path: str, text: str, shown: Mapping[str, str]) -> str:
     """The other shown file whose definitions ``text`` repeats, when it shares none with
     ``path``'s: a model that wrote out the wrong file under this path. "" if none."""
     owner = _by_content(text, shown)
@@ -240,4 +237,4 @@ def _names(text: str) -> set[str]:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
         return set()
-    return {node.name for node in tree.body if isinstance(node, _DEFS)}
+    return {node.name for node in tree.body if isinstance(node, merge.DEFS)}

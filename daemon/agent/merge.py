@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 
-_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 def whole(path: str, original: str, new: str) -> str | None:
@@ -61,8 +61,8 @@ def _drops(mine: list[ast.stmt], theirs: list[ast.stmt], *, renamed: bool = Fals
     """Whether ``theirs`` lacks a definition of ``mine`` (at the top or in a class both
     have). Lacking one but having as many is a rename, where ``renamed`` allows it (at the
     top: the text starts as the file does)."""
-    a = {n.name: n for n in mine if isinstance(n, _DEFS)}
-    b = {n.name: n for n in theirs if isinstance(n, _DEFS)}
+    a = {n.name: n for n in mine if isinstance(n, DEFS)}
+    b = {n.name: n for n in theirs if isinstance(n, DEFS)}
     if set(a) - set(b) and not (renamed and len(b) >= len(a)):
         return True
     both = a.keys() & b.keys()
@@ -81,11 +81,11 @@ def _merge(
 ) -> list[Change]:
     """The changes that put each definition of ``theirs`` in place of ``mine``'s of the same
     name (a class present in both: method by method), new ones at ``end``."""
-    by_name = {n.name: n for n in mine if isinstance(n, _DEFS)}
+    by_name = {n.name: n for n in mine if isinstance(n, DEFS)}
     changes: list[Change] = []
     added: list[str] = []
     for node in theirs:
-        if not isinstance(node, _DEFS):
+        if not isinstance(node, DEFS):
             continue
         text = "".join(new_lines[_start(node) : node.end_lineno])
         old = by_name.get(node.name)
@@ -95,8 +95,8 @@ def _merge(
             isinstance(old, ast.ClassDef)
             and isinstance(node, ast.ClassDef)
             and not (
-                {n.name for n in old.body if isinstance(n, _DEFS)}
-                <= {n.name for n in node.body if isinstance(n, _DEFS)}
+                {n.name for n in old.body if isinstance(n, DEFS)}
+                <= {n.name for n in node.body if isinstance(n, DEFS)}
             )
         ):
             changes += _merge(old.body, node.body, new_lines, old.end_lineno or end)

@@ -46,9 +46,12 @@ class _Transient(LLMError):
     pass
 
 
-def estimate_tokens(text: str) -> int:
-    """A deliberately high estimate (3 characters a token) used to budget prompts."""
-    return math.ceil(len(text) / 3)
+CHARS_PER_TOKEN = 3.0  # deliberately few: a high estimate, until a model's is measured
+
+
+def estimate_tokens(text: str, chars_per_token: float = CHARS_PER_TOKEN) -> int:
+    """A deliberately high estimate of ``text``'s tokens, used to budget prompts."""
+    return math.ceil(len(text) / chars_per_token)
 
 
 def looks_truncated(prompt_chars: int, count: int, num_ctx: int, *, shortfall: bool) -> bool:
@@ -334,13 +337,21 @@ class Ollama:
                 code="MODEL_NOT_FOUND",
             )
 
-    def context_length(self, model: str) -> int | None:
+    def context_length(self, model: str, ctx: RunContext | None = None) -> int | None:
         """The most tokens ``model`` can hold: the context it was trained with, from
         ``/api/show`` (Ollama cuts a larger ``num_ctx`` to it). None when the server does not
-        say or cannot be asked: then ``num_ctx`` is taken on trust."""
+        say, or not within the health check's timeout: then ``num_ctx`` is taken on trust. A
+        cancel of ``ctx`` ends the request at once."""
+        ctx = ctx or RunContext()
+        wait = ctx.timeout(self.connect_timeout_s)
+        self._client._client.timeout = httpx.Timeout(
+            wait, connect=min(wait, self.connect_timeout_s)
+        )
         try:
-            info = self._client.show(model).modelinfo or {}
+            with ctx.on_cancel(self.abort):
+                info = self._client.show(model).modelinfo or {}
         except (ollama.ResponseError, httpx.HTTPError, ConnectionError):
+            ctx.check()
             return None
         length = info.get(f"{info.get('general.architecture')}.context_length")
         return length if isinstance(length, int) and length > 0 else None
