@@ -98,7 +98,8 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Show waiting tickets and why, running ones with stage and elapsed time, recent outcomes."""
+    """Show waiting tickets and why, running ones with stage, elapsed time and Ollama host,
+    the tickets on each Ollama host of a pool, recent outcomes."""
     from daemon.status import collect
     from daemon.store import Store
 
@@ -106,7 +107,9 @@ def status(
     backlog = _backlog(cfg)
     store = Store(cfg.state_dir / "history.sqlite3")
     try:
-        report = collect(backlog, store, datetime.now(UTC))
+        report = collect(
+            backlog, store, datetime.now(UTC), cfg.ollama.pool if cfg.needs_ollama else ()
+        )
     finally:
         store.close()
     if as_json:
@@ -121,17 +124,27 @@ def status(
     )
     _table(
         "Running",
-        ["ticket", "stage", "elapsed", "owner"],
+        ["ticket", "stage", "elapsed", "owner", "ollama host"],
         [
             [
                 r["taskId"],
                 r["stage"] or "-",
                 _secs(r["elapsedS"]),
                 (r["owner"] or "-") + ("" if r["ownerAlive"] is not False else " (dead)"),
+                r["ollamaHost"] or "-",
             ]
             for r in report["running"]
         ],
     )
+    if len(report["ollamaHosts"]) > 1:
+        _table(
+            "Ollama hosts",
+            ["host", "tickets", "max_tickets", "weight"],
+            [
+                [h["host"], str(h["tickets"]), str(h["maxTickets"] or "-"), f"{h['weight']:g}"]
+                for h in report["ollamaHosts"]
+            ],
+        )
     _table(
         "Pull requests in review",
         ["ticket", "pull request", "revisions", "since"],

@@ -1,7 +1,8 @@
 """Load and validate ``config.yaml`` into frozen objects.
 
 The file is found by ``--config``, then ``$TICKETD_CONFIG``, then ``./config.yaml``. Relative
-paths resolve against the config file's folder. ``OLLAMA_HOST`` overrides ``ollama.host``.
+paths resolve against the config file's folder. ``OLLAMA_HOST`` overrides ``ollama.host``
+(not ``ollama.hosts``, a pool).
 Unknown keys and bad values raise ``ConfigError`` naming the file, the key, its line and the
 problem. This is the only module that reads the environment.
 """
@@ -12,9 +13,17 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from daemon.errors import ConfigError
 
@@ -163,8 +172,33 @@ class BreakerConfig(_Section):
     reset_timeout_s: float = Field(default=30, gt=0)
 
 
+class OllamaHost(_Section):
+    """One Ollama server of the pool (``ollama.hosts``)."""
+
+    url: str
+    weight: float = Field(default=1, gt=0)  # its share of tickets, against the others'
+    max_tickets: int | None = Field(default=None, ge=1)  # tickets pinned to it at once
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        url = url.strip().rstrip("/")
+        full = url if "://" in url else f"http://{url}"
+        try:
+            parts = urlsplit(full)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise ValueError(f"{url!r} is not a URL: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s)://host:port URL")
+        if parts.username is not None:  # the ollama client would drop it without a word
+            raise ValueError(f"{url!r}: a user or password in the URL is not sent to Ollama")
+        return full
+
+
 class OllamaConfig(_Section):
     host: str = "http://127.0.0.1:11434"
+    hosts: tuple[OllamaHost, ...] = ()  # a pool of servers; empty: the one ollama.host
     models: tuple[str, ...] = ("qwen2.5-coder:7b",)
     models_by_label: dict[str, tuple[str, ...]] = {}
     review_model: str | None = None
@@ -184,6 +218,34 @@ class OllamaConfig(_Section):
         if not models:
             raise ValueError("list at least one model")
         return models
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _short_hosts(cls, hosts: Any) -> Any:
+        """A host may be given as its URL alone."""
+        if isinstance(hosts, list | tuple):
+            return [{"url": h} if isinstance(h, str) else h for h in hosts]
+        return hosts
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: tuple[OllamaHost, ...]) -> tuple[OllamaHost, ...]:
+        urls = [h.url for h in hosts]
+        twice = sorted({u for u in urls if urls.count(u) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once")
+        return hosts
+
+    @model_validator(mode="after")
+    def _one_form(self) -> OllamaConfig:
+        if self.hosts and "host" in self.model_fields_set:
+            raise ValueError("set ollama.host (one server) or ollama.hosts (a pool), not both")
+        return self
+
+    @property
+    def pool(self) -> tuple[OllamaHost, ...]:
+        """The servers tickets are routed to: ``hosts``, else the one ``host``."""
+        return self.hosts or (OllamaHost(url=self.host),)
 
 
 class CheckCommand(_Section):
@@ -378,8 +440,9 @@ class Config(_Section):
             if (k in AGENT_ENV or k.startswith("LC_") or k in self.agent.pass_env)
             and k not in hidden
         }
-        env.setdefault("OLLAMA_HOST", self.ollama.host)
-        env.setdefault("OLLAMA_API_BASE", self.ollama.host)
+        first = self.ollama.pool[0].url  # a run using Ollama gets its own host (see pool)
+        env.setdefault("OLLAMA_HOST", first)
+        env.setdefault("OLLAMA_API_BASE", first)
         env.update(self.agent.env)
         return env
 
@@ -444,7 +507,7 @@ def parse(text: str, path: Path) -> Config:
     host = os.environ.get("OLLAMA_HOST")
     if host:
         data.setdefault("ollama", {})
-        if isinstance(data["ollama"], dict):
+        if isinstance(data["ollama"], dict) and not data["ollama"].get("hosts"):
             data["ollama"]["host"] = host
     try:
         config = Config.model_validate({**data, "path": path})

@@ -2,12 +2,12 @@
 
 ``run`` yields one ``Check`` per line, in this order: the config, the agent program (on the
 PATH the installed systemd unit gives the daemon), the sandbox, the repository, the remote and
-its base branch, a dry-run push, Ollama and each model (present, context long enough), the
-GitHub token (accepted, allowed to push), the writable folders, the installed unit (still what
-``install-service`` would write). A check that needs an earlier one that failed is a FAIL
-whose detail starts with "skipped:". Every FAIL carries a fix: a command to run or a config
-key to change. Nothing here prints, and no text carries a secret: details pass through the
-same ``Redactor`` as the logs.
+its base branch, a dry-run push, Ollama (each host of a pool) and each model (present,
+context long enough), the GitHub token (accepted, allowed to push), the writable folders,
+the installed unit (still what ``install-service`` would write). A check that needs an
+earlier one that failed is a FAIL whose detail starts with "skipped:". Every FAIL carries a
+fix: a command to run or a config key to change. Nothing here prints, and no text carries a
+secret: details pass through the same ``Redactor`` as the logs.
 
 Git runs through ticketd's own runner (hooks off, no prompt), in ticketd's own repositories
 under ``state_dir/git``; in the user's repository only to read the remote's URLs.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -256,43 +257,61 @@ def push(cfg: configuration.Config, remote: Remote, sha: str) -> Check:
 
 
 def ollama(cfg: configuration.Config) -> Iterator[Check]:
-    """Ollama answers, then each model: pulled, and its context at least ``num_ctx``."""
+    """Each Ollama host answers, then each model: pulled (on some host of a pool), and its
+    context at least ``num_ctx``. In a pool, a host down while another answers is a
+    warning: tickets go to the others."""
     if not cfg.needs_ollama:
         yield Check("ollama", "ok", "not used by this configuration")
         return
-    host, wanted = cfg.ollama.host, cfg.wanted_models
-    health = check_health(host, wanted, cfg.ollama.health_check.timeout_s)
-    if not health.ok:
-        fix = f"start Ollama (`ollama serve` or `systemctl start ollama`) at {host}"
-        yield Check("ollama", "FAIL", f"no answer from {host}: {health.error}", fix)
-        for name in wanted:
-            yield _skipped(f"model {name}", "ollama")
-        return
-    yield Check("ollama", "ok", f"Ollama {health.version} at {host}")
+    hosts, wanted = cfg.ollama.pool, cfg.wanted_models
+    with ThreadPoolExecutor(len(hosts)) as asking:
+        healths = list(
+            asking.map(
+                lambda h: check_health(h.url, wanted, cfg.ollama.health_check.timeout_s), hosts
+            )
+        )
+    single = len(hosts) == 1
+    up = [(h.url, health) for h, health in zip(hosts, healths, strict=True) if health.ok]
+    for h, health in zip(hosts, healths, strict=True):
+        where = h.url
+        name = "ollama" if single else f"ollama {where}"
+        if not health.ok:
+            fix = f"start Ollama (`ollama serve` or `systemctl start ollama`) at {where}"
+            said = f"no answer from {where}: {health.error}"
+            yield Check(name, "warn", said, fix) if up else Check(name, "FAIL", said, fix)
+            continue
+        has = "" if single else "; has " + (", ".join(filter(health.has, wanted)) or "no model")
+        yield Check(name, "ok", f"Ollama {health.version} at {where}{has}")
     for name in wanted:
-        if name in health.missing:
-            yield Check(f"model {name}", "FAIL", "not pulled", f"ollama pull {name}")
+        on = [url for url, health in up if health.has(name)]
+        if not up:
+            yield _skipped(f"model {name}", "ollama")
+        elif not on:
+            anywhere = "" if single else " on any host"
+            yield Check(f"model {name}", "FAIL", f"not pulled{anywhere}", f"ollama pull {name}")
         else:
-            yield model(cfg, name)
+            yield model(cfg, name, on)
 
 
-def model(cfg: configuration.Config, name: str) -> Check:
-    """The model's context length (``POST /api/show``) against ``ollama.num_ctx``."""
+def model(cfg: configuration.Config, name: str, hosts: list[str]) -> Check:
+    """The model's context length (``POST /api/show`` on the first of ``hosts`` that have
+    it) against ``ollama.num_ctx``."""
     check = f"model {name}"
     num_ctx = cfg.ollama.num_ctx
+    on = "" if len(cfg.ollama.pool) == 1 else f" on {', '.join(hosts)}"
     try:
-        with httpx.Client(base_url=cfg.ollama.host, timeout=cfg.ollama.timeout_s) as http:
+        with httpx.Client(base_url=hosts[0], timeout=cfg.ollama.timeout_s) as http:
             info = http.post("/api/show", json={"model": name}).raise_for_status().json()
         details = info.get("model_info") or {}
         length = details.get(f"{details.get('general.architecture')}.context_length")
     except (httpx.HTTPError, ValueError, AttributeError) as e:
-        return Check(check, "warn", f"pulled; context length unknown (/api/show: {e})")
+        return Check(check, "warn", f"pulled{on}; context length unknown (/api/show: {e})")
     if not isinstance(length, int):
-        return Check(check, "warn", "pulled; /api/show gives no context length")
+        return Check(check, "warn", f"pulled{on}; /api/show gives no context length")
     if length < num_ctx:
         fix = f"set ollama.num_ctx to at most {length} or use a model with a longer context"
         return Check(check, "FAIL", f"context length {length} < ollama.num_ctx {num_ctx}", fix)
-    return Check(check, "ok", f"pulled, context length {length} >= ollama.num_ctx {num_ctx}")
+    return Check(check, "ok", f"pulled{on}, context length {length} >= ollama.num_ctx {num_ctx}")
 
 
 # -- GitHub -------------------------------------------------------------------------------------

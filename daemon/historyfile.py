@@ -111,6 +111,8 @@ MIGRATIONS = [
     ("runs", "lesson_version", "INTEGER"),  # lessons in the builtin prompt; 0: none
     ("runs", "revision", "INTEGER"),  # a revision run: its pull request's number
     ("runs", "edit_format", "TEXT"),  # builtin: the format of the answer that passed
+    ("runs", "host", "TEXT"),  # the Ollama host the run was pinned to (where it ended)
+    ("llm_calls", "host", "TEXT"),  # the Ollama host that answered (or failed)
 ]
 
 

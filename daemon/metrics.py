@@ -1,7 +1,8 @@
 """Prometheus metrics of one daemon (its own registry: no module-level state).
 
-Counters and histograms are updated by the runner as tickets finish; the queue depth and
-the circuit state are read when ``/metrics`` is scraped.
+Counters and histograms are updated by the runner as tickets finish; the queue depth, each
+Ollama host's circuit state and the tickets pinned to it are read when ``/metrics`` is
+scraped.
 """
 
 from __future__ import annotations
@@ -20,26 +21,49 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("in
 class _Live(Collector):
     """Gauges computed at scrape time from callables."""
 
-    def __init__(self, depth: Callable[[], Mapping[str, int]], circuit: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        depth: Callable[[], Mapping[str, int]],
+        circuits: Callable[[], Mapping[str, int]],
+        pinned: Callable[[], Mapping[str, int]],
+    ) -> None:
         self.depth = depth
-        self.circuit = circuit
+        self.circuits = circuits
+        self.pinned = pinned
 
     def collect(self) -> Iterator[Metric]:
-        queue = GaugeMetricFamily(
-            "ticketd_queue_depth", "Ticket files in each backlog folder.", labels=["folder"]
-        )
-        for folder, count in self.depth().items():
-            queue.add_metric([folder], count)
-        yield queue
-        yield GaugeMetricFamily(
+        yield _gauge("ticketd_queue_depth", "Ticket files in each backlog folder.", self.depth())
+        yield _gauge(
             "ticketd_ollama_circuit_state",
-            "Ollama circuit breaker: 0 closed, 1 half-open, 2 open (0 when Ollama is not used).",
-            value=self.circuit(),
+            "Each Ollama host's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            self.circuits(),
+            "host",
         )
+        yield _gauge(
+            "ticketd_ollama_host_tickets",
+            "Tickets pinned to each Ollama host now.",
+            self.pinned(),
+            "host",
+        )
+
+
+def _gauge(
+    name: str, text: str, values: Mapping[str, int], label: str = "folder"
+) -> GaugeMetricFamily:
+    """A gauge with one sample per key of ``values``, labelled ``label``."""
+    gauge = GaugeMetricFamily(name, text, labels=[label])
+    for key, value in values.items():
+        gauge.add_metric([key], value)
+    return gauge
 
 
 class Metrics:
-    def __init__(self, depth: Callable[[], Mapping[str, int]], circuit: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        depth: Callable[[], Mapping[str, int]],
+        circuits: Callable[[], Mapping[str, int]],
+        pinned: Callable[[], Mapping[str, int]],
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.tickets = Counter(
@@ -60,12 +84,15 @@ class Metrics:
         )
         self.llm_requests = Counter(
             "ticketd_llm_requests",
-            "LLM requests, by model and outcome.",
-            ["model", "outcome"],
+            "LLM requests, by model, outcome and Ollama host.",
+            ["model", "outcome", "host"],
             registry=r,
         )
         self.llm_tokens = Counter(
-            "ticketd_llm_tokens", "LLM tokens, by model and kind.", ["model", "kind"], registry=r
+            "ticketd_llm_tokens",
+            "LLM tokens, by model, kind and Ollama host.",
+            ["model", "kind", "host"],
+            registry=r,
         )
         self.pulls = Counter(
             "ticketd_pull_requests",
@@ -80,7 +107,7 @@ class Metrics:
             registry=r,
         )
         ProcessCollector(registry=r)
-        r.register(_Live(depth, circuit))
+        r.register(_Live(depth, circuits, pinned))
 
     def finished(self, outcome: str, duration_s: float) -> None:
         self.tickets.labels(outcome).inc()
@@ -91,9 +118,9 @@ class Metrics:
 
     def calls(self, calls: list[Call]) -> None:
         for c in calls:
-            self.llm_requests.labels(c.model, c.outcome).inc()
-            self.llm_tokens.labels(c.model, "prompt").inc(c.prompt_tokens)
-            self.llm_tokens.labels(c.model, "eval").inc(c.eval_tokens)
+            self.llm_requests.labels(c.model, c.outcome, c.host).inc()
+            self.llm_tokens.labels(c.model, "prompt", c.host).inc(c.prompt_tokens)
+            self.llm_tokens.labels(c.model, "eval", c.host).inc(c.eval_tokens)
 
     def pull(self, event: str) -> None:
         self.pulls.labels(event).inc()

@@ -23,7 +23,8 @@ from daemon.agent import builtin, command
 from daemon.agent.chain import Result
 from daemon.confine import Confinement
 from daemon.errors import AgentError, GitError
-from daemon.llm.client import Call, Ollama
+from daemon.llm.client import Call
+from daemon.llm.pool import Route
 from daemon.redact import Redactor
 from daemon.repo import Repo, Workspace
 from daemon.runctx import RunContext
@@ -76,7 +77,7 @@ class Tools:
     repo: Repo
     confine: Confinement
     redact: Redactor
-    llm: Ollama | None = None  # this run's own session
+    llm: Route | None = None  # this run's way to its Ollama host
     forge: Forge | None = None
 
 
@@ -213,7 +214,7 @@ def run(
                     redact=redact,
                     log=log,
                     stage=stage,
-                    probe=tools.llm.probe if tools.llm is not None else None,
+                    route=tools.llm,
                     previous=previous,
                     request=request,
                 )

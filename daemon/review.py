@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.errors import TicketdError
-from daemon.llm.client import Call, Ollama, estimate_tokens
+from daemon.llm.client import Call, estimate_tokens
+from daemon.llm.pool import Route
 from daemon.runctx import RunContext
 
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW")
@@ -98,7 +99,7 @@ def blocks(issue: Issue, policy: Policy) -> bool:
 
 
 def review(
-    llm: Ollama,
+    llm: Route,
     model: str,
     task: str,
     diffs: Mapping[str, str],
@@ -130,7 +131,7 @@ def review(
 
 
 def _ask(
-    llm: Ollama,
+    llm: Route,
     model: str,
     task: str,
     diff: str,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from daemon.backlog import Lease
+    from daemon.llm.pool import Route
     from daemon.pulls import Revision
     from daemon.tickets import Ticket
 
@@ -125,3 +126,4 @@ class Active:
     run_id: int | None = None  # in the history, once recorded
     future: Future[None] | None = None
     revision: Revision | None = None  # the run revises the ticket's open pull request
+    route: Route | None = None  # the Ollama host the run is pinned to, when it uses one

@@ -29,8 +29,7 @@ from daemon.agent.chain import Result
 from daemon.backlog import LEASE_ENV, Backlog
 from daemon.confine import Plan
 from daemon.errors import Cancelled, Interrupted, PRFailed, TicketdError
-from daemon.llm.breaker import State
-from daemon.llm.client import Ollama
+from daemon.llm.pool import Pool, Route, outage
 from daemon.metrics import Metrics
 from daemon.outcomes import Outcomes
 from daemon.redact import Redactor
@@ -40,8 +39,6 @@ from daemon.store import Store
 
 if TYPE_CHECKING:
     from daemon.forge import Forge
-
-OUTAGE_CODES = ("OLLAMA_UNAVAILABLE", "LLM_TIMEOUT")
 
 
 class Runner:
@@ -54,7 +51,6 @@ class Runner:
         clock: Callable[[], datetime],
         *,
         repo: Repo,
-        llm: Ollama | None,
         plan: Plan,
         settings: pipeline.Settings,
         repo_name: str | None = None,
@@ -66,7 +62,6 @@ class Runner:
         self.redact = redact
         self.clock = clock
         self.repo = repo
-        self.llm = llm
         self.plan = plan
         self.repo_name = repo_name
         self.metrics = metrics
@@ -90,6 +85,13 @@ class Runner:
     def branch(self, ticket: tickets.Ticket) -> str:
         return pipeline.branch_name(self.cfg.repo.branch_prefix, ticket, self.redact)
 
+    def route(self, pool: Pool, ticket: tickets.Ticket) -> Route | None:
+        """The ticket's route to the Ollama host it is pinned to for its run: the host with
+        the first model of its chain (and the review's) that has room; None: it waits."""
+        s = self.settings
+        chain = pipeline.model_chain(ticket, s.models, s.models_by_label)
+        return pool.route(chain, s.review_model if s.review is not None else None)
+
     def work(self, run: Active) -> None:
         """The worker: run the ticket; whatever escapes (a bug) is recorded on the ticket."""
         ticket = run.ticket
@@ -104,6 +106,8 @@ class Runner:
                 if not isinstance(e, Exception):
                     raise
             finally:
+                if run.route is not None:
+                    run.route.close()
                 procs.end_strays(self.cfg.agent.kill_grace_s)
 
     def _work(self, run: Active) -> None:
@@ -147,7 +151,10 @@ class Runner:
         stage = self._stage_hook(run, run_id)
         checkout = self.worktree(lease.name)
         prompt = pipeline.prompt_path(s.prompts, ticket.id)
-        llm = self.llm.session() if self.llm is not None else None
+        llm = run.route
+        if llm is not None:
+            self._pinned(run, run_id)
+            llm.on_move = lambda: self._pinned(run, run_id)
         forge = self.forge()
         confine = self.plan.confinement(
             checkout, [prompt, lease.path], {LEASE_ENV: lease.marker}, ctx.event
@@ -161,8 +168,6 @@ class Runner:
         finally:
             if forge is not None:
                 forge.close()
-            if llm is not None:
-                llm.close()
 
     def _fresh(
         self,
@@ -201,7 +206,7 @@ class Runner:
             ran = result is not None and result.attempts > 0  # a command agent: name its log
             agent_log = pipeline.agent_log(s.logs, ticket.id) if ran else None
             self._record_agent(run_id, result, None)
-            if e.code in OUTAGE_CODES and self._outage(e.code):
+            if self._outage(run, e.code):
                 self.outcomes.requeue(run, run_id, e)
             else:
                 self.outcomes.fail_run(
@@ -272,7 +277,7 @@ class Runner:
         except TicketdError as e:
             e.stage = e.stage or run.stage
             self._record_agent(run_id, getattr(e, "result", None), None)
-            if e.code in OUTAGE_CODES and self._outage(e.code):
+            if self._outage(run, e.code):
                 self.outcomes.back_to_review(run, run_id, e, outcome="requeued")
             else:
                 self._revision_failed(run, run_id, e, tools)
@@ -313,6 +318,16 @@ class Runner:
         if not run.lease.released:
             self.backlog.release(run.lease)
 
+    def _pinned(self, run: Active, run_id: int) -> None:
+        """Record the Ollama host the run is on (its lease for ``status``, the history), at
+        its start and each time it moves."""
+        assert run.route is not None
+        host = run.route.url
+        if not run.route.left:
+            logger.info("pinned to Ollama at {}", host)
+        run.lease.record(ollamaHost=host)
+        self.store.set_host(run_id, host)
+
     def _still_ours(self, run: Active) -> None:
         """Raise when the ticket's file has left in-progress/ (moved or removed by hand)."""
         if not self.backlog.present(run.lease):
@@ -339,11 +354,12 @@ class Runner:
         if self.metrics is not None:
             self.metrics.stage(stage, took)
 
-    def _outage(self, code: str) -> bool:
-        """Is this error Ollama being away, rather than something about the ticket?"""
-        return code == "OLLAMA_UNAVAILABLE" or (
-            self.llm is not None and self.llm.breaker.state is not State.CLOSED
-        )
+    def _outage(self, run: Active, code: str) -> bool:
+        """Is this error Ollama being away (every host the run could use), rather than
+        something about the ticket?"""
+        if run.route is None:
+            return code == "OLLAMA_UNAVAILABLE"
+        return outage(code, run.route.breaker)
 
     def _record_agent(
         self, run_id: int, result: Result | None, verdict: review.Review | None

@@ -1,5 +1,5 @@
-"""What ``ticketd stats`` reports: outcomes, success rates, stage durations and tokens over a
-window of the run history.
+"""What ``ticketd stats`` reports: outcomes, success rates, stage durations, tokens and each
+Ollama host's share over a window of the run history.
 
 A run belongs to the window when it *started* in ``[since, until)``. Success rates count only
 judged runs (done, failed, review): a requeued, interrupted or running run says nothing about
@@ -63,6 +63,17 @@ def collect(store: Store, *, since: datetime, until: datetime) -> dict[str, Any]
             sum(len(r["model_outcomes"]) > 1 for r in with_outcomes), len(with_outcomes)
         ),
         "pullRequests": _pulls(store, since, until),
+        "byHost": {
+            h["host"]: {
+                "runs": h["runs"],
+                "done": h["done"],
+                "calls": h["calls"],
+                "failedCalls": h["failed"],
+                "tokens": h["prompt_tokens"] + h["eval_tokens"],
+                "evalTokensPerS": _round(h["eval_tokens"] / h["seconds"]) if h["seconds"] else None,
+            }
+            for h in store.calls_by_host(iso(since), iso(until))
+        },
     }
 
 
@@ -206,6 +217,21 @@ def rows(report: Mapping[str, Any]) -> dict[str, list[list[str]]]:
         *([name, str(pr[name])] for name in ("opened", "open", "merged", "closed", "revisions")),
         ["hours to merge, p50", _num(pr["hoursToMerge"]["p50"])],
         ["hours to merge, p95", _num(pr["hoursToMerge"]["p95"])],
+    ]
+    tables["Ollama hosts"] = [
+        ["host", "runs", "done", "calls", "failed calls", "tokens", "eval tokens/s"],
+        *(
+            [
+                host,
+                str(v["runs"]),
+                str(v["done"]),
+                str(v["calls"]),
+                str(v["failedCalls"]),
+                str(v["tokens"]),
+                _num(v["evalTokensPerS"]),
+            ]
+            for host, v in report["byHost"].items()
+        ),
     ]
     return tables
 

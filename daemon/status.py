@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,11 +17,15 @@ import psutil
 
 from daemon import pulls, tickets
 from daemon.backlog import FOLDERS, Backlog
+from daemon.config import OllamaHost
 from daemon.errors import InvalidTicket
 from daemon.store import Store
 
 
-def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
+def collect(
+    backlog: Backlog, store: Store, now: datetime, hosts: Sequence[OllamaHost] = ()
+) -> dict[str, Any]:
+    """The report; ``hosts``: the Ollama hosts, each shown with the tickets running on it."""
     candidates, waiting = [], []
     for path in backlog.files("todo"):
         try:
@@ -52,6 +57,7 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
                 "taskId": row.get("task_id") or tickets.id_from_filename(path),
                 "file": path.name,
                 "stage": info.get("stage") or row.get("stage"),
+                "ollamaHost": info.get("ollamaHost"),
                 "elapsedS": round((now - claimed).total_seconds(), 1) if claimed else None,
                 "owner": f"{info.get('host')}:{info['pid']}" if "pid" in info else None,
                 "ownerAlive": _alive(info),
@@ -74,6 +80,15 @@ def collect(backlog: Backlog, store: Store, now: datetime) -> dict[str, Any]:
             for o in pulls.open_pulls(backlog)
         ],
         "recent": store.recent(10),
+        "ollamaHosts": [
+            {
+                "host": h.url,
+                "weight": h.weight,
+                "maxTickets": h.max_tickets,
+                "tickets": sum(r["ollamaHost"] == h.url for r in running),
+            }
+            for h in hosts
+        ],
     }
 
 

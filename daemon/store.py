@@ -130,9 +130,17 @@ class Store:
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO llm_calls (run_id, model, prompt_tokens, eval_tokens, duration_s,"
-                " outcome) VALUES (?, ?, ?, ?, ?, ?)",
+                " outcome, host) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (run_id, c.model, c.prompt_tokens, c.eval_tokens, c.duration_s, c.outcome)
+                    (
+                        run_id,
+                        c.model,
+                        c.prompt_tokens,
+                        c.eval_tokens,
+                        c.duration_s,
+                        c.outcome,
+                        c.host or None,
+                    )
                     for c in calls
                 ],
             )
@@ -300,6 +308,11 @@ class Store:
                 "UPDATE runs SET labels = ? WHERE id = ?", (json.dumps(list(labels)), run_id)
             )
 
+    def set_host(self, run_id: int, host: str) -> None:
+        """The Ollama host the run is pinned to."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET host = ? WHERE id = ?", (host, run_id))
+
     def set_lesson_version(self, run_id: int, version: int) -> None:
         """The lesson version the builtin agent's prompt carried (0: no lessons)."""
         with self._tx() as db:
@@ -320,6 +333,24 @@ class Store:
             run["labels"] = json.loads(run["labels"] or "[]")
             run["model_outcomes"] = json.loads(run["model_outcomes"] or "{}")
         return runs
+
+    def calls_by_host(self, since: str, until: str) -> list[dict[str, Any]]:
+        """Per Ollama host, over the runs started in ``[since, until)``: its requests, those
+        that failed, their tokens and seconds, and the runs that ended on it and were done."""
+        rows = self._read(
+            "SELECT c.host, COUNT(*) AS calls,"
+            " SUM(c.outcome NOT IN ('ok', 'truncated')) AS failed,"
+            " SUM(c.prompt_tokens) AS prompt_tokens, SUM(c.eval_tokens) AS eval_tokens,"
+            " SUM(c.duration_s) AS seconds,"
+            " COUNT(DISTINCT c.run_id) AS runs,"
+            " COUNT(DISTINCT CASE WHEN r.outcome = 'done' AND r.host = c.host THEN r.id END)"
+            " AS done"
+            " FROM llm_calls c JOIN runs r ON r.id = c.run_id"
+            " WHERE r.started_at >= ? AND r.started_at < ? AND c.host IS NOT NULL"
+            " GROUP BY c.host ORDER BY c.host",
+            (since, until),
+        )
+        return [dict(r) for r in rows]
 
     def stage_durations(self, since: str, until: str) -> list[tuple[str, float]]:
         """(stage, seconds) of every finished stage of the runs started in ``[since, until)``."""

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
@@ -33,7 +33,7 @@ from daemon import gates, logs, procs, pulls, tickets, wiring
 from daemon.backlog import FOLDERS
 from daemon.board import open_backlog
 from daemon.errors import ConfigError, InvalidTicket
-from daemon.llm.health import Monitor
+from daemon.llm.pool import Pool, Route
 from daemon.metrics import Metrics
 from daemon.preflight import Checked, preflight
 from daemon.runctx import Active, Stop
@@ -85,7 +85,7 @@ class Supervisor:
         self._problems: dict[Path, str] = {}  # said already (see _tell_problems)
         self.revisions: dict[str, tuple[pulls.Open, pulls.Revision]] = {}  # by ticket file
         self._revisions_lock = threading.Lock()
-        self.metrics = Metrics(self._depth, self._circuit)
+        self.metrics = Metrics(self._depth, self._circuits, self._pinned)
         self.hooks = wiring.Hooks(
             backlog=self.backlog,
             store=self.store,
@@ -112,8 +112,8 @@ class Supervisor:
         return self.parts.runner
 
     @property
-    def monitor(self) -> Monitor | None:
-        return self.parts.monitor
+    def pool(self) -> Pool | None:
+        return self.parts.pool
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -219,8 +219,11 @@ class Supervisor:
     def _depth(self) -> dict[str, int]:
         return {folder: len(self.backlog.files(folder)) for folder in FOLDERS}
 
-    def _circuit(self) -> int:
-        return self.monitor.breaker.state.value if self.monitor is not None else 0
+    def _circuits(self) -> dict[str, int]:
+        return self.pool.circuits() if self.pool is not None else {}
+
+    def _pinned(self) -> dict[str, int]:
+        return self.pool.tickets() if self.pool is not None else {}
 
     def _probe_health(self) -> tuple[int, dict[str, Any]]:
         """Alive while the main loop turns: it wakes at least every reconcile interval."""
@@ -246,7 +249,8 @@ class Supervisor:
     def _probe_status(self) -> tuple[int, dict[str, Any]]:
         store = Store(self.cfg.state_dir / "history.sqlite3")
         try:
-            report = collect(self.backlog, store, self.clock())  # its cache is thread-safe
+            hosts = self.cfg.ollama.pool if self.pool is not None else ()
+            report = collect(self.backlog, store, self.clock(), hosts)  # its cache is thread-safe
         finally:
             store.close()
         return 200, report
@@ -409,15 +413,38 @@ class Supervisor:
                 continue
             if self.backlog.key(ticket.path) not in history and self._duplicate(ticket):
                 continue
+            route = self._route(ticket)
+            if route is False:
+                continue  # every Ollama host that would do is full: it waits
             try:
-                started = self._start(ticket, branch)
+                started = self._start(ticket, branch, route)
             except OSError as e:
+                if route is not None:
+                    route.close()
                 self._pause_claims(e)
                 break
             if started:
                 free -= 1
                 busy.add(branch)
+            elif route is not None:
+                route.close()
         return wait, len(ready)
+
+    def _revision_route(self, name: str) -> Route | Literal[False] | None:
+        """The route of a revision's ticket, read in review/ before it is claimed (None:
+        it uses no Ollama, or cannot be read yet: the claim will say)."""
+        path = self.backlog.locate(name, "review") if self.pool is not None else None
+        try:
+            return self._route(self.backlog.read(path)) if path is not None else None
+        except (InvalidTicket, FileNotFoundError):
+            return None
+
+    def _route(self, ticket: tickets.Ticket) -> Route | Literal[False] | None:
+        """The Ollama host the ticket is pinned to (None: it uses none); False when every
+        host that would do is full."""
+        if self.pool is None:
+            return None
+        return self.runner.route(self.pool, ticket) or False
 
     def _tell_problems(self) -> None:
         """Say once what keeps a task from running where it is not moved for it (the
@@ -446,19 +473,27 @@ class Supervisor:
         for name, (pull, revision) in queued:
             if started >= free:
                 break
+            route = self._revision_route(name)
+            if route is False:
+                continue  # every Ollama host that would do is full: it stays queued
             with self._revisions_lock:
                 del self.revisions[name]
             lease = self.backlog.claim(
                 name, self.clock(), uuid.uuid4().hex, source="review", revision=pull.number
             )
-            if lease is None:
-                continue  # moved or taken meanwhile; the watch asks again
             try:
-                ticket = self.backlog.read(lease.path)
+                ticket = self.backlog.read(lease.path) if lease is not None else None
+                if ticket is not None and route is None:
+                    route = self._route(ticket)  # it could not be read before the claim
             except (InvalidTicket, FileNotFoundError) as e:
                 logger.error("{}: cannot revise: {}", name, getattr(e, "message", e))
-                self.backlog.move(lease.path, "review", self.clock())
-                self.backlog.release(lease)
+                ticket = None
+            if lease is None or ticket is None or route is False:
+                if isinstance(route, Route):
+                    route.close()
+                if lease is not None:  # moved or taken meanwhile: the watch asks again
+                    self.backlog.move(lease.path, "review", self.clock())
+                    self.backlog.release(lease)
                 continue
             run = Active(
                 ticket=ticket,
@@ -466,6 +501,7 @@ class Supervisor:
                 started=time.monotonic(),
                 branch=revision.branch,
                 revision=revision,
+                route=route,
             )
             self._submit(run)
             started += 1
@@ -476,8 +512,8 @@ class Supervisor:
         missing, the remote away; see ``preflight.holds``), or Ollama unavailable."""
         if self.parts.holds:
             return "holding the queue: " + "; ".join(self.parts.holds)
-        if ready and self.monitor is not None and not self.monitor.available:
-            return f"Ollama at {self.monitor.llm.host} is unavailable"
+        if ready and self.pool is not None and not self.pool.available:
+            return self.pool.unavailable()
         return ""
 
     def _pause_claims(self, error: OSError) -> None:
@@ -527,11 +563,13 @@ class Supervisor:
         self.runner.outcomes.hold(lease, ticket.id, held, stage="intake")
         return True
 
-    def _start(self, ticket: tickets.Ticket, branch: str) -> bool:
+    def _start(self, ticket: tickets.Ticket, branch: str, route: Route | None) -> bool:
         lease = self.backlog.claim(self.backlog.key(ticket.path), self.clock(), uuid.uuid4().hex)
         if lease is None:
             return False
-        self._submit(Active(ticket=ticket, lease=lease, started=time.monotonic(), branch=branch))
+        run = Active(ticket=ticket, lease=lease, started=time.monotonic(), branch=branch)
+        run.route = route
+        self._submit(run)
         return True
 
     def _submit(self, run: Active) -> None:

@@ -3,9 +3,10 @@
 ``preflight`` checks what a start needs and refuses to start on what is bound to fail (exit
 status 2): the user's repository and its remote, the base branch there, a token for pull
 requests, bubblewrap when ``agent.sandbox: required``. ``build`` makes every running part
-from a config: the redactor, ticketd's git, the Ollama client and its health monitor, how
-runs are confined (``plan``), the runner and its settings, and the scheduled work (the retry
-job, the learning loop, recovery of a dead daemon's tickets); ``serve`` the HTTP server. The
+from a config: the redactor, ticketd's git, the pool of Ollama hosts (each with its client,
+breaker and health monitor), how runs are confined (``plan``), the runner and its settings,
+and the scheduled work (the retry job, the learning loop, recovery of a dead daemon's
+tickets); ``serve`` the HTTP server. The
 supervisor calls ``build`` again on SIGHUP and swaps the whole set (running tickets finish
 with the parts they started with); only the keys in ``RESTART_ONLY`` wait for a restart.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from daemon.errors import ConfigError, TicketdError
 from daemon.llm.breaker import CircuitBreaker
 from daemon.llm.client import Ollama
 from daemon.llm.health import Monitor
+from daemon.llm.pool import Host, Pins, Pool
 from daemon.metrics import Metrics
 from daemon.preflight import Checked, git, holds, preflight
 from daemon.redact import Redactor
@@ -58,6 +60,7 @@ class Hooks:
     clock: Callable[[], datetime]
     wake: Callable[[], None]
     revise: Callable[[pulls.Open, pulls.Revision], bool] = lambda o, r: False
+    pins: Pins = field(default_factory=Pins)  # tickets per Ollama host, across reloads
 
 
 @dataclass
@@ -68,8 +71,7 @@ class Parts:
     checked: Checked
     redact: Redactor
     repo: Repo
-    llm: Ollama | None
-    monitor: Monitor | None
+    pool: Pool | None  # the Ollama hosts, when a run needs Ollama
     runner: Runner
     holds: tuple[str, ...] = ()  # why every ticket would fail now: the queue waits
     watch: pulls.Watch | None = None  # open pull requests (github.done_when: merged)
@@ -83,17 +85,14 @@ class Parts:
             logger.info("nothing holds the queue any more; claiming again")
 
     def describe_ollama(self) -> tuple[int, dict[str, Any]]:
-        return self.monitor.describe() if self.monitor else (200, {"enabled": False})
+        return self.pool.describe() if self.pool else (200, {"enabled": False})
 
     def start(self, scheduler: BackgroundScheduler, hooks: Hooks, *, once: bool) -> None:
         for warning in self.checked.warnings:
             logger.warning("{}", warning)
         self.repo.ensure()
-        if self.monitor is not None:
-            health = self.monitor.check_now()
-            if health is not None and not health.ok:
-                self.monitor.breaker.trip()  # down at start: wait for it, do not try tickets
-            self.monitor.start()
+        if self.pool is not None:
+            self.pool.start()
         self._schedule(scheduler, hooks, once=once)
 
     def _schedule(self, scheduler: BackgroundScheduler, hooks: Hooks, *, once: bool) -> None:
@@ -199,10 +198,8 @@ class Parts:
     def stop(self) -> None:
         if self.watch is not None:
             self.watch.forge.close()
-        if self.monitor is not None:
-            self.monitor.stop()
-        if self.llm is not None:
-            self.llm.close()
+        if self.pool is not None:
+            self.pool.stop()
 
 
 def build(cfg: configuration.Config, hooks: Hooks, checked: Checked | None = None) -> Parts:
@@ -210,7 +207,7 @@ def build(cfg: configuration.Config, hooks: Hooks, checked: Checked | None = Non
     checked = checked or preflight(cfg)
     redact = Redactor(cfg.secret_values())
     repo = Repo(cfg.state_dir / "git", checked.remote, git(cfg))
-    llm, monitor = _ollama(cfg, hooks.wake)
+    pool = _pool(cfg, hooks)
     runner = Runner(
         cfg,
         hooks.backlog,
@@ -218,14 +215,13 @@ def build(cfg: configuration.Config, hooks: Hooks, checked: Checked | None = Non
         redact,
         hooks.clock,
         repo=repo,
-        llm=llm,
         plan=plan(cfg, checked.bwrap, repo),
         settings=settings(cfg),
         repo_name=checked.repo_name,
         metrics=hooks.metrics,
     )
     watch = _watch(cfg, hooks, runner, checked.repo_name, redact)
-    return Parts(cfg, checked, redact, repo, llm, monitor, runner, checked.holds, watch)
+    return Parts(cfg, checked, redact, repo, pool, runner, checked.holds, watch)
 
 
 def _watch(
@@ -294,51 +290,54 @@ def serve(
     return server
 
 
-def _ollama(
-    cfg: configuration.Config, wake: Callable[[], None]
-) -> tuple[Ollama | None, Monitor | None]:
-    """The Ollama client and its health monitor, when a run needs Ollama."""
+def _pool(cfg: configuration.Config, hooks: Hooks) -> Pool | None:
+    """The Ollama hosts (``ollama.hosts``, else ``ollama.host``), each with its client,
+    breaker and health monitor, when a run needs Ollama."""
     if not cfg.needs_ollama:
-        return None, None
+        return None
     o = cfg.ollama
     b = o.circuit_breaker
-    breaker = CircuitBreaker(
-        failure_threshold=b.failure_threshold,
-        success_threshold=b.success_threshold,
-        half_open_requests=b.half_open_requests,
-        reset_timeout_s=b.reset_timeout_s,
-    )
-    llm = Ollama(
-        o.host,
-        breaker=breaker,
-        timeout_s=o.timeout_s,
-        connect_timeout_s=o.health_check.timeout_s,
-        num_ctx=o.num_ctx,
-        num_predict=o.num_predict,
-        keep_alive=o.keep_alive,
-        temperature=o.temperature,
-        seed=o.seed,
-        retries=o.retries,
-    )
-    monitor = Monitor(
-        llm,
-        cfg.wanted_models,
-        interval_s=o.health_check.interval_s,
-        timeout_s=o.health_check.timeout_s,
-        on_available=wake,
-        warm=o.models[0],
-    )
-    return llm, monitor
+    hosts = []
+    for h in o.pool:
+        breaker = CircuitBreaker(
+            failure_threshold=b.failure_threshold,
+            success_threshold=b.success_threshold,
+            half_open_requests=b.half_open_requests,
+            reset_timeout_s=b.reset_timeout_s,
+        )
+        llm = Ollama(
+            h.url,
+            breaker=breaker,
+            timeout_s=o.timeout_s,
+            connect_timeout_s=o.health_check.timeout_s,
+            num_ctx=o.num_ctx,
+            num_predict=o.num_predict,
+            keep_alive=o.keep_alive,
+            temperature=o.temperature,
+            seed=o.seed,
+            retries=o.retries,
+        )
+        monitor = Monitor(
+            llm,
+            cfg.wanted_models,
+            interval_s=o.health_check.interval_s,
+            timeout_s=o.health_check.timeout_s,
+            on_available=hooks.wake,
+            warm=o.models[0],
+            warn_missing=len(o.pool) == 1,
+        )
+        hosts.append(Host(h.url, h.weight, h.max_tickets, llm, monitor))
+    return Pool(hosts, hooks.pins)
 
 
 def plan(cfg: configuration.Config, bwrap: str | None, repo: Repo) -> Plan:
     """How runs are confined: ticketd's folders and the user's repository hidden, the base
-    objects shown, Ollama reachable (and agent.allow_hosts through the proxy)."""
+    objects shown, the Ollama hosts reachable (and agent.allow_hosts through the proxy)."""
     return Plan(
         bwrap=bwrap,
         hide=(cfg.state_dir, cfg.logging.dir, cfg.backlog.dir, cfg.repo.path),
         read_only=(repo.objects,),
-        forward=(host_port(cfg.ollama.host),),
+        forward=tuple(host_port(h.url) for h in cfg.ollama.pool),
         allow_hosts=cfg.agent.allow_hosts,
         env=cfg.agent_env(),
         grace_s=cfg.agent.kill_grace_s,

@@ -112,7 +112,7 @@ def test_ollama_gone_mid_run_sends_the_ticket_back_instead_of_failing_it(
         fake_ollama.wait_for_requests(1, path="/api/chat", timeout=30)
         fake_ollama.stop()  # the connection drops: the agent prints an error and exits 0
         wait_until(lambda: project.where() == {"todo": [name]}, what="the ticket back in todo/")
-        assert supervisor.monitor is not None and not supervisor.monitor.available
+        assert supervisor.pool is not None and not supervisor.pool.available
         assert not list(project.folder("failed").glob("*"))
 
         fake_ollama.reply(writes("back.txt", "back\n"))

@@ -236,7 +236,7 @@ def test_outage_mid_run_requeues_then_resumes_by_itself(
         fake_ollama.wait_for_requests(1, path="/api/chat")
         fake_ollama.stop()  # Ollama dies while the model is thinking
         wait_until(lambda: project.where() == {"todo": [name]}, what="the ticket back in todo/")
-        assert supervisor.monitor is not None and not supervisor.monitor.available
+        assert supervisor.pool is not None and not supervisor.pool.available
         assert not (project.folder("failed") / name.replace(".md", ".error.json")).exists()
 
         fake_ollama.reply(block("README.md", "hello\n", "back\n"))

@@ -41,9 +41,8 @@ def test_endpoints_before_and_after_a_ticket(project: Project, daemons: list) ->
     assert json.loads(get(url + "/health/ollama")[1]) == {"enabled": False}
     metrics = get(url + "/metrics")[1]
     assert 'ticketd_queue_depth{folder="todo"} 0.0' in metrics
-    assert (
-        "process_resident_memory_bytes" in metrics and "ticketd_ollama_circuit_state 0.0" in metrics
-    )
+    assert "process_resident_memory_bytes" in metrics
+    assert "ticketd_ollama_circuit_state{" not in metrics  # no host: nothing uses Ollama
 
     project.ticket("task-1 - Measured.md")
     wait_until(lambda: project.where() == {"done": ["task-1 - Measured.md"]}, what="done")
@@ -91,10 +90,13 @@ def test_ollama_health_while_it_is_down(
     url = served(d)
     status, body = get(url + "/health/ollama")
     assert status == 200 and json.loads(body)["breaker"] == "CLOSED"
-    assert json.loads(body)["models"] == {"qwen2.5-coder:7b": True}
+    (host,) = json.loads(body)["hosts"]
+    assert host["host"] == fake_ollama.url and host["breaker"] == "CLOSED"
+    assert host["models"] == {"qwen2.5-coder:7b": True} and host["tickets"] == 0
     fake_ollama.stop()
     wait_until(lambda: get(url + "/health/ollama")[0] == 503, what="503 while Ollama is down")
-    assert "ticketd_ollama_circuit_state 2.0" in get(url + "/metrics")[1]
+    metric = f'ticketd_ollama_circuit_state{{host="{fake_ollama.url}"}} 2.0'
+    assert metric in get(url + "/metrics")[1]
     fake_ollama.start()
     wait_until(lambda: get(url + "/health/ollama")[0] == 200, what="200 once it is back")
 

@@ -38,12 +38,15 @@ class History:
         quality: float | None = None,
         outcomes: dict[str, str] | None = None,
         lesson: int | None = None,
+        host: str | None = None,
     ) -> int:
         n = next(self.ids)
         run_id = self.store.start_run(
             f"claim-{n}", f"task-{n} - T.md", f"task-{n}", "T", iso(at), {}
         )
         self.store.set_labels(run_id, labels)
+        if host is not None:
+            self.store.set_host(run_id, host)
         if lesson is not None:
             self.store.set_lesson_version(run_id, lesson)
         for stage, seconds in stages:
@@ -71,8 +74,11 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def call(model: str, prompt: int, evals: int) -> Call:
-    return Call(model, prompt, evals, 1.0, "ok")
+A, B = "http://gpu-a:11434", "http://gpu-b:11434"  # Ollama hosts
+
+
+def call(model: str, prompt: int, evals: int, host: str = A, outcome: str = "ok") -> Call:
+    return Call(model, prompt, evals, 1.0, outcome, host)
 
 
 def build(store: Store) -> None:
@@ -82,22 +88,22 @@ def build(store: Store) -> None:
     h.run(
         next(at), "done", model="A", labels=["bug"],
         stages=[("worktree", 1), ("agent", 10), ("push", 2)],
-        calls=[call("A", 1000, 200)], quality=1.0, outcomes={"A": "ok"},
+        calls=[call("A", 1000, 200)], quality=1.0, outcomes={"A": "ok"}, host=A,
     )  # fmt: skip
-    h.run(
+    h.run(  # host A failed it at first: the run moved to B
         next(at), "done", model="B", labels=["bug", "ui"],
         stages=[("worktree", 2), ("agent", 30)],
-        calls=[call("A", 1500, 300), call("B", 1200, 100)], quality=0.75,
-        outcomes={"A": "failed", "B": "ok"},
+        calls=[call("A", 0, 0, A, "unavailable"), call("A", 1500, 300, B), call("B", 1200, 100, B)],
+        quality=0.75, outcomes={"A": "failed", "B": "ok"}, host=B,
     )  # fmt: skip
     h.run(
         next(at), "failed", model="A", labels=["ui"], error_code="EDIT_APPLY_FAILED",
         stages=[("worktree", 3), ("agent", 20)],
-        calls=[call("A", 800, 100)], quality=0.0, outcomes={"A": "failed"},
+        calls=[call("A", 800, 100)], quality=0.0, outcomes={"A": "failed"}, host=A,
     )  # fmt: skip
     h.run(
         next(at), "review", model="A", error_code="SECRET_DETECTED",
-        calls=[call("A", 500, 100)], quality=1.0, outcomes={"A": "ok"},
+        calls=[call("A", 500, 100)], quality=1.0, outcomes={"A": "ok"}, host=A,
     )  # fmt: skip
     h.run(next(at), "requeued", labels=["bug"], error_code="OLLAMA_UNAVAILABLE")
     h.run(next(at), "running", labels=["bug"], stages=[("agent", None)])
@@ -153,6 +159,24 @@ def test_collect_reports_exact_numbers_over_the_window(store: Store) -> None:
             "revisions": 1,
             "hoursToMerge": {"p50": 3.0, "p95": 3.9},
         },
+        "byHost": {
+            A: {
+                "runs": 4,
+                "done": 1,
+                "calls": 4,
+                "failedCalls": 1,
+                "tokens": 2700,
+                "evalTokensPerS": 100.0,
+            },
+            B: {
+                "runs": 1,
+                "done": 1,
+                "calls": 2,
+                "failedCalls": 0,
+                "tokens": 3100,
+                "evalTokensPerS": 200.0,
+            },
+        },
     }
     assert json.loads(json.dumps(report)) == report
 
@@ -170,6 +194,12 @@ def test_rows_give_titled_tables_with_a_header_first(store: Store) -> None:
         "Stage durations (s)",
         "Tokens and rates",
         "Pull requests",
+        "Ollama hosts",
+    ]
+    assert tables["Ollama hosts"] == [
+        ["host", "runs", "done", "calls", "failed calls", "tokens", "eval tokens/s"],
+        [A, "4", "1", "4", "1", "2700", "100"],
+        [B, "1", "1", "2", "0", "3100", "200"],
     ]
     assert tables["Success by model (each model tried)"] == [
         ["model", "tried", "ok", "success"],

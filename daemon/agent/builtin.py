@@ -32,7 +32,8 @@ from daemon.agent.chain import AgentFailure, Result, walk
 from daemon.agent.command import render_ticket
 from daemon.confine import Confinement
 from daemon.errors import TicketdError
-from daemon.llm.client import CHARS_PER_TOKEN, Message, Ollama, Reply, estimate_tokens
+from daemon.llm.client import CHARS_PER_TOKEN, Message, Reply, estimate_tokens
+from daemon.llm.pool import Route
 from daemon.repo import Workspace
 from daemon.runctx import RunContext
 from daemon.tickets import Ticket
@@ -174,7 +175,7 @@ class _Run:
 
     task: str
     workspace: Workspace
-    llm: Ollama
+    llm: Route
     s: Settings
     suite: checks.Suite
     confine: Confinement
@@ -207,7 +208,7 @@ def run(
     ticket: Ticket,
     workspace: Workspace,
     chain: Sequence[str],
-    llm: Ollama,
+    llm: Route,
     s: Settings,
     suite: checks.Suite,
     confine: Confinement,

@@ -6,8 +6,10 @@ uses a model (``{model}`` in its command or ``agent.env``, or ``agent.uses_ollam
 the ticket's chain of models like the builtin agent: a failed run, a run that changed
 nothing, or checks still failing hand over to the next model on a clean checkout. Checks
 that fail go back to the same agent with their output, up to ``agent.max_reflections``
-times. Before a failure is blamed on the ticket, Ollama is asked: away -> OLLAMA_UNAVAILABLE
-(the ticket waits), the model missing -> MODEL_NOT_FOUND (the next model).
+times. The agent reaches the run's Ollama host through ``OLLAMA_HOST`` and ``OLLAMA_API_BASE``.
+Before a failure is blamed on the ticket, that host is asked: away -> the run moves to
+another host of the pool and the agent runs again there, told so, or, with none left,
+OLLAMA_UNAVAILABLE (the ticket waits); the model missing -> MODEL_NOT_FOUND (the next model).
 
 Each attempt appends to the agent's log under a header (attempt, model, time), its output
 masked by the redactor and bounded in size. The run's deadline ends the whole process tree
@@ -29,6 +31,7 @@ from daemon.agent.chain import Result, walk
 from daemon.confine import Confinement
 from daemon.errors import AgentError, TicketdError
 from daemon.files import atomic_write
+from daemon.llm.pool import Route
 from daemon.repo import Change, Workspace
 from daemon.runctx import RunContext
 from daemon.tickets import Ticket
@@ -130,7 +133,7 @@ class _Run:
     on_start: Callable[[int], None]
     redact: Callable[[str], str]
     log: Callable[[str], None]
-    probe: Callable[[str], None] | None
+    route: Route | None
     stage: Callable[[str], AbstractContextManager[None]]
     request: str | None = None
     change: Change | None = None
@@ -151,13 +154,14 @@ def run(
     redact: Callable[[str], str],
     log: Callable[[str], None],
     stage: Callable[[str], AbstractContextManager[None]],
-    probe: Callable[[str], None] | None = None,
+    route: Route | None = None,
     previous: str | None = None,
     request: str | None = None,
 ) -> tuple[Result, Change]:
-    """Run the agent, model after model, until its change passes the checks. ``probe(model)``
-    raises ``LLMError`` when Ollama is away or lacks the model. Returns what was tried and
-    the change (after any auto-fixes)."""
+    """Run the agent, model after model, until its change passes the checks. ``route``: the
+    run's Ollama host, given to the agent in ``OLLAMA_HOST`` and ``OLLAMA_API_BASE`` and
+    asked before a failure is blamed on the ticket. Returns what was tried and the change
+    (after any auto-fixes)."""
     result = Result()
     r = _Run(
         ticket=ticket,
@@ -172,7 +176,7 @@ def run(
         on_start=on_start,
         redact=redact,
         log=log,
-        probe=probe,
+        route=route,
         stage=stage,
         request=request,
     )
@@ -194,15 +198,7 @@ def _attempt(r: _Run, model: str | None, before: TicketdError | None) -> None:
     """One model's turn: run the agent, then again with the checks' output while they fail."""
     feedback = before.message if before is not None else None
     for turn in range(r.s.max_reflections + 1):
-        _launch(r, model, feedback)
-        with r.stage("changes"):
-            change = r.workspace.snapshot(r.exclude, cancel=r.ctx.event)
-            if not change.entries:
-                _blame(
-                    r,
-                    model,
-                    AgentError("the agent finished without changing any file", code="NO_CHANGES"),
-                )
+        change = _turn(r, model, feedback)
         r.result.changed = {e.path for e in change.entries}
         changed = sorted(e.path for e in change.entries if e.status != "D")
         outcome = checks.Outcome()
@@ -234,11 +230,34 @@ def _attempt(r: _Run, model: str | None, before: TicketdError | None) -> None:
         )
 
 
+class _Moved(Exception):
+    """The run's Ollama host stopped answering, and the run moved to another."""
+
+
+def _turn(r: _Run, model: str | None, feedback: str | None) -> Change:
+    """Run the agent once and take its change. When its Ollama host failed meanwhile and
+    the run moved to another host, run it again there (its work so far kept), told so."""
+    while True:
+        try:
+            _launch(r, model, feedback)
+            with r.stage("changes"):
+                change = r.workspace.snapshot(r.exclude, cancel=r.ctx.event)
+                if not change.entries:
+                    error = AgentError(
+                        "the agent finished without changing any file", code="NO_CHANGES"
+                    )
+                    _blame(r, model, error)
+            return change
+        except _Moved as moved:
+            feedback = "\n\n".join(t for t in (str(moved), feedback) if t)
+
+
 def _blame(r: _Run, model: str | None, error: AgentError) -> None:
-    """Before a failure counts against the ticket, ask Ollama (``probe`` raises when it is
-    away or lacks the model); then raise ``error``."""
-    if model is not None and r.probe is not None:
-        r.probe(model)
+    """Before a failure counts against the ticket, ask Ollama: away (with no other host to
+    move to) or lacking the model raises ``LLMError``; away, with the run moved to another
+    host, raises ``_Moved``. Else raise ``error``."""
+    if model is not None and r.route is not None and r.route.probe(model):
+        raise _Moved(r.route.moved())
     raise error
 
 
@@ -256,6 +275,9 @@ def _launch(r: _Run, model: str | None, feedback: str | None) -> None:
         "model": model or "",
     }
     argv = build_argv(r.s.command, values)
+    env = fill_env(r.s.env, values)
+    if r.route is not None:  # the run's host, unless agent.env names one
+        env = {"OLLAMA_HOST": r.route.url, "OLLAMA_API_BASE": r.route.url, **env}
     at = datetime.now(UTC).isoformat(timespec="seconds")
     header = f"\n===== attempt {r.result.attempts} · model {model or '(none)'} · {at} =====\n"
     paths.log.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +293,7 @@ def _launch(r: _Run, model: str | None, feedback: str | None) -> None:
             on_start=r.on_start,
             filter=r.redact,
             limit_memory=True,
-            env=fill_env(r.s.env, values),
+            env=env,
             max_output=LOG_LIMIT,
         )
     except (FileNotFoundError, PermissionError) as e:

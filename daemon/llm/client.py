@@ -18,6 +18,7 @@ waiting for the model at once, and each read waits no longer than the run's dead
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import socket
 import threading
@@ -72,6 +73,7 @@ class Call:
     eval_tokens: int
     duration_s: float
     outcome: str  # ok, truncated, not_found, unavailable, timeout, error
+    host: str = ""  # the server that answered (or failed)
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ class Ollama:
         except (ConnectionError, httpx.TransportError) as e:
             self._failed(model, start, e, on_call, ctx)
         if final is None:  # ended by a cancel or the deadline, not by the server
-            on_call(Call(model, 0, 0, time.monotonic() - start, "cancelled"))
+            on_call(Call(model, 0, 0, time.monotonic() - start, "cancelled", self.host))
             ctx.check()
             raise _Transient(f"Ollama at {self.host} ended the answer without its last line")
         self.breaker.success()
@@ -284,6 +286,7 @@ class Ollama:
             eval_tokens=int(getattr(final, "eval_count", 0) or 0),
             duration_s=time.monotonic() - start,
             outcome=outcome,
+            host=self.host,
         )
         on_call(call)
         return Reply(text, call, str(getattr(final, "done_reason", None) or "stop"))
@@ -299,27 +302,27 @@ class Ollama:
         """Classify a failed request, count it against the breaker, report it, raise."""
         took = time.monotonic() - start
         if ctx.cancelled or ctx.remaining() <= 0:  # we cut it: says nothing about Ollama
-            on_call(Call(model, 0, 0, took, "cancelled"))
+            on_call(Call(model, 0, 0, took, "cancelled", self.host))
             ctx.check()
         status = getattr(error, "status_code", None)
         if isinstance(error, ollama.ResponseError) and status == 404:
             self.breaker.success()  # the server answered: it is up
-            on_call(Call(model, 0, 0, took, "not_found"))
+            on_call(Call(model, 0, 0, took, "not_found", self.host))
             raise LLMError(
                 f"model {model!r} not found on {self.host}: run `ollama pull {model}`",
                 code="MODEL_NOT_FOUND",
             ) from None
         if isinstance(error, ollama.ResponseError) and status is not None and 400 <= status < 500:
             self.breaker.success()
-            on_call(Call(model, 0, 0, took, "error"))
+            on_call(Call(model, 0, 0, took, "error", self.host))
             raise TicketdError(f"Ollama refused the request for {model}: {error.error}") from None
         self.breaker.failure()
         if isinstance(error, httpx.TimeoutException):
-            on_call(Call(model, 0, 0, took, "timeout"))
+            on_call(Call(model, 0, 0, took, "timeout", self.host))
             raise _Transient(
                 f"{model} on {self.host} did not answer in time", code="LLM_TIMEOUT"
             ) from None
-        on_call(Call(model, 0, 0, took, "unavailable"))
+        on_call(Call(model, 0, 0, took, "unavailable", self.host))
         detail = error.error if isinstance(error, ollama.ResponseError) else str(error)
         raise _Transient(f"Ollama at {self.host} failed: {detail}") from None
 
@@ -372,6 +375,10 @@ class Health:
     latency_s: float
     error: str | None
 
+    def has(self, model: str) -> bool:
+        """Is ``model`` on the server (``name`` also matches ``name:latest``)?"""
+        return model in self.models or f"{model}:latest" in self.models
+
 
 def check_health(host: str, wanted: Sequence[str], timeout_s: float) -> Health:
     """GET /api/version and /api/tags; which of ``wanted`` are present."""
@@ -383,6 +390,5 @@ def check_health(host: str, wanted: Sequence[str], timeout_s: float) -> Health:
     except (httpx.HTTPError, ValueError) as e:
         return Health(False, None, (), tuple(wanted), time.monotonic() - start, str(e) or repr(e))
     names = tuple(str(m.get("name") or m.get("model")) for m in tags)
-    present = set(names) | {n.removesuffix(":latest") for n in names}
-    missing = tuple(w for w in wanted if w not in present)
-    return Health(True, version, names, missing, time.monotonic() - start, None)
+    health = Health(True, version, names, (), time.monotonic() - start, None)
+    return dataclasses.replace(health, missing=tuple(w for w in wanted if not health.has(w)))

@@ -1,4 +1,5 @@
-"""Background health checks of one Ollama host, feeding its circuit breaker.
+"""Background health checks of one Ollama host, feeding its circuit breaker (one monitor per
+host of the pool, see ``daemon/llm/pool.py``).
 
 Every ``interval_s`` (sooner when an open breaker is due a trial) the monitor asks
 ``/api/version`` and ``/api/tags``. A failure counts against the breaker like a failed
@@ -32,6 +33,7 @@ class Monitor:
         timeout_s: float,
         on_available: Callable[[], None],
         warm: str | None = None,
+        warn_missing: bool = True,
     ) -> None:
         self.llm = llm
         self.breaker: CircuitBreaker = llm.breaker
@@ -40,6 +42,7 @@ class Monitor:
         self.timeout_s = timeout_s
         self.on_available = on_available
         self.warm_model = warm
+        self.warn_missing = warn_missing  # a pool warns of models no host has, instead
         self.last: Health | None = None
         self.last_at: str | None = None  # ISO time of the last check
         self._stop = threading.Event()
@@ -49,6 +52,11 @@ class Monitor:
     @property
     def available(self) -> bool:
         return self.breaker.state is State.CLOSED
+
+    def has(self, model: str) -> bool:
+        """Did the last check find ``model`` on the host?"""
+        last = self.last
+        return last is not None and last.ok and last.has(model)
 
     def check_now(self) -> Health | None:
         """One check, if the breaker lets it through; None when it did not."""
@@ -60,7 +68,8 @@ class Monitor:
         self.last_at = datetime.now(UTC).isoformat(timespec="seconds")
         if health.ok:
             self.breaker.success()
-            for model in set(health.missing) - self._warned:
+            new = set(health.missing) - self._warned if self.warn_missing else set()
+            for model in sorted(new):
                 logger.warning(
                     "model {} is not on {}: run `ollama pull {}`", model, self.llm.host, model
                 )
@@ -101,7 +110,7 @@ class Monitor:
             self._thread.join(timeout=self.timeout_s + 5)
 
     def _loop(self) -> None:
-        if self.warm_model and self.available:
+        if self.warm_model and self.available and self.has(self.warm_model):
             try:
                 self.llm.warm(self.warm_model)
                 logger.info("warmed {}", self.warm_model)
