@@ -357,6 +357,39 @@ class ServerConfig(_Section):
     token_env: str | None = None  # a variable holding a bearer token the endpoints require
 
 
+class NotifyConfig(_Section):
+    """Messages to operators through apprise (``daemon.alerts``)."""
+
+    urls: tuple[str, ...] = ()  # apprise URLs holding no secret (json://host/path, ntfy://topic)
+    urls_env: tuple[str, ...] = ()  # names of variables each holding one apprise URL (tokens)
+    on: tuple[
+        Literal["failed", "held", "pr_opened", "pr_merged", "ollama_down", "ollama_up", "crashed"],
+        ...,
+    ] = ("failed", "held", "ollama_down", "ollama_up", "crashed")
+    batch_s: float = Field(default=60, ge=0)  # events this soon after the first: one message
+    retries: int = Field(default=3, ge=0, le=10)  # extra tries of a failed send
+    timeout_s: float = Field(default=10, gt=0)  # each send's connect and each read
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``on:`` key as ``true``: it is the ``on`` key."""
+        if isinstance(data, dict) and any(key is True for key in data):
+            return {"on" if key is True else key: value for key, value in data.items()}
+        return data
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        if urls:
+            import apprise  # here: its plugins take a quarter second to load, worth it only now
+
+            for url in urls:
+                if not apprise.Apprise().add(url):
+                    raise ValueError(f"{url!r} is not an apprise URL apprise can read")
+        return urls
+
+
 class Config(_Section):
     """The whole validated configuration; ``path`` is the file it came from."""
 
@@ -378,6 +411,7 @@ class Config(_Section):
     review: ReviewConfig = ReviewConfig()
     github: GithubConfig = GithubConfig()
     server: ServerConfig = ServerConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     def snapshot(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked, for the run history."""
@@ -426,8 +460,13 @@ class Config(_Section):
             os.environ.get(self.github.token_env, ""),
             self.server_token() or "",
             self.webhook_secret() or "",
+            *(os.environ.get(name, "") for name in self.notify.urls_env),  # whole URLs
         ]
         return [t for t in tokens if len(t) >= 4]
+
+    def notify_urls(self) -> dict[str, str]:
+        """The variables ``notify.urls_env`` names that are set (apprise URLs with tokens)."""
+        return {n: os.environ[n] for n in self.notify.urls_env if n in os.environ}
 
     def agent_env(self) -> dict[str, str]:
         """The agents' (and checks') environment: a few harmless variables of the daemon's
@@ -455,7 +494,13 @@ class Config(_Section):
     def _hidden_vars(self) -> set[str | None]:
         """The daemon's own variables no child of it gets: its tokens and systemd's."""
         g = self.github
-        return {g.token_env, g.webhook_secret_env, self.server.token_env, *NOTIFY_VARS}
+        return {
+            g.token_env,
+            g.webhook_secret_env,
+            self.server.token_env,
+            *self.notify.urls_env,
+            *NOTIFY_VARS,
+        }
 
 
 NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")

@@ -43,8 +43,10 @@ class Outcomes:
         logs: Path,
         metrics: Metrics | None = None,
         until_merged: bool = False,
+        alert: Callable[[str, str], None] = lambda event, text: None,
     ) -> None:
         self.until_merged = until_merged  # a ticket with a pull request waits for its merge
+        self.alert = alert  # tells the operator's notifications (daemon/alerts.py)
         self.backlog = backlog
         self.store = store
         self.redact = redact
@@ -107,6 +109,7 @@ class Outcomes:
         logger.bind(ticket=task_id).warning(
             "held for a person ({}): {}; ticket is review/{}", held.code, held.message, dst.name
         )
+        self.alert("held", self.redact(f"{task_id}: {held.code}: {held.message}"))
 
     def done(self, run: Active, run_id: int, delivered: Delivered) -> None:
         if delivered.pr_number is not None and (self.until_merged or delivered.revision):
@@ -143,6 +146,7 @@ class Outcomes:
         self.hold(run.lease, run.ticket.id, held, stage="pr", quiet=True, references=refs)
         if revision is None and number is not None and url is not None:
             self.store.pull_opened(number, run.lease.name, run.ticket.id, url, failures.iso(now))
+            self.alert("pr_opened", f"{run.ticket.id}: pull request #{number} opened: {url}")
         if self.metrics is not None and revision is not None:
             self.metrics.revision("done")
         elif self.metrics is not None:
@@ -186,6 +190,7 @@ class Outcomes:
         if self.metrics is not None:
             self.metrics.pull("merged")
         logger.success("pull request #{} was merged: {} is done", pull.number, pull.ticket.name)
+        self.alert("pr_merged", f"{pull.ticket.name}: pull request #{pull.number} merged")
 
     def closed(self, pull: pulls.Open) -> None:
         """The pull request was closed unmerged: the ticket goes to failed/ with PR_CLOSED."""
@@ -354,6 +359,7 @@ class Outcomes:
         self.failed += 1
         self._observe("failed", time.monotonic() - started)
         logger.error("failed in stage {} ({}): {}", stage, error.code, message)
+        self.alert("failed", f"{task_id}: {error.code} in stage {stage}: {message}")
 
     def log_path(self, task_id: str) -> Path:
         return self.logs / f"{safe_name(task_id)}.log"

@@ -143,6 +143,7 @@ def run(
     on_agent_start: Callable[[int], None],
     still_ours: Callable[[], None],
     log: Callable[[str], None] = lambda message: None,
+    on_model: Callable[[str], None] = lambda model: None,
     previous: str | None = None,
     revision: pulls.Revision | None = None,
 ) -> Delivered:
@@ -196,6 +197,7 @@ def run(
                     log=log,
                     previous=previous,
                     request=request,
+                    on_model=on_model,
                 )
             else:
                 agent, change = command.run(
@@ -217,6 +219,7 @@ def run(
                     route=tools.llm,
                     previous=previous,
                     request=request,
+                    on_model=on_model,
                 )
         ctx.check()
         if s.kind == "builtin":

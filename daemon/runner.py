@@ -55,6 +55,7 @@ class Runner:
         settings: pipeline.Settings,
         repo_name: str | None = None,
         metrics: Metrics | None = None,
+        alert: Callable[[str, str], None] = lambda event, text: None,
     ) -> None:
         self.cfg = cfg
         self.backlog = backlog
@@ -75,6 +76,7 @@ class Runner:
             logs=cfg.logging.dir / "tasks",
             metrics=metrics,
             until_merged=cfg.github.enabled and cfg.github.done_when == "merged",
+            alert=alert,
         )
 
     def worktree(self, ticket_name: str) -> Path:
@@ -244,6 +246,7 @@ class Runner:
             run.ctx,
             stage=stage,
             on_agent_start=lambda pid: lease.record(agentPgid=pid),
+            on_model=lambda model: lease.record(model=model),
             still_ours=lambda: self._still_ours(run),
             log=logger.info,
             **more,

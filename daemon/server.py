@@ -1,10 +1,12 @@
-"""HTTP endpoints for operators: /health, /ready, /health/ollama, /status, /metrics; and
+"""HTTP endpoints for operators: /health, /ready, /health/ollama, /status, /metrics; the
+dashboard's pages (``/``, ``/tickets/ID``, ``/login``; ``daemon/web/dashboard.py``); and
 ``POST /webhooks/github`` for GitHub's deliveries (``daemon/webhook.py``: signed, not
 bearer-token protected).
 
 A stdlib ``ThreadingHTTPServer`` on its own thread; every answer comes from callables the
 supervisor hands in, so this module knows nothing of the daemon's insides. With a token,
-every request needs ``Authorization: Bearer <token>``.
+every request needs ``Authorization: Bearer <token>``, or the dashboard's session cookie
+(the sign-in page and the static files excepted).
 
 No client can exhaust the daemon's threads or file descriptors. At most ``max_connections``
 connections are open at once, each with a thread; a client has ``read_timeout_s`` to send its
@@ -33,6 +35,7 @@ from typing import Any, cast
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from daemon.web.dashboard import MAX_FORM, Dashboard, Request, Response, parse_form
 from daemon.webhook import MAX_BODY as WEBHOOK_MAX_BODY
 from daemon.webhook import PATH as WEBHOOK_PATH
 
@@ -166,6 +169,7 @@ class Server:
         read_timeout_s: float = READ_TIMEOUT_S,
         redact: Callable[[Any], Any] = lambda body: body,
         webhook: Hook | None = None,
+        web: Dashboard | None = None,
     ) -> None:
         routes: dict[str, Probe] = {
             "/health": probes.health,
@@ -181,11 +185,11 @@ class Server:
                 if not cast(_Listener, self.server).begin(self.connection):
                     self.close_connection = True
                     return  # dropped while it was still sending
-                if token and not hmac.compare_digest(
-                    self.headers.get("Authorization", ""), f"Bearer {token}"
-                ):
-                    return self._send(401, b'{"error": "unauthorized"}', "application/json")
                 path = self.path.split("?", 1)[0].rstrip("/") or "/"
+                if web is not None and web.serves(path):
+                    return self._page("GET")
+                if not self._bearer() and not (web is not None and web.signed_in(self._lower())):
+                    return self._send(401, b'{"error": "unauthorized"}', "application/json")
                 if path == "/metrics":
                     return self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 probe = routes.get(path)
@@ -200,6 +204,8 @@ class Server:
                     self.close_connection = True
                     return
                 path = self.path.split("?", 1)[0].rstrip("/")
+                if web is not None and web.serves(path):
+                    return self._page("POST")
                 if webhook is None or path != WEBHOOK_PATH:
                     return self._json(404, {"error": "not found"})
                 try:
@@ -213,13 +219,58 @@ class Server:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 self._json(*webhook(headers, body))
 
+            def _bearer(self) -> bool:
+                """No token is needed, or the request carries it as a bearer token."""
+                given = self.headers.get("Authorization", "")
+                return not token or hmac.compare_digest(given, f"Bearer {token}")
+
+            def _lower(self) -> dict[str, str]:
+                return {k.lower(): v for k, v in self.headers.items()}
+
+            def _page(self, method: str) -> None:
+                """A dashboard page or action (``daemon/web/dashboard.py``). Without the
+                token, a page other than the sign-in sends the browser there."""
+                assert web is not None
+                path, _, raw = self.path.partition("?")
+                path = path.rstrip("/") or "/"
+                headers = self._lower()
+                bearer = bool(token) and self._bearer()
+                signed_in = bearer or web.signed_in(headers) or web.public(path)
+                if token and method == "GET" and not signed_in:
+                    return self._respond(Response(303, b"", "text/plain", {"Location": "/login"}))
+                form: dict[str, str] = {}
+                if method == "POST":
+                    length = int(self.headers.get("Content-Length") or 0)
+                    if not 0 <= length <= MAX_FORM:
+                        self.close_connection = True
+                        return self._json(413, {"error": "form too large"})
+                    form = parse_form(self.rfile.read(length))
+                query = parse_form(raw.encode())
+                try:
+                    page = web.handle(Request(method, path, query, headers, form, bearer))
+                except Exception as e:  # a bug in a page: say so, log it, keep serving
+                    logger.opt(exception=e).error("dashboard: {} {} failed", method, path)
+                    page = Response(500, b"internal error (see ticketd.log)", "text/plain")
+                self._respond(page)
+
+            def _respond(self, page: Response) -> None:
+                self._send(page.status, page.body, page.content_type, page.headers)
+
             def _json(self, status: int, body: dict[str, Any]) -> None:
                 self._send(status, json.dumps(body).encode(), "application/json")
 
-            def _send(self, status: int, data: bytes, content_type: str) -> None:
+            def _send(
+                self,
+                status: int,
+                data: bytes,
+                content_type: str,
+                headers: dict[str, str] | None = None,
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 

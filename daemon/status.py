@@ -58,6 +58,7 @@ def collect(
                 "file": path.name,
                 "stage": info.get("stage") or row.get("stage"),
                 "ollamaHost": info.get("ollamaHost"),
+                "model": info.get("model"),
                 "elapsedS": round((now - claimed).total_seconds(), 1) if claimed else None,
                 "owner": f"{info.get('host')}:{info['pid']}" if "pid" in info else None,
                 "ownerAlive": _alive(info),

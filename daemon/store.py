@@ -209,6 +209,16 @@ class Store:
             for r in rows
         ]
 
+    def runs_of(self, ticket: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest ``limit`` runs of this ticket file, oldest first (the dashboard)."""
+        rows = self._read(
+            "SELECT * FROM (SELECT id, started_at, outcome, stage, error_code, error, model,"
+            " host, duration_s, branch, llm_calls, prompt_tokens, eval_tokens FROM runs"
+            " WHERE ticket = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (ticket, limit),
+        )
+        return [dict(r) for r in rows]
+
     def history(self) -> dict[str, bool]:
         """Ticket files that have run before, each with whether a run was unsuccessful
         (duplicate detection is for new tickets; retries queue behind fresh ones)."""

@@ -30,6 +30,7 @@ from loguru import logger
 
 from daemon import config as configuration
 from daemon import gates, logs, procs, pulls, tickets, wiring
+from daemon.alerts import Alerts
 from daemon.backlog import FOLDERS
 from daemon.board import open_backlog
 from daemon.errors import ConfigError, InvalidTicket
@@ -43,6 +44,7 @@ from daemon.server import Hook, Probes, Server
 from daemon.status import collect
 from daemon.store import Store
 from daemon.watcher import Watcher, ignore_lease_breaks, settle_delay
+from daemon.web.dashboard import Dashboard, Sources
 from daemon.webhook import Webhook
 
 __all__ = ["Supervisor", "preflight"]
@@ -50,6 +52,7 @@ __all__ = ["Supervisor", "preflight"]
 Clock = Callable[[], datetime]
 CLOCK_STEP_S = 60  # a wall clock that moved this much more or less than the monotonic one
 DISK_FULL_WAIT_S = 30
+ALERTS_STOP_S = 10  # at stop, how long queued notifications may take to go out
 
 
 def utcnow() -> datetime:
@@ -93,8 +96,10 @@ class Supervisor:
             clock=clock,
             wake=self.wake.set,
             revise=self._queue_revision,
+            alert=lambda event, text: self.alerts.tell(event, text),
         )
         self.parts = wiring.build(cfg, self.hooks, checked)
+        self.alerts = self._alerts(cfg)
         self.last_loop = monotonic()
         self._clock_mark = (clock(), monotonic())
         self.notifier = notifier or Notifier.from_env({})
@@ -132,12 +137,15 @@ class Supervisor:
             redactor=lambda text: self.parts.redact(text),
             stderr=self.log_to_stderr,
         )
+        self.alerts.start()
         try:
             return self._serve()
         except Exception as e:  # the loop itself failed: say so where operators look
             logger.opt(exception=e).critical("the run loop crashed: {}: {}", type(e).__name__, e)
+            self.alerts.tell("crashed", f"the run loop crashed: {type(e).__name__}: {e}")
             return 70
         finally:
+            self.alerts.stop(ALERTS_STOP_S)  # what is queued goes out first (a crash too)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -158,7 +166,12 @@ class Supervisor:
                 self._scheduler.start()
             if self.cfg.server.enabled:
                 self._server = wiring.serve(
-                    self.cfg, self._probes(), self.metrics, self._redact, self._webhook()
+                    self.cfg,
+                    self._probes(),
+                    self.metrics,
+                    self._redact,
+                    self._webhook(),
+                    self._dashboard,
                 )
             logger.info("watching {} (pid {})", self.backlog.folder("todo"), os.getpid())
             self.notifier.ready(status="watching " + str(self.backlog.folder("todo")))
@@ -203,6 +216,23 @@ class Supervisor:
         """``POST /webhooks/github`` when pull requests are on: it only makes the watch look
         at a pull request now."""
         return self.webhook.handle if self.cfg.github.enabled else None
+
+    def _alerts(self, cfg: configuration.Config) -> Alerts:
+        """The operator's notifications (``notify``)."""
+        return Alerts(cfg.notify, cfg.notify_urls(), lambda text: self.parts.redact(text))
+
+    def _dashboard(self, token: str | None) -> Dashboard:
+        """The dashboard's pages; they read the current config and parts when asked."""
+        sources = Sources(
+            config=lambda: self.cfg,
+            backlog=self.backlog,
+            clock=self.clock,
+            ollama=lambda: self.parts.describe_ollama(),
+            wake=self.wake.set,
+            redact=lambda text: self.parts.redact(text),
+            redact_data=self._redact,
+        )
+        return Dashboard(sources, token)
 
     def _poke(self, number: int) -> None:
         watch = self.parts.watch
@@ -619,6 +649,10 @@ class Supervisor:
         if changed:
             logger.warning("reloaded; changes to {} apply after a restart", ", ".join(changed))
         old, server_changed = self.parts, new.server != self.cfg.server
+        if new.notify != self.cfg.notify:
+            self.alerts.stop(ALERTS_STOP_S)
+            self.alerts = self._alerts(new)
+            self.alerts.start()
         self.cfg, self.parts = new, parts
         old.stop()
         parts.start(self._scheduler, self.hooks, once=self.once)
@@ -629,7 +663,12 @@ class Supervisor:
             if new.server.enabled:
                 try:
                     self._server = wiring.serve(
-                        new, self._probes(), self.metrics, self._redact, self._webhook()
+                        new,
+                        self._probes(),
+                        self.metrics,
+                        self._redact,
+                        self._webhook(),
+                        self._dashboard,
                     )
                 except ConfigError as e:
                     logger.error("{}", e.message)

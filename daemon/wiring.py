@@ -43,6 +43,7 @@ from daemon.repo import Repo
 from daemon.runner import Runner
 from daemon.server import Hook, Probes, Server
 from daemon.store import Store
+from daemon.web.dashboard import Dashboard
 
 RESTART_ONLY = ("backlog", "state_dir", "logging", "concurrency")
 WATCH_TICK_S = 5  # how often the watch looks for pull requests due a poll (cheap)
@@ -61,6 +62,7 @@ class Hooks:
     wake: Callable[[], None]
     revise: Callable[[pulls.Open, pulls.Revision], bool] = lambda o, r: False
     pins: Pins = field(default_factory=Pins)  # tickets per Ollama host, across reloads
+    alert: Callable[[str, str], None] = lambda event, text: None  # the notifications
 
 
 @dataclass
@@ -219,6 +221,7 @@ def build(cfg: configuration.Config, hooks: Hooks, checked: Checked | None = Non
         settings=settings(cfg),
         repo_name=checked.repo_name,
         metrics=hooks.metrics,
+        alert=hooks.alert,
     )
     watch = _watch(cfg, hooks, runner, checked.repo_name, redact)
     return Parts(cfg, checked, redact, repo, pool, runner, checked.holds, watch)
@@ -269,24 +272,30 @@ def serve(
     metrics: Metrics,
     redact: Callable[[Any], Any],
     webhook: Hook | None = None,
+    web: Callable[[str | None], Dashboard] | None = None,
 ) -> Server:
     """The HTTP server for ``server.*`` (its probes read the current parts when called, so
     it outlives a reload that leaves ``server`` as it was)."""
     c = cfg.server
+    token = cfg.server_token()
     try:
         server = Server(
             c.host,
             c.port,
             probes,
             metrics.registry,
-            token=cfg.server_token(),
+            token=token,
             redact=redact,
             webhook=webhook,
+            web=web(token) if web is not None else None,
         )
     except OSError as e:
         raise ConfigError(f"{cfg.path}: server: cannot listen on {c.host}:{c.port}: {e}") from e
     server.start()
-    logger.info("serving /health, /ready, /health/ollama, /status, /metrics on {}", server.url)
+    logger.info(
+        "serving /health, /ready, /health/ollama, /status, /metrics on {} (the dashboard: /)",
+        server.url,
+    )
     return server
 
 
@@ -323,11 +332,22 @@ def _pool(cfg: configuration.Config, hooks: Hooks) -> Pool | None:
             interval_s=o.health_check.interval_s,
             timeout_s=o.health_check.timeout_s,
             on_available=hooks.wake,
+            on_change=_alert_host(hooks, h.url),
             warm=o.models[0],
             warn_missing=len(o.pool) == 1,
         )
         hosts.append(Host(h.url, h.weight, h.max_tickets, llm, monitor))
     return Pool(hosts, hooks.pins)
+
+
+def _alert_host(hooks: Hooks, url: str) -> Callable[[bool], None]:
+    """Tell the notifications when the Ollama host at ``url`` goes away or comes back."""
+
+    def tell(up: bool) -> None:
+        said = "answers again" if up else "stopped answering"
+        hooks.alert("ollama_up" if up else "ollama_down", f"Ollama at {url} {said}")
+
+    return tell
 
 
 def plan(cfg: configuration.Config, bwrap: str | None, repo: Repo) -> Plan:

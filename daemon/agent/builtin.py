@@ -217,6 +217,7 @@ def run(
     log: Callable[[str], None],
     previous: str | None = None,
     request: str | None = None,
+    on_model: Callable[[str], None] = lambda model: None,
 ) -> Result:
     result = Result()
     task = render_ticket(ticket, request)
@@ -228,7 +229,7 @@ def run(
         _model(r, model, before)
 
     earlier = TicketdError(f"(an earlier run of this ticket) {previous}") if previous else None
-    return walk(chain, workspace, attempt, result, log=log, earlier=earlier)
+    return walk(chain, workspace, attempt, result, log=log, earlier=earlier, on_model=on_model)
 
 
 def _model(r: _Run, model: str, before: TicketdError | None) -> None:

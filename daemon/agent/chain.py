@@ -66,10 +66,12 @@ def walk(
     log: Callable[[str], None],
     earlier: TicketdError | None = None,
     final: Collection[str] = FINAL,
+    on_model: Callable[[str], None] = lambda model: None,
 ) -> Result:
     """Call ``attempt(model, what_failed_before)`` for each model in turn until one returns.
     An attempt fails with ``AgentError`` (or ``LLMError``); the walk records it and raises
-    ``AgentFailure``, carrying ``result``, when no model is left or the failure is final."""
+    ``AgentFailure``, carrying ``result``, when no model is left or the failure is final.
+    ``on_model`` hears of each model as its turn starts."""
     last: TicketdError | None = None
     for model in chain:
         if last is not None:  # a hand-over starts on a fresh checkout
@@ -77,6 +79,7 @@ def walk(
             result.changed.clear()
         if model is not None:
             result.models_tried.append(model)
+            on_model(model)
         name = model or "the agent"
         try:
             attempt(model, last or earlier)

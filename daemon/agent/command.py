@@ -157,6 +157,7 @@ def run(
     route: Route | None = None,
     previous: str | None = None,
     request: str | None = None,
+    on_model: Callable[[str], None] = lambda model: None,
 ) -> tuple[Result, Change]:
     """Run the agent, model after model, until its change passes the checks. ``route``: the
     run's Ollama host, given to the agent in ``OLLAMA_HOST`` and ``OLLAMA_API_BASE`` and
@@ -189,6 +190,7 @@ def run(
         result,
         log=log,
         earlier=earlier,
+        on_model=on_model,
     )
     assert r.change is not None
     return result, r.change

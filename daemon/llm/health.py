@@ -32,6 +32,7 @@ class Monitor:
         interval_s: float,
         timeout_s: float,
         on_available: Callable[[], None],
+        on_change: Callable[[bool], None] = lambda up: None,
         warm: str | None = None,
         warn_missing: bool = True,
     ) -> None:
@@ -41,6 +42,8 @@ class Monitor:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.on_available = on_available
+        self.on_change = on_change  # told when the host goes away (False) or comes back
+        self._up: bool | None = None  # what on_change was last told
         self.warm_model = warm
         self.warn_missing = warn_missing  # a pool warns of models no host has, instead
         self.last: Health | None = None
@@ -80,7 +83,16 @@ class Monitor:
         if was is not State.CLOSED and self.available:
             logger.info("Ollama at {} answers again", self.llm.host)
             self.on_available()
+        self._tell()
         return health
+
+    def _tell(self) -> None:
+        """``on_change`` when the host became available or unavailable since last told (a
+        host up at start is no news; one down at start is)."""
+        up = self.available
+        if up != (True if self._up is None else self._up):
+            self.on_change(up)
+        self._up = up
 
     def describe(self) -> tuple[int, dict[str, Any]]:
         """``/health/ollama``: the breaker, each model's presence, the last check; 503 while
@@ -123,6 +135,7 @@ class Monitor:
                 break
             if opened.is_set():
                 opened.clear()
+                self._tell()  # requests opened the breaker: the host is away
                 continue
             self.check_now()
 
