@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence, Set
@@ -35,11 +34,6 @@ FOLDERS = ("todo", "in-progress", "review", "done", "failed")
 RECORDS = {"failed": ".error.json", "review": ".review.json"}  # a folder's side record
 PRIORITY_RANK = {"high": 0, "medium": 1, None: 1, "low": 2}
 LEASE_ENV = "TICKETD_LEASE"
-
-
-def words(ticket: tickets.Ticket) -> set[str]:
-    """The distinct words of a ticket's title and description, for duplicate detection."""
-    return set(re.findall(r"\w+", f"{ticket.title} {ticket.description}".lower()))
 
 
 def is_ticket_name(name: str) -> bool:
@@ -277,7 +271,7 @@ class Backlog:
     ) -> tickets.Ticket | None:
         """An older ticket in todo/, a ticket in in-progress/, or one done within
         ``window_days``, sharing at least ``threshold`` of its words with ``ticket``."""
-        mine = words(ticket)
+        mine = ticket.words
         if not mine:
             return None
         others = [("todo", p) for p in self.files("todo") if p != ticket.path]
@@ -292,7 +286,7 @@ class Backlog:
                 continue
             if folder == "todo" and tickets.id_key(other.id) >= tickets.id_key(ticket.id):
                 continue  # of two in todo/, the later one is the duplicate
-            theirs = words(other)
+            theirs = other.words
             if theirs and len(mine & theirs) / len(mine | theirs) >= threshold:
                 return other
         return None

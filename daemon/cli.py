@@ -11,17 +11,16 @@ import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from daemon import config as configuration
-from daemon import tickets
-from daemon.backlog import FOLDERS, Backlog
 from daemon.errors import ConfigError, InvalidTicket, TicketdError
-from daemon.files import atomic_write
+
+if TYPE_CHECKING:  # each command imports what it uses: `ticketd --help` loads none of it
+    from daemon import config as configuration
+    from daemon.backlog import Backlog
 
 app = typer.Typer(
     help="ticketd: watch backlog/todo/ for Backlog.md tickets, run a coding agent on each in "
@@ -43,6 +42,8 @@ ConfigOption = Annotated[
 
 
 def _load(path: Path | None) -> configuration.Config:
+    from daemon import config as configuration
+
     try:
         return configuration.load(path)
     except ConfigError as e:
@@ -85,7 +86,9 @@ def run(
         err.print(f"ticketd: bad configuration: {e.message}", markup=False)
         raise typer.Exit(2) from None
     try:
-        notifier = Notifier.from_env(configuration.notify_env())
+        from daemon.config import notify_env
+
+        notifier = Notifier.from_env(notify_env())
         code = Supervisor(cfg, once=once, checked=checked, notifier=notifier).run()
     except ConfigError as e:
         err.print(f"ticketd: bad configuration: {e.message}", markup=False)
@@ -177,6 +180,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     if not rows:
         out.print(f"{title}: none")
         return
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for c in columns:
         table.add_column(c)
@@ -198,6 +203,9 @@ def validate(
     Files are read as the daemon reads them: a symbolic link, a directory, a FIFO or an empty
     file is INVALID, with the reason, and is never followed, opened or waited on.
     """
+    from daemon import tickets
+    from daemon.backlog import FOLDERS
+
     problems: dict[Path, str] = {}
     if files:  # a folder named on the command line stands for the .md entries in it
         paths = [m for p in files for m in (sorted(p.glob("*.md")) if p.is_dir() else [p])]
@@ -254,6 +262,9 @@ def new(
     if not title.strip():
         err.print("ticketd: the title must not be empty", markup=False)
         raise typer.Exit(2)
+    from daemon import tickets
+    from daemon.files import atomic_write, rename_noreplace
+
     cfg = _load(config)
     backlog = _backlog(cfg)
     backlog.ensure()
@@ -272,8 +283,6 @@ def new(
     try:
         tmp = path.parent / f".{path.name}.new"
         atomic_write(tmp, text)
-        from daemon.files import rename_noreplace
-
         rename_noreplace(tmp, path)
     except FileExistsError:
         tmp.unlink()

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from loguru import logger
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from daemon.errors import GitError
@@ -317,6 +318,20 @@ class Repo:
             ).strip()
         except GitError:
             return None
+
+    def forget(self, branch: str) -> None:
+        """Drop ``refs/ticketd/<branch>`` once its ticket is delivered: nothing resumes from
+        it, and git's own maintenance may then prune the commit."""
+        try:
+            self.git("update-ref", "-d", f"refs/ticketd/{branch}", git_dir=self.work_dir)
+        except GitError as e:  # a ref left behind costs a little space, nothing else
+            logger.warning("cannot drop refs/ticketd/{}: {}", branch, e.message)
+
+    def maintain(self) -> None:
+        """git's own housekeeping of ``work.git`` (``gc --auto``: packs loose objects and
+        prunes old unreachable ones, only past git's thresholds). ``base.git`` is left
+        alone: ``work.git`` borrows its objects, which a gc there could prune."""
+        self.git("gc", "--auto", "--quiet", git_dir=self.work_dir)
 
     def message(self, sha: str) -> str:
         return self.git("log", "-1", "--format=%B", sha, git_dir=self.work_dir)

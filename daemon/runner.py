@@ -226,6 +226,7 @@ class Runner:
         else:
             self._record_agent(run_id, delivered.agent, delivered.review)
             self.outcomes.done(run, run_id, delivered)
+            self.repo.forget(delivered.branch)
 
     def _deliver(
         self,
@@ -292,6 +293,7 @@ class Runner:
         else:
             self._record_agent(run_id, delivered.agent, delivered.review)
             self.outcomes.done(run, run_id, delivered)
+            self.repo.forget(delivered.branch)
 
     def _revision_failed(
         self, run: Active, run_id: int, error: TicketdError, tools: pipeline.Tools

@@ -401,8 +401,10 @@ class Supervisor:
         wait: float | None = None
         candidates = []
         todo = self.backlog.files("todo")
-        self._tell_problems()
         self.queue_depth = len(todo)
+        if len(self.active) >= self.cfg.concurrency.max_tickets:
+            return None, len(todo)  # no worker is free: nothing to read or claim until one is
+        self._tell_problems()
         for path in todo:
             try:
                 delay = settle_delay(path, time.time(), self.cfg.intake.settle_s)

@@ -22,6 +22,7 @@ Whatever a file holds, ``parse_file`` raises ``InvalidTicket`` with a reason, or
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
@@ -97,6 +98,13 @@ class Ticket:
     documentation: tuple[str, ...] = ()
     assignees: tuple[str, ...] = ()
     ordinal: float | None = None
+
+    @functools.cached_property
+    def words(self) -> frozenset[str]:
+        """The distinct words of the title and description, for duplicate detection:
+        computed once per parse (the backlog keeps a parsed ticket while its file is
+        unchanged), not at every claim."""
+        return frozenset(re.findall(r"\w+", f"{self.title} {self.description}".lower()))
 
 
 def read_bytes(path: Path) -> bytes:

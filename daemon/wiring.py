@@ -48,6 +48,7 @@ from daemon.web.dashboard import Dashboard
 RESTART_ONLY = ("backlog", "state_dir", "logging", "concurrency")
 WATCH_TICK_S = 5  # how often the watch looks for pull requests due a poll (cheap)
 START_NOW = ("retry-failed", "pull-requests")  # jobs that run at start too
+GIT_MAINTENANCE_S = 3600  # how often git gc --auto looks at ticketd's own repository
 Probe = Callable[[], tuple[int, dict[str, Any]]]
 
 
@@ -111,6 +112,7 @@ class Parts:
             "insights": (lambda: self.learn(hooks), cfg.insights.interval_s)
             if cfg.agent.kind == "builtin" and not once
             else None,
+            "git-maintenance": (self.maintain, GIT_MAINTENANCE_S) if not once else None,
         }
         for job_id, job in jobs.items():
             if job is None:
@@ -184,6 +186,13 @@ class Parts:
                 hooks.wake()
             elif d.action == "marked not retryable":
                 logger.warning("{} stays in failed/: {}", d.file, d.reason)
+
+    def maintain(self) -> None:
+        """The scheduled housekeeping of ticketd's own git repository."""
+        try:
+            self.repo.maintain()
+        except TicketdError as e:
+            logger.warning("git maintenance failed: {}", e.message)
 
     def learn(self, hooks: Hooks) -> None:
         """The scheduled analysis of recent runs (the learning loop); logs what it changed."""

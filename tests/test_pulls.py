@@ -471,13 +471,19 @@ def test_a_rerun_builds_on_a_persons_commits_instead_of_replacing_them(
 def test_every_scheduled_job_is_running_not_paused(
     project: Project, fake_github: FakeGitHub
 ) -> None:
-    """The watch, the retry job and the learning loop each have a next run once started."""
+    """The watch, the retry job, the learning loop and git's housekeeping each have a next
+    run once started."""
     configure(project, fake_github, sections={"agent": {"kind": "builtin"}})
     with Running(project) as supervisor:
         jobs = wait_until(
             lambda: supervisor._scheduler.running and supervisor._scheduler.get_jobs()
         )
-        assert sorted(job.id for job in jobs) == ["insights", "pull-requests", "retry-failed"]
+        assert sorted(job.id for job in jobs) == [
+            "git-maintenance",
+            "insights",
+            "pull-requests",
+            "retry-failed",
+        ]
         assert all(job.next_run_time is not None for job in jobs)
 
 

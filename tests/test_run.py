@@ -12,6 +12,8 @@ import yaml
 from conftest import PY, SIDE_CHANNEL, Project, git, ticketd
 
 from daemon import config as configuration
+from daemon.gitcmd import Git, resolve_remote
+from daemon.repo import Repo
 from daemon.supervisor import Supervisor
 
 
@@ -54,6 +56,14 @@ def test_ticket_becomes_a_pushed_branch_and_moves_to_done(project: Project) -> N
     log = (project.root / "logs" / "tasks" / "task-1.log").read_text()
     for stage in ("worktree", "agent", "commit", "push"):
         assert f"stage {stage} done in" in log
+    # ticketd's own repository keeps no ref for a delivered ticket, and tidies itself
+    work = project.root / "state" / "git" / "work.git"
+    assert git(work, "for-each-ref", "refs/ticketd/") == ""
+    Repo(
+        work.parent,
+        resolve_remote(Git({}, timeout_s=60), project.repo, "origin"),
+        Git({}, timeout_s=60),
+    ).maintain()
 
 
 def test_failing_agent_goes_to_failed_with_error_json(project: Project) -> None:
