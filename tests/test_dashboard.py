@@ -211,6 +211,7 @@ def test_actions_need_the_token_and_refuse_other_sites(
     assert ask(retry, {"csrf": csrf}, {"Cookie": cookie})[0] == 303
     wait_until(lambda: "todo" in project.where() or len(_runs(project)) == 2, what="the retry")
     bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert ask(url + "/tickets/TASK%2D9", headers=bearer)[0] == 200  # ids match as ids do
     missing = ask(url + "/tickets/task-404", headers=bearer)
     assert missing[0] == 404 and "No ticket" in missing[1] and "<html" in missing[1]
     assert ask(url + "/tickets/task-404/retry", {}, bearer)[0] == 404

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -161,7 +161,7 @@ class Dashboard:
         found = re.fullmatch(r"/tickets/([^/]+)(?:/(retry|cancel))?", path)
         if found is None:
             return self._error(404, "No such page.", request)
-        task_id, action = found[1], found[2]
+        task_id, action = unquote(found[1]), found[2]
         where = self._find(task_id)
         if where is None:
             return self._error(404, f"No ticket {task_id!r} in the backlog.", request)
