@@ -19,15 +19,14 @@ also prints how many tickets each host served. Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import math
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
-from project import PY, make_project, run_in_tempdir
+from overhead import run_once
+from project import make_project, run_in_tempdir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fake_ollama import FakeOllama
@@ -74,24 +73,14 @@ def measure(root: Path, hosts: int, per_host: int, model_s: float) -> tuple[floa
     try:
         configure(config, fakes)
         add_tickets(root / "backlog" / "todo", hosts * per_host)
-        proc = subprocess.Popen(
-            [PY, "-m", "daemon", "run", "--once", "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        watching, lines = math.nan, []
-        for line in proc.stdout:
-            if math.isnan(watching) and "watching" in line:
-                watching = time.monotonic()
-            lines.append(line)
-        code = proc.wait()
-        took = time.monotonic() - watching
+        watching, total, code, output = run_once(config)
+        took = total - watching
         served = [len(f.requests_to("/api/chat")) for f in fakes]
     finally:
         for fake in fakes:
             fake.stop()
     if code != 0:
-        sys.exit(f"the daemon failed ({code}):\n{''.join(lines)[-3000:]}")
+        sys.exit(f"the daemon failed ({code}):\n{output[-3000:]}")
     db = sqlite3.connect(root / "state" / "history.sqlite3")
     outcomes = [row[0] for row in db.execute("SELECT outcome FROM runs")]
     db.close()

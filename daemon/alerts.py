@@ -23,12 +23,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import apprise
 from loguru import logger
 from tenacity import Retrying, retry_if_result, stop_after_attempt, wait_exponential
 
 from daemon.config import NotifyConfig
+
+if TYPE_CHECKING:  # loaded only with a destination: its plugins cost every start ~70 ms
+    import apprise
 
 # Each kind of event as a title counts it, in the title's order.
 LABELS = {
@@ -209,6 +212,8 @@ class Alerts:
     def _send(self, events: list[tuple[str, str]], dropped: Counter[str], count: int) -> None:
         title, body = compose(events, dropped)
         kinds = {kind for kind, _ in events} | set(dropped)
+        import apprise
+
         kind = apprise.NotifyType.FAILURE if kinds & FAILING else apprise.NotifyType.INFO
         title, body = self._redact(title), self._redact(body)
         for to in self._destinations:
@@ -258,6 +263,8 @@ class Alerts:
         # async_mode off: sent on the sender thread, not apprise's thread pool. service_timeout
         # 0: apprise would time each send out by running it on a process-wide pool whose
         # threads outlive it; the sockets' own timeouts bound it instead.
+        import apprise
+
         asset = apprise.AppriseAsset(async_mode=False, service_timeout=0)
         holder = apprise.Apprise(asset=asset)
         if not holder.add(url):

@@ -32,7 +32,9 @@ class _Live(Collector):
         self.pinned = pinned
 
     def collect(self) -> Iterator[Metric]:
-        yield _gauge("ticketd_queue_depth", "Ticket files in each backlog folder.", self.depth())
+        yield _gauge(
+            "ticketd_queue_depth", "Ticket files in each backlog folder.", self.depth(), "folder"
+        )
         yield _gauge(
             "ticketd_ollama_circuit_state",
             "Each Ollama host's circuit breaker: 0 closed, 1 half-open, 2 open.",
@@ -47,9 +49,7 @@ class _Live(Collector):
         )
 
 
-def _gauge(
-    name: str, text: str, values: Mapping[str, int], label: str = "folder"
-) -> GaugeMetricFamily:
+def _gauge(name: str, text: str, values: Mapping[str, int], label: str) -> GaugeMetricFamily:
     """A gauge with one sample per key of ``values``, labelled ``label``."""
     gauge = GaugeMetricFamily(name, text, labels=[label])
     for key, value in values.items():

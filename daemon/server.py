@@ -208,14 +208,9 @@ class Server:
                     return self._page("POST")
                 if webhook is None or path != WEBHOOK_PATH:
                     return self._json(404, {"error": "not found"})
-                try:
-                    length = int(self.headers.get("Content-Length", ""))
-                except ValueError:
-                    return self._json(411, {"error": "Content-Length required"})
-                if not 0 <= length <= WEBHOOK_MAX_BODY:
-                    self.close_connection = True
-                    return self._json(413, {"error": "body too large"})
-                body = self.rfile.read(length)
+                body = self._body(WEBHOOK_MAX_BODY)
+                if body is None:
+                    return
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 self._json(*webhook(headers, body))
 
@@ -240,11 +235,10 @@ class Server:
                     return self._respond(Response(303, b"", "text/plain", {"Location": "/login"}))
                 form: dict[str, str] = {}
                 if method == "POST":
-                    length = int(self.headers.get("Content-Length") or 0)
-                    if not 0 <= length <= MAX_FORM:
-                        self.close_connection = True
-                        return self._json(413, {"error": "form too large"})
-                    form = parse_form(self.rfile.read(length))
+                    body = self._body(MAX_FORM)
+                    if body is None:
+                        return
+                    form = parse_form(body)
                 query = parse_form(raw.encode())
                 try:
                     page = web.handle(Request(method, path, query, headers, form, bearer))
@@ -252,6 +246,20 @@ class Server:
                     logger.opt(exception=e).error("dashboard: {} {} failed", method, path)
                     page = Response(500, b"internal error (see ticketd.log)", "text/plain")
                 self._respond(page)
+
+            def _body(self, limit: int) -> bytes | None:
+                """The request's body, at most ``limit`` bytes; None when refused (411 or 413
+                sent)."""
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    self._json(411, {"error": "Content-Length required"})
+                    return None
+                if not 0 <= length <= limit:
+                    self.close_connection = True
+                    self._json(413, {"error": "body too large"})
+                    return None
+                return self.rfile.read(length)
 
             def _respond(self, page: Response) -> None:
                 self._send(page.status, page.body, page.content_type, page.headers)

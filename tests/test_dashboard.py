@@ -4,6 +4,7 @@ level (who may act, cross-site requests, bad ids) is tested with plain requests.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -228,6 +229,13 @@ def test_without_a_token_the_pages_are_read_only(project: Project, daemons: list
     assert "script-src 'self'" in headers["Content-Security-Policy"]
     assert ask(url + "/tickets/task-9/retry", {"csrf": ""})[0] == 403
     assert project.where().get("failed") == ["task-9 - Fails.md"]
+    # a record whose link is a script, and a form too large to read: refused, not followed
+    project.ticket("task-5 - Held.md", folder="review")
+    record = {"taskId": "task-5", "reason": "PR_OPEN", "prUrl": "javascript:alert(1)"}
+    (project.folder("review") / "task-5 - Held.review.json").write_text(json.dumps(record))
+    page = ask(url + "/tickets/task-5")[1]
+    assert "javascript:alert(1)" in page and 'href="javascript:' not in page
+    assert ask(url + "/tickets/task-9/retry", {"csrf": "x" * 5000})[0] == 413
 
 
 def _runs(project: Project) -> list[Any]:

@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
-
 from daemon import config as configuration
 from daemon import failures, procs, stats, status, tickets
 from daemon.backlog import FOLDERS, RECORDS, Backlog
@@ -88,6 +86,8 @@ class Sources:
 
 class Dashboard:
     def __init__(self, sources: Sources, token: str | None) -> None:
+        from jinja2 import Environment, FileSystemLoader, select_autoescape  # with the server
+
         self.s = sources
         self.token = token
         self.templates = Environment(
