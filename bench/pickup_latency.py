@@ -31,14 +31,13 @@ import logging
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from project import PY, make_project, run_in_tempdir
+from project import PY, make_project, run_in_tempdir, stop
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -145,13 +144,7 @@ def bench(root: Path, args: argparse.Namespace) -> None:
     finally:
         observer.stop()
         observer.join()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            code: int | str = daemon.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-            code = "killed after 120s"
+        code = stop(daemon)
 
     series: dict[str, list[float]] = {}
     missed: dict[str, int] = {}

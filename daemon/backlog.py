@@ -24,11 +24,12 @@ from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from daemon import tickets
 from daemon.errors import InvalidTicket
 from daemon.files import atomic_write, free_name, is_temp, remove_stale_temp, rename_noreplace
+from daemon.index import Index
 
 FOLDERS = ("todo", "in-progress", "review", "done", "failed")
 RECORDS = {"failed": ".error.json", "review": ".review.json"}  # a folder's side record
@@ -69,9 +70,27 @@ class Lease:
         os.ftruncate(self.fd, len(data))
 
 
+class Plannable(Protocol):
+    """What ``Backlog.plan`` orders by: a parsed ticket, or the index's brief of one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def priority(self) -> str | None: ...
+    @property
+    def ordinal(self) -> float | None: ...
+    @property
+    def dependencies(self) -> tuple[str, ...]: ...
+
+
+T = TypeVar("T", bound=Plannable)
+
+
 @dataclass(frozen=True)
-class Waiting:
-    ticket: tickets.Ticket
+class Waiting(Generic[T]):
+    ticket: T
     reason: str
 
 
@@ -80,8 +99,10 @@ class Backlog:
     ``daemon/board.py`` is the Backlog.md layout behind the same methods."""
 
     layout = "folders"
+    indexed: tuple[str, ...] = FOLDERS  # the folders the ticket index covers
 
-    def __init__(self, root: Path, statuses: Mapping[str, str]) -> None:
+    def __init__(self, root: Path, statuses: Mapping[str, str], index: Path | None = None) -> None:
+        """``index``: the file of the ticket index (``daemon/index.py``; None: in memory)."""
         self.root = root
         self.statuses = dict(statuses)  # folder name -> status text
         self.leases = root / ".leases"
@@ -89,6 +110,9 @@ class Backlog:
         # loop and the workers, so every use of it holds the lock.
         self._cache: dict[Path, tuple[tuple[int, ...], tickets.Ticket | str]] = {}
         self._cache_lock = threading.Lock()
+        self.index = Index(
+            root, self.indexed, lambda path: self.read(path, keep=False), self._names, index
+        )
 
     def ensure(self) -> None:
         for name in (*FOLDERS, ".leases"):
@@ -166,16 +190,26 @@ class Backlog:
         """The tickets in ``folder``."""
         return self._listing(folder)
 
+    def count(self, folder: str) -> int:
+        """How many tickets are in ``folder``."""
+        return len(self._names(folder))
+
     def _listing(self, folder: str) -> list[Path]:
         """The ticket files of ``root/folder`` (a path under the backlog), by name."""
+        return [self.root / folder / name for name in sorted(self._names(folder))]
+
+    def _names(self, folder: str) -> list[str]:
+        """The names of the ticket files of ``root/folder``, in no order."""
         try:
             names = os.listdir(self.root / folder)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(self.root / folder / n for n in names if is_ticket_name(n) and not is_temp(n))
+        return [n for n in names if is_ticket_name(n) and not is_temp(n)]
 
-    def read(self, path: Path) -> tickets.Ticket:
+    def read(self, path: Path, *, keep: bool = True) -> tickets.Ticket:
         """Parse a ticket, cached on what ``lstat`` says of the file (a link is never followed).
+        With ``keep`` false (the index's reads of every folder) a cached parse is used but a
+        new one is not kept: memory holds the tickets intake reads, not all of ``done/``.
 
         Raises ``InvalidTicket`` with the reason for anything that is not a readable ticket: a
         link, a directory, a FIFO or another non-regular file, a file that cannot be read, bad
@@ -194,19 +228,25 @@ class Backlog:
             try:
                 ticket = tickets.parse_file(path)
             except InvalidTicket as e:
-                with self._cache_lock:
-                    self._cache[path] = (key, e.message)
+                if keep:
+                    with self._cache_lock:
+                        self._cache[path] = (key, e.message)
                 raise
-            with self._cache_lock:
-                self._cache[path] = (key, ticket)
+            if keep:
+                with self._cache_lock:
+                    self._cache[path] = (key, ticket)
             return ticket
         if isinstance(cached[1], str):
             raise InvalidTicket(cached[1])
         return cached[1]
 
-    def forget(self, path: Path) -> None:
+    def forget(self, *paths: Path) -> None:
+        """These files changed, came or went (the daemon's own moves and writes, watchdog's
+        events): nothing read of them before is used again."""
         with self._cache_lock:
-            self._cache.pop(path, None)
+            for path in paths:
+                self._cache.pop(path, None)
+        self.index.touch(*paths)
 
     def trim_cache(self) -> None:
         """Drop parsed tickets whose files have moved or gone."""
@@ -218,19 +258,20 @@ class Backlog:
                 self._cache.pop(path, None)
 
     def done_ids(self) -> list[str]:
-        ids = []
-        for path in self.files("done"):
-            with contextlib.suppress(InvalidTicket, OSError):
-                ids.append(self.read(path).id)
-        return ids
+        return self.index.ids("done")
+
+    def briefs(self) -> tuple[Sequence[Plannable], dict[Path, str]]:
+        """What ``plan`` needs of each ticket in todo/, from the index (nothing is parsed
+        twice), and the files there that are no ticket (why, by path)."""
+        return self.index.briefs("todo")
 
     def plan(
-        self, candidates: Sequence[tickets.Ticket], behind: Set[str] = frozenset()
-    ) -> tuple[list[tickets.Ticket], list[Waiting]]:
+        self, candidates: Sequence[T], behind: Set[str] = frozenset()
+    ) -> tuple[list[T], list[Waiting[T]]]:
         """Split todo tickets into ready ones (by priority, then fresh before those named in
         ``behind`` (retries), then id) and waiting ones."""
         ready = [t for t in candidates if not t.dependencies]
-        waiting: list[Waiting] = []
+        waiting: list[Waiting[T]] = []
         if len(ready) < len(candidates):  # only then read the other folders
             done = {self.canonical(i) for i in self.done_ids()}
             elsewhere = {self.canonical(t.id): "todo" for t in candidates} | self.whereabouts()
@@ -261,35 +302,36 @@ class Backlog:
         """Where each ticket not done is, by canonical id (a waiting ticket's reason)."""
         found: dict[str, str] = {}
         for folder in ("failed", "review", "in-progress"):
-            for path in self.files(folder):
-                with contextlib.suppress(InvalidTicket, OSError):
-                    found.setdefault(self.canonical(self.read(path).id), folder)
+            for task_id in self.index.ids(folder):
+                found.setdefault(self.canonical(task_id), folder)
         return found
 
     def duplicate_of(
         self, ticket: tickets.Ticket, threshold: float, window_days: float, now: float
     ) -> tickets.Ticket | None:
         """An older ticket in todo/, a ticket in in-progress/, or one done within
-        ``window_days``, sharing at least ``threshold`` of its words with ``ticket``."""
-        mine = ticket.words
-        if not mine:
-            return None
-        others = [("todo", p) for p in self.files("todo") if p != ticket.path]
-        others += [("in-progress", p) for p in self.files("in-progress")]
-        others += [("done", p) for p in self.files("done")]
-        for folder, path in others:
+        ``window_days``, sharing at least ``threshold`` of its words with ``ticket``: found
+        in the index, so the cost does not grow with the number of tickets."""
+        rank = {"todo": 0, "in-progress": 1, "done": 2}
+        found = []
+        for similar in self.index.similar(ticket.words, threshold):
+            if similar.path == ticket.path:
+                continue
             try:
-                if folder == "done" and now - os.lstat(path).st_mtime > window_days * 86400:
+                state = self._indexed_state(similar.path)
+                if state == "done" and now - similar.mtime > window_days * 86400:
                     continue
-                other = self.read(path)
+                if state == "todo" and tickets.id_key(similar.id) >= tickets.id_key(ticket.id):
+                    continue  # of two in todo/, the later one is the duplicate
+                if state in rank:
+                    found.append((rank[state], similar.path.name, self.read(similar.path)))
             except (InvalidTicket, OSError):
                 continue
-            if folder == "todo" and tickets.id_key(other.id) >= tickets.id_key(ticket.id):
-                continue  # of two in todo/, the later one is the duplicate
-            theirs = other.words
-            if theirs and len(mine & theirs) / len(mine | theirs) >= threshold:
-                return other
-        return None
+        return min(found, key=lambda f: f[:2])[2] if found else None
+
+    def _indexed_state(self, path: Path) -> str | None:
+        """The state of a ticket the index found at ``path``: its folder here."""
+        return path.parent.name
 
     # -- claims ---------------------------------------------------------------------------
 
@@ -332,11 +374,13 @@ class Backlog:
         Raises FileNotFoundError when it is not in ``source``."""
         src, dst = self.folder(source) / name, self.folder("in-progress") / name
         rename_noreplace(src, dst)
+        self.forget(src, dst)
         return src, dst
 
     def _leave(self, src: Path, dst: Path) -> None:
         """Undo ``_enter``."""
         rename_noreplace(dst, src)
+        self.forget(src, dst)
 
     def take(self, name: str, folder: str) -> Lease | None:
         """Lock the lease of ``<folder>/<name>`` without moving it (to move it elsewhere), or
@@ -473,7 +517,7 @@ class Backlog:
         """The folder layout: rename the ticket into ``folder`` (to ``dst`` when given)."""
         dst = dst or self.target(folder, path.name)
         rename_noreplace(path, dst)
-        self.forget(path)
+        self.forget(path, dst)
         return dst
 
 

@@ -28,6 +28,7 @@ Notes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import files, tickets
-from daemon.backlog import FOLDERS, Backlog, Lease
+from daemon.backlog import FOLDERS, Backlog, Lease, Plannable
 from daemon.errors import ConfigError, InvalidTicket
 from daemon.frontmatter import load as load_yaml
 
@@ -145,7 +146,7 @@ def layout_of(cfg: Config) -> str:
 def open_backlog(cfg: Config) -> Backlog:
     """The backlog ``cfg`` describes, in its layout. Raises ConfigError."""
     if layout_of(cfg) == "folders":
-        return Backlog(cfg.backlog.dir, folder_statuses(cfg))
+        return Backlog(cfg.backlog.dir, folder_statuses(cfg), index=index_file(cfg))
     project = read_project(cfg.backlog.dir)
     if not (cfg.backlog.dir / "tasks").is_dir():
         raise ConfigError(f"{cfg.backlog.dir / 'tasks'}: missing; is this a Backlog.md project?")
@@ -156,7 +157,13 @@ def open_backlog(cfg: Config) -> Backlog:
         project=project,
         assignee=cfg.backlog.assignee,
         label=cfg.backlog.label,
+        index=index_file(cfg),
     )
+
+
+def index_file(cfg: Config) -> Path:
+    """The ticket index's file (``daemon/index.py``), in the state folder."""
+    return cfg.state_dir / "index.sqlite3"
 
 
 def _handle(name: str) -> str:
@@ -165,6 +172,7 @@ def _handle(name: str) -> str:
 
 class Board(Backlog):
     layout = "backlog.md"
+    indexed = ("tasks", "completed")
 
     def __init__(
         self,
@@ -175,8 +183,9 @@ class Board(Backlog):
         project: Project,
         assignee: str = "@ticketd",
         label: str | None = None,
+        index: Path | None = None,
     ) -> None:
-        super().__init__(root, statuses)
+        super().__init__(root, statuses, index)
         self.state = state
         self.leases = state / "leases"
         self.project = project
@@ -268,6 +277,9 @@ class Board(Backlog):
             found += self._listing("completed")
         return found
 
+    def count(self, folder: str) -> int:
+        return len(self.files(folder))
+
     def _find(self, name: str) -> tuple[Path, tickets.Ticket] | None:
         for path, ticket in self._tasks():
             if self.key(path) == name:
@@ -299,6 +311,19 @@ class Board(Backlog):
             return task_id.strip().casefold()
         prefix = (found[1] or self.project.task_prefix).casefold()
         return prefix + "-" + ".".join(str(int(n)) for n in found[2].split("."))
+
+    def briefs(self) -> tuple[Sequence[Plannable], dict[Path, str]]:
+        """The tasks handed to ticketd, read (their state is not the index's to say)."""
+        found = []
+        for path in self.files("todo"):
+            with contextlib.suppress(FileNotFoundError, InvalidTicket):
+                found.append(self.read(path))
+        return found, {}
+
+    def _indexed_state(self, path: Path) -> str | None:
+        if path.parent.name == "completed":
+            return "done"
+        return self._state(path, self.read(path))
 
     def done_ids(self) -> list[str]:
         """Done as Backlog.md counts it for dependencies: in ``completed/``, or in the

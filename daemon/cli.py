@@ -28,7 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,  # plain click help: rich's would load 40 ms of modules first
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -61,7 +61,7 @@ def _backlog(cfg: configuration.Config) -> Backlog:
         raise typer.Exit(2) from None
 
 
-@app.command()
+@app.command(short_help="Run the daemon (--once: what is ready, then exit).")
 def run(
     config: ConfigOption = None,
     once: Annotated[
@@ -96,13 +96,20 @@ def run(
     raise typer.Exit(code)
 
 
-@app.command()
+SHOWN = 20  # rows of a long table ``ticketd status`` shows without --all
+
+
+@app.command(short_help="Waiting, running and recent tickets, and why.")
 def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help=f"List every waiting ticket, not the first {SHOWN}.")
+    ] = False,
 ) -> None:
     """Show waiting tickets and why, running ones with stage, elapsed time and Ollama host,
-    the tickets on each Ollama host of a pool, recent outcomes."""
+    the tickets on each Ollama host of a pool, recent outcomes. Tables list the first
+    few rows and say how many more there are; --json always has them all."""
     from daemon.status import collect
     from daemon.store import Store
 
@@ -124,6 +131,7 @@ def status(
         "Waiting in todo/",
         ["ticket", "file", "why"],
         [[w["taskId"] or "-", w["file"], w["reason"]] for w in report["waiting"]],
+        limit=None if show_all else SHOWN,
     )
     _table(
         "Running",
@@ -152,6 +160,7 @@ def status(
         "Pull requests in review",
         ["ticket", "pull request", "revisions", "since"],
         [[r["taskId"], r["url"], str(r["revisions"]), r["since"]] for r in report["inReview"]],
+        limit=None if show_all else SHOWN,
     )
     _table(
         "Recent outcomes",
@@ -176,7 +185,8 @@ def _secs(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}s" if value < 120 else f"{value / 60:.1f}m"
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def _table(title: str, columns: list[str], rows: list[list[Any]], limit: int | None = None) -> None:
+    """A table of ``rows``, the first ``limit`` of them (a line says how many more)."""
     if not rows:
         out.print(f"{title}: none")
         return
@@ -185,12 +195,14 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     table = Table(title=title, title_justify="left")
     for c in columns:
         table.add_column(c)
-    for row in rows:
+    for row in rows[:limit]:
         table.add_row(*(str(v) for v in row))
     out.print(table)
+    if limit is not None and len(rows) > limit:
+        out.print(f"... and {len(rows) - limit} more (--all lists them)")
 
 
-@app.command()
+@app.command(short_help="Check that ticket files parse.")
 def validate(
     files: Annotated[
         list[Path] | None,
@@ -232,7 +244,7 @@ def validate(
     raise typer.Exit(1 if bad else 0)
 
 
-@app.command()
+@app.command(short_help="Write a new ticket into todo/.")
 def new(
     title: Annotated[str, typer.Argument(help="The ticket's title.")],
     description: Annotated[
@@ -291,7 +303,7 @@ def new(
     out.print(str(path), markup=False)
 
 
-@app.command()
+@app.command(short_help="End a running ticket, back to todo/ (or failed/).")
 def cancel(
     task_id: Annotated[str, typer.Argument(help="The running ticket's id, e.g. task-42.")],
     fail: Annotated[
@@ -362,7 +374,7 @@ def _claim_id(backlog: Backlog, name: str) -> str:
     return str(info.get("claimId", "")) if isinstance(info, dict) else ""
 
 
-@app.command("retry-failed")
+@app.command("retry-failed", short_help="Move eligible failed tickets back to todo/.")
 def retry_failed(
     config: ConfigOption = None,
     task_id: Annotated[
@@ -423,7 +435,7 @@ def retry_failed(
     )
 
 
-@app.command()
+@app.command(short_help="Success rates, stage durations, tokens.")
 def stats(
     config: ConfigOption = None,
     days: Annotated[float, typer.Option("--days", help="The window: the last N days.")] = 14,
@@ -445,7 +457,7 @@ def stats(
     _report(report, statistics.rows(report), as_json)
 
 
-@app.command()
+@app.command(short_help="What the learning loop changed, and why.")
 def insights(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -472,7 +484,7 @@ def _report(report: Any, tables: dict[str, list[list[str]]], as_json: bool) -> N
         _table(title, rows[0], rows[1:])
 
 
-@app.command("install-service")
+@app.command("install-service", short_help="Install the systemd unit.")
 def install_service(
     config: ConfigOption = None,
     user: Annotated[
@@ -538,7 +550,7 @@ def install_service(
     )
 
 
-@app.command()
+@app.command(short_help="Check that this installation can run tickets.")
 def doctor(
     config: ConfigOption = None,
     as_json: Annotated[
@@ -612,10 +624,10 @@ secrets_app = typer.Typer(
     help="Secret scanning: the same scan the daemon runs on each change before committing.",
     no_args_is_help=True,
 )
-app.add_typer(secrets_app, name="secrets")
+app.add_typer(secrets_app, name="secrets", short_help="Secret scanning, as the daemon does it.")
 
 
-@secrets_app.command("scan")
+@secrets_app.command("scan", short_help="Scan files for secrets.")
 def secrets_scan(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to scan (recursively).")],
     as_json: Annotated[

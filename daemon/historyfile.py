@@ -28,8 +28,6 @@ from contextlib import contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loguru import logger
-
 from daemon.errors import HistoryUnavailable
 
 SCHEMA = """
@@ -51,6 +49,7 @@ CREATE TABLE IF NOT EXISTS runs (
     config TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_ticket ON runs (ticket, started_at);
+CREATE INDEX IF NOT EXISTS runs_branch ON runs (branch);
 CREATE TABLE IF NOT EXISTS stages (
     run_id INTEGER NOT NULL REFERENCES runs (id),
     stage TEXT NOT NULL,
@@ -126,6 +125,19 @@ class _Unusable(Exception):
     """The file at the history's path cannot serve as the history; it may be moved aside."""
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on ``db`` (a connection in autocommit mode), rolled back when
+    the block raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def open_history(path: Path) -> tuple[sqlite3.Connection, Path | None]:
     """A connection to the history at ``path`` (its folder created if missing), and where an
     unusable file there was moved aside before a fresh history was started (else None).
@@ -152,6 +164,8 @@ def _recover(path: Path, reason: str) -> tuple[sqlite3.Connection, Path | None]:
             except _Unusable as e:
                 reason = str(e)
             aside = _move_aside(path)
+            from loguru import logger  # only here: ``ticketd status`` loads no logging
+
             logger.warning(
                 "history {} cannot be used ({}); moved it aside to {} and started a fresh one",
                 path,

@@ -27,20 +27,20 @@ all; each limit reached is said on the pull request once.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from daemon.backlog import Backlog
 from daemon.errors import PRFailed, TicketdError
+from daemon.inreview import Open as Open
+from daemon.inreview import open_pulls
 
 if TYPE_CHECKING:
     from daemon.forge import Forge
@@ -118,19 +118,6 @@ class Revision:
     text: str
     threads: tuple[int, ...]  # the threads to reply in
     keys: tuple[str, ...]  # the requests it answers (for the summary's marker)
-
-
-@dataclass(frozen=True)
-class Open:
-    """A ticket in review/ waiting on its pull request (read from its ``.review.json``)."""
-
-    ticket: Path
-    number: int
-    url: str
-    branch: str
-    opened: str
-    revisions: int = 0
-    name: str = ""  # the ticket's key (``Backlog.key``)
 
 
 class Rules:
@@ -501,37 +488,3 @@ class Watch:
             return
         logger.warning("pull request #{}: {}", o.number, text)
         self.forge.comment(o.number, self.redact(text) + "\n\n" + marks(limit=limit))
-
-
-def open_pulls(backlog: Backlog, *, tidy: bool = False) -> list[Open]:
-    """Tickets in review/ waiting on an open pull request. With ``tidy``, a ``PR_OPEN``
-    record whose ticket left review/ by hand (not to in-progress/, where a revision runs) is
-    removed."""
-    found = []
-    for name, record in backlog.records("review"):
-        try:
-            data = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(data, dict) or data.get("reason") != "PR_OPEN":
-            continue
-        ticket = backlog.locate(name, "review")
-        if ticket is None:
-            if tidy and backlog.state_of(name) != "in-progress":
-                record.unlink(missing_ok=True)
-            continue
-        try:
-            found.append(
-                Open(
-                    ticket,
-                    int(data["prNumber"]),
-                    str(data["prUrl"]),
-                    str(data["branch"]),
-                    str(data.get("timestamp", "")),
-                    int(data.get("revisions") or 0),
-                    name,
-                )
-            )
-        except (KeyError, TypeError, ValueError):
-            continue
-    return found

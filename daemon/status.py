@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import psutil
-
-from daemon import pulls, tickets
+from daemon import inreview, tickets
 from daemon.backlog import FOLDERS, Backlog
 from daemon.config import OllamaHost
 from daemon.errors import InvalidTicket
@@ -26,17 +24,10 @@ def collect(
     backlog: Backlog, store: Store, now: datetime, hosts: Sequence[OllamaHost] = ()
 ) -> dict[str, Any]:
     """The report; ``hosts``: the Ollama hosts, each shown with the tickets running on it."""
-    candidates, waiting = [], []
-    for path in backlog.files("todo"):
-        try:
-            candidates.append(backlog.read(path))
-        except FileNotFoundError:
-            continue  # claimed or moved since the listing
-        except InvalidTicket as e:
-            waiting.append({"taskId": None, "file": path.name, "reason": f"invalid: {e.message}"})
-    waiting += [
+    candidates, invalid = backlog.briefs()
+    waiting: list[dict[str, Any]] = [
         {"taskId": None, "file": path.name, "reason": f"invalid: {why}"}
-        for path, why in backlog.problems().items()
+        for path, why in (invalid | backlog.problems()).items()
     ]
     ready, blocked = backlog.plan(candidates)
     waiting += [{"taskId": t.id, "file": t.path.name, "reason": "ready"} for t in ready]
@@ -66,7 +57,7 @@ def collect(
         )
     return {
         "layout": backlog.layout,
-        "counts": {f: len(backlog.files(f)) for f in FOLDERS},
+        "counts": {f: backlog.count(f) for f in FOLDERS},
         "waiting": waiting,
         "running": running,
         "inReview": [
@@ -78,7 +69,7 @@ def collect(
                 "since": o.opened,
                 "revisions": o.revisions,
             }
-            for o in pulls.open_pulls(backlog)
+            for o in inreview.open_pulls(backlog)
         ],
         "recent": store.recent(10),
         "ollamaHosts": [
@@ -114,4 +105,10 @@ def _alive(info: dict[str, Any]) -> bool | None:
     pid = info.get("pid")
     if not isinstance(pid, int) or not 0 < pid < 2**31:
         return None
-    return psutil.pid_exists(pid)
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True

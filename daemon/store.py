@@ -19,10 +19,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.historyfile import open_history
+from daemon.historyfile import open_history, transaction
 
 if TYPE_CHECKING:
     from daemon.llm.client import Call
+
+
+_HISTORY = (
+    "SELECT ticket, MAX(outcome IN ('failed', 'interrupted', 'review')) AS retried"
+    " FROM runs WHERE ticket IN ({}) GROUP BY ticket"
+)
 
 
 class Store:
@@ -38,14 +44,8 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, transaction(self._db) as db:
+            yield db
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """One query on the shared connection, under the same lock as the writers."""
@@ -219,14 +219,17 @@ class Store:
         )
         return [dict(r) for r in rows]
 
-    def history(self) -> dict[str, bool]:
-        """Ticket files that have run before, each with whether a run was unsuccessful
-        (duplicate detection is for new tickets; retries queue behind fresh ones)."""
-        rows = self._read(
-            "SELECT ticket, MAX(outcome IN ('failed', 'interrupted', 'review')) AS retried"
-            " FROM runs GROUP BY ticket"
-        )
-        return {r["ticket"]: bool(r["retried"]) for r in rows}
+    def history(self, tickets: Sequence[str]) -> dict[str, bool]:
+        """Which of these ticket files have run before, each with whether a run was
+        unsuccessful (duplicate detection is for new tickets; retries queue behind fresh
+        ones). Reads their runs alone, however long the history."""
+        found: dict[str, bool] = {}
+        for i in range(0, len(tickets), 500):
+            chunk = tickets[i : i + 500]
+            marks = ", ".join("?" * len(chunk))  # placeholders: the names are parameters
+            rows = self._read(_HISTORY.format(marks), chunk)
+            found.update((r["ticket"], bool(r["retried"])) for r in rows)
+        return found
 
     def last_run(self, ticket: str) -> dict[str, Any] | None:
         """The latest finished run of this ticket file."""

@@ -156,11 +156,18 @@ class Supervisor:
                 self.store.recovered_from,
             )
         self.backlog.ensure()
+        started = self.monotonic()
+        if read := self.backlog.index.refresh():
+            logger.info(
+                "ticket index: read {} ticket file(s) in {:.1f}s", read, self.monotonic() - started
+            )
         try:
             self.parts.start(self._scheduler, self.hooks, once=self.once)
             self.parts.recover(self.hooks, startup=True)
             self.next_reconcile = self.monotonic() + self.cfg.intake.reconcile_interval_s
-            self._watcher = Watcher(self.backlog.folder("todo"), self._on_event)
+            self._watcher = Watcher(
+                self.backlog.folder("todo"), self._on_event, self.backlog.forget
+            )
             self._watcher.start()
             if self._scheduler.get_jobs():
                 self._scheduler.start()
@@ -352,9 +359,11 @@ class Supervisor:
             self.next_reconcile = now + self.cfg.intake.reconcile_interval_s
             self.parts.recover(self.hooks)
             self.parts.recheck()
+            self.backlog.index.refresh()  # watchdog can drop events: list every folder
         if now < self.claims_paused_until:
             return self.claims_paused_until - now
         wait, ready = self.intake()
+        self.backlog.index.flush()  # what the runs moved: read now, not at the next claim
         ready += len(self.revisions)
         if self.once and not self.active and (not ready or self.waiting) and wait is None:
             return None
@@ -416,7 +425,7 @@ class Supervisor:
                 continue
             except InvalidTicket as e:
                 self._reject(path, e)
-        history = self.store.history() if candidates else {}  # one query, only when needed
+        history = self.store.history([self.backlog.key(t.path) for t in candidates])
         retried = {name for name, unsuccessful in history.items() if unsuccessful}
         ready, _ = self.backlog.plan(candidates, retried)
         free = self.cfg.concurrency.max_tickets - len(self.active)

@@ -59,18 +59,29 @@ def settle_delay(path: Path, now: float, settle_s: float) -> float:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, folder: Path, on_event: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        on_event: Callable[[str, str], None],
+        on_change: Callable[[Path], None],
+    ) -> None:
         self.folder = str(folder)
+        self.root = str(folder.parent)
         self.running = str(folder.parent / "in-progress")
         self.leases = str(folder.parent / ".leases")
-        self.on_event = on_event
+        self.on_event, self.on_change = on_event, on_change
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
-        target = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+        source = os.fsdecode(event.src_path)
+        target = os.fsdecode(getattr(event, "dest_path", "") or source)
+        for path in {source, target}:  # a ticket in one of the backlog's folders
+            parent, name = os.path.split(path)
+            if os.path.dirname(parent) == self.root and is_ticket_name(name):
+                self.on_change(Path(path))
         folder, name = os.path.split(target)
-        source_folder = os.path.dirname(os.fsdecode(event.src_path))
+        source_folder = os.path.dirname(source)
         if folder == self.folder and is_ticket_name(name):
             self.on_event(event.event_type, name)
         elif source_folder == self.running and event.event_type in ("moved", "deleted"):
@@ -81,17 +92,25 @@ class _Handler(FileSystemEventHandler):
 
 class Watcher:
     """Calls ``on_event(kind, name)`` for tickets created, written or moved into ``folder``
-    (``todo/``), for files leaving ``in-progress/``, and for cancel requests in ``.leases/``.
+    (``todo/``), for files leaving ``in-progress/``, and for cancel requests in ``.leases/``;
+    and ``on_change(path)`` for every ticket file that changes, comes or goes in any folder
+    beside ``folder`` (the ticket index's updates).
 
     It watches ``folder``'s parent recursively: a ticket claimed out of ``todo/`` then moves
     within one watch, and watchdog matches the move at once. With ``todo/`` alone, watchdog
     holds each unmatched move-out for half a second, and every later event waits behind it.
     """
 
-    def __init__(self, folder: Path, on_event: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        on_event: Callable[[str, str], None],
+        on_change: Callable[[Path], None] = lambda path: None,
+    ) -> None:
         self.folder = folder
         self._observer = Observer()
-        self._observer.schedule(_Handler(folder, on_event), str(folder.parent), recursive=True)
+        handler = _Handler(folder, on_event, on_change)
+        self._observer.schedule(handler, str(folder.parent), recursive=True)
         self._started = threading.Event()
 
     def start(self) -> None:

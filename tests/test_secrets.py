@@ -153,6 +153,23 @@ def test_generic_assignments_need_a_secret_name_and_entropy(rnd: Callable[[str, 
     assert scan_text(f"password = {symbolic}", "app.ini")
 
 
+def test_pass_at_the_end_of_a_longer_word_names_no_password(
+    rnd: Callable[[str, int], str],
+) -> None:
+    # The standard library's proxy tests: host:port strings handed to *bypass* functions.
+    for clean in (
+        "self.assertTrue(bypass('newdomain.com:1234'))",
+        "self.assertFalse(urllib.request.proxy_bypass_environment('anotherdomain.com:8888'))",
+        f"heading = compass('{rnd(ALNUM, 10)}:{rnd(SYMBOLS, 3)}')",
+    ):
+        assert not scan_text(clean, "test_urllib.py"), clean
+    # "pass" as a word of the name still names a password, and a token is still a token.
+    symbolic = rnd(ALNUM, 10) + rnd(SYMBOLS, 4)
+    assert rules(f"mail.set_pass('{symbolic}')") == {"generic-secret"}
+    assert rules(f'bypass_password = "{symbolic}"') == {"generic-secret"}
+    assert rules(f"bypass('ghp_{rnd(ALNUM, 36)}')") == {"github-pat"}
+
+
 # --- look-alike filters -----------------------------------------------------------------------
 
 

@@ -10,6 +10,8 @@ key plugin (the ``private-key`` rule wants the key body, not a header mentioned 
 The keyword plugin's patterns (per file type, as the plugin picks them) only propose
 candidates: a secret-sounding name and its value, which must then pass the same checks as
 ``generic-secret`` (entropy, look-alikes, names that describe rather than hold a secret).
+They run only on the lines that hold one of the words they look for (``key``, ``pass``…);
+the other plugins' patterns run through ``prefilter`` (the same matches as ``finditer``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from functools import cache
+from itertools import accumulate
 
 from detect_secrets.plugins.artifactory import ArtifactoryDetector
 from detect_secrets.plugins.aws import AWSKeyDetector
@@ -46,6 +49,8 @@ from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.plugins.telegram_token import TelegramBotTokenDetector
 from detect_secrets.plugins.twilio import TwilioKeyDetector
 from detect_secrets.util.filetype import determine_file_type
+
+from daemon.secrets.prefilter import Text, finditer
 
 HIGH_SIGNAL = (
     ArtifactoryDetector,
@@ -86,14 +91,15 @@ def patterns() -> tuple[tuple[str, re.Pattern[str]], ...]:
     )
 
 
-def scan(text: str) -> Iterator[tuple[str, int, int]]:
-    """``(plugin name, start, end)`` of each value the high-signal plugins find in ``text``.
+def scan(scanned: Text) -> Iterator[tuple[str, int, int]]:
+    """``(plugin name, start, end)`` of each value the high-signal plugins find in a text.
 
     The plugins' own ``analyze_string`` returns a capture group, which for some is only the
     token's prefix (``ghp``). Here the value is the largest group unless that group is such a
     prefix, then the whole match, trimmed of the delimiters some patterns include."""
+    text = scanned.text
     for name, pattern in patterns():
-        for m in pattern.finditer(text):
+        for m in finditer(pattern, scanned):
             start, end = m.span()
             groups = [g for g in range(1, (m.re.groups or 0) + 1) if m.group(g)]
             if groups:
@@ -109,7 +115,8 @@ def scan(text: str) -> Iterator[tuple[str, int, int]]:
 
 
 KEYWORD = KeywordDetector.__name__
-_KEYWORD_HINTS = ("key", "pass", "pwd", "secret", "contrase")
+# A line the keyword patterns can match holds one of these (lower-cased).
+_HINT = re.compile("key|pass|pwd|secret|contrase")
 
 
 def _name_char(c: str) -> bool:
@@ -126,20 +133,30 @@ def _name_around(line: str, at: int) -> str:
     return line[start:end]
 
 
-def keyword_candidates(text: str, path: str) -> Iterator[tuple[int, int, str]]:
+def _hinted_rows(lowered: str) -> Iterator[int]:
+    """The numbers (from 0) of the lines of ``lowered`` that hold a hint, in order."""
+    row, seen, last = 0, 0, -1
+    for m in _HINT.finditer(lowered):
+        row += lowered.count("\n", seen, m.start())
+        seen = m.start()
+        if row != last:
+            yield row
+            last = row
+
+
+def keyword_candidates(scanned: Text, path: str) -> Iterator[tuple[int, int, str]]:
     """``(start, end, name)`` of each value detect-secrets' keyword patterns assign to a
-    secret-sounding name in ``text`` (a file named ``path``), one line at a time."""
+    secret-sounding name in a text (the content of ``path``), one line at a time."""
     regexes = REGEX_BY_FILETYPE.get(
         determine_file_type(path), QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP
     )
-    offset = 0
-    for line in text.split("\n"):
-        low = line.lower()
-        if any(hint in low for hint in _KEYWORD_HINTS):
-            for regex, group in regexes.items():
-                for m in regex.finditer(line):
-                    if m.group(group):
-                        reverse = regex is PRECEDED_BY_EQUAL_COMPARISON_SIGNS_QUOTES_REQUIRED_REGEX
-                        name = _name_around(line, m.end() - 1 if reverse else m.start(1))
-                        yield offset + m.start(group), offset + m.end(group), name
-        offset += len(line) + 1
+    lines = scanned.text.split("\n")
+    before = list(accumulate(map(len, lines), initial=0))  # characters before each line, less "\n"s
+    for row in _hinted_rows(scanned.lowered):
+        line, offset = lines[row], before[row] + row
+        for regex, group in regexes.items():
+            for m in regex.finditer(line):
+                if m.group(group):
+                    reverse = regex is PRECEDED_BY_EQUAL_COMPARISON_SIGNS_QUOTES_REQUIRED_REGEX
+                    name = _name_around(line, m.end() - 1 if reverse else m.start(1))
+                    yield offset + m.start(group), offset + m.end(group), name

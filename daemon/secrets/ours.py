@@ -27,9 +27,11 @@ URL_CREDENTIALS = rule(
     group=2,
 )
 
-# A name is secret-sounding when it holds one of these: ``DB_PASSWORD``, ``stripeApiKey``.
+# A name is secret-sounding when it holds one of these: ``DB_PASSWORD``, ``stripeApiKey``;
+# but not "pass" ending a longer word (``proxy_bypass``, ``compass``).
 _SENSITIVE_WORDS = (
-    r"passw(?:or)?d|passphrase|pass(?![a-z])|pwd|secret|token|contrase(?:ñ|n)a|api[_.-]?key"
+    r"passw(?:or)?d|passphrase|(?<!by)(?<!com)(?<!sur)(?<!tres)pass(?![a-z])|pwd|secret|token"
+    r"|contrase(?:ñ|n)a|api[_.-]?key"
     r"|(?:access|private|priv|auth|service|account|client|db|database|session|signing|encryption"
     r"|master)[_.-]?key|credentials?|creds"
 )
@@ -98,10 +100,13 @@ def is_source_file(path: str) -> bool:
     return PurePosixPath(path).suffix.lower() in _CODE_SUFFIXES
 
 
-def generic_rules(path: str) -> tuple[Rule, ...]:
-    if is_source_file(path):
-        return (GENERIC_SECRET_QUOTED, GENERIC_SECRET_XML)
-    return (GENERIC_SECRET_QUOTED, GENERIC_SECRET_XML, GENERIC_SECRET_BARE)
+GENERIC_SECRET = (GENERIC_SECRET_QUOTED, GENERIC_SECRET_XML, GENERIC_SECRET_BARE)
+
+
+def applies(rule_: Rule, path: str) -> bool:
+    """Whether ``rule_`` runs on the file ``path``: all do, but an unquoted value
+    (``GENERIC_SECRET_BARE``) in a source file."""
+    return rule_ is not GENERIC_SECRET_BARE or not is_source_file(path)
 
 
 def accept_generic_secret(name: str, value: str) -> bool:

@@ -1,9 +1,10 @@
 """The rule model and how one rule is matched against a text, following gitleaks' detector.
 
 A rule runs only when the lower-cased text holds one of its keywords (or it has none), and
-only on files its ``path`` pattern accepts. Each regex match yields a candidate whose secret
-is the rule's ``group`` (or the first non-empty capture group); the candidate is dropped when
-its entropy is at or below the rule's threshold or when any allowlist accepts it.
+only on files its ``path`` pattern accepts. Each regex match (found through ``prefilter``,
+the same matches as ``finditer``) yields a candidate whose secret is the rule's ``group`` (or
+the first non-empty capture group); the candidate is dropped when its entropy is at or below
+the rule's threshold or when any allowlist accepts it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from daemon.secrets.prefilter import Text, finditer
 from daemon.secrets.regex import compile_go, shannon_entropy
 
 
@@ -125,14 +127,15 @@ def _secret_of(rule_: Rule, m: re.Match[str]) -> tuple[str, int, int]:
 
 
 def match_rule(
-    rule_: Rule, text: str, lowered: str, path: str, global_allow: Sequence[Allow]
+    rule_: Rule, scanned: Text, path: str, global_allow: Sequence[Allow]
 ) -> Iterator[Candidate]:
-    """Every candidate ``rule_`` finds in ``text`` that survives entropy and allowlists."""
-    if rule_.keywords and not any(k in lowered for k in rule_.keywords):
+    """Every candidate ``rule_`` finds in ``scanned`` that survives entropy and allowlists."""
+    if rule_.keywords and not scanned.holds(rule_.keywords):
         return
     if rule_.path is not None and not rule_.path.search(path):
         return
-    for m in rule_.regex.finditer(text):
+    text = scanned.text
+    for m in finditer(rule_.regex, scanned):
         raw = m.group(0)
         whole = raw.strip("\n")
         if not whole:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from daemon.errors import ConfigError, TicketdError
 from daemon.redact import KnownSecrets, apply_masks, merge_spans, rule_mask
-from daemon.secrets import ds, filters, ours
+from daemon.secrets import ds, filters, ours, prefilter
 from daemon.secrets.gitleaks_rules import GLOBAL_ALLOW, RULES
+from daemon.secrets.prefilter import Text
 from daemon.secrets.regex import shannon_entropy
-from daemon.secrets.rules import Candidate, Rule, line_span, match_rule
+from daemon.secrets.rules import Candidate, line_span, match_rule
 
 MAX_FILE_BYTES = 1024 * 1024
 # detect-secrets' patterns carry no entropy threshold; gitleaks puts most vendor tokens at 3.
@@ -97,28 +98,29 @@ def _accept(c: Candidate, text: str) -> bool:
     return True
 
 
+# Every rule, in the order their hits rank (see ``_hits``); ``ours.applies`` says which
+# run on a file.
+_RULES = (*RULES, ours.URL_CREDENTIALS, *ours.GENERIC_SECRET)
+
+
 @cache
-def _keyword_index(generic: tuple[Rule, ...]) -> tuple[tuple[Rule, ...], dict[str, list[int]]]:
-    """The rules in order, and for each keyword the positions of the rules it lets run (a
-    rule without keywords is listed under ``""``, which every text holds)."""
-    rules = (*RULES, ours.URL_CREDENTIALS, *generic)
-    index: dict[str, list[int]] = {}
-    for i, rule_ in enumerate(rules):
-        for keyword in rule_.keywords or ("",):
-            index.setdefault(keyword, []).append(i)
-    return rules, index
+def patterns_index() -> prefilter.Index:
+    """The rules' patterns, then detect-secrets', and the literals of the rules' keywords."""
+    patterns = [r.regex for r in _RULES] + [p for _, p in ds.patterns()]
+    return prefilter.Index(patterns, [k for r in _RULES for k in r.keywords])
 
 
-def _rule_hits(text: str, path: str) -> Iterator[_Hit]:
-    """The rules' hits, in rule order. Only the rules one of whose keywords the text holds
-    are tried: one test per keyword rather than per rule (``match_rule`` tests again)."""
-    lowered = text.lower()
-    rules, index = _keyword_index(ours.generic_rules(path))
-    chosen = sorted({i for keyword, at in index.items() if keyword in lowered for i in at})
-    for rule_ in (rules[i] for i in chosen):
-        for c in match_rule(rule_, text, lowered, path, GLOBAL_ALLOW):
-            if _accept(c, text):
-                yield _Hit(rule_.id, c.secret, c.start, c.end)
+def _rule_hits(scanned: Text, path: str) -> Iterator[_Hit]:
+    """The rules' hits, in rule order, from the rules that can match in the text."""
+    text = scanned.text
+    for i in scanned.possible:
+        if i >= len(_RULES):
+            break  # detect-secrets' patterns
+        rule_ = _RULES[i]
+        if ours.applies(rule_, path):
+            for c in match_rule(rule_, scanned, path, GLOBAL_ALLOW):
+                if _accept(c, text):
+                    yield _Hit(rule_.id, c.secret, c.start, c.end)
 
 
 def _embedded(text: str, start: int) -> bool:
@@ -143,14 +145,16 @@ def _accept_plugin_value(plugin: str, text: str, start: int, end: int) -> bool:
     )
 
 
-def _plugin_hits(text: str) -> Iterator[_Hit]:
-    for name, start, end in ds.scan(text):
+def _plugin_hits(scanned: Text) -> Iterator[_Hit]:
+    text = scanned.text
+    for name, start, end in ds.scan(scanned):
         if _accept_plugin_value(name, text, start, end):
             yield _Hit(name, text[start:end], start, end)
 
 
-def _keyword_hits(text: str, path: str) -> Iterator[_Hit]:
-    for start, end, name in ds.keyword_candidates(text, path):
+def _keyword_hits(scanned: Text, path: str) -> Iterator[_Hit]:
+    text = scanned.text
+    for start, end, name in ds.keyword_candidates(scanned, path):
         value = text[start:end]
         line = line_span(text, start, end)
         if (
@@ -171,9 +175,10 @@ def _hits(text: str, path: str, known: KnownSecrets | None = None) -> Iterator[_
     known values, then the rules, then detect-secrets' keyword and token plugins."""
     if known:
         yield from (_Hit(KNOWN_RULE, text[s:e], s, e) for s, e in known.spans(text))
-    yield from _rule_hits(text, path)
-    yield from _keyword_hits(text, path)
-    yield from _plugin_hits(text)
+    scanned = Text(text, patterns_index())
+    yield from _rule_hits(scanned, path)
+    yield from _keyword_hits(scanned, path)
+    yield from _plugin_hits(scanned)
 
 
 def scan_text(
@@ -310,11 +315,9 @@ def _files(paths: Sequence[Path]) -> Iterator[Path]:
                     yield file
 
 
-def scan_paths(paths: Sequence[Path], *, baseline: Path | None = None) -> list[Finding]:
-    """Secrets in files and folders (recursively). Skips ``.git/``, symbolic links, binary
-    files and files over 1 MiB; drops findings whose fingerprint is in ``baseline``."""
-    known = load_baseline(baseline) if baseline is not None else set()
-    findings: list[Finding] = []
+def texts(paths: Sequence[Path]) -> Iterator[tuple[Path, str]]:
+    """``(file, content)`` of each file a scan of ``paths`` reads: files and folders
+    (recursively), skipping ``.git/``, symbolic links, binary files and files over 1 MiB."""
     for file in _files(paths):
         try:
             if file.stat().st_size > MAX_FILE_BYTES:
@@ -324,9 +327,16 @@ def scan_paths(paths: Sequence[Path], *, baseline: Path | None = None) -> list[F
             continue  # removed while we walked
         except OSError as e:
             raise TicketdError(f"secret scan: cannot read {file} ({e.strerror})") from e
-        if _is_binary(data[:8192]):
-            continue
-        text = data.decode("utf-8", errors="replace")
+        if not _is_binary(data[:8192]):
+            yield file, data.decode("utf-8", errors="replace")
+
+
+def scan_paths(paths: Sequence[Path], *, baseline: Path | None = None) -> list[Finding]:
+    """Secrets in the :func:`texts` of files and folders; drops findings whose fingerprint is
+    in ``baseline``."""
+    known = load_baseline(baseline) if baseline is not None else set()
+    findings: list[Finding] = []
+    for file, text in texts(paths):
         findings.extend(f for f in scan_text(text, str(file)) if f.fingerprint not in known)
     return findings
 

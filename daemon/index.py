@@ -1,0 +1,331 @@
+"""An index of the backlog's tickets in SQLite (``state_dir/index.sqlite3``): what intake and
+``ticketd status`` ask of every ticket (its id, priority, order and dependencies; its words for
+duplicate detection) without reading the folders again, so a claim costs the same with ten
+tickets in ``done/`` or ten thousand, and memory stays flat.
+
+It is a cache, never the truth: each row keeps what ``lstat`` said of its file (device,
+inode, mode, size, mtime) and is read again when that changes. ``refresh`` lists the indexed
+folders and reads only the files that changed (at start and at every reconcile: watchdog can
+drop events); ``touch`` marks one path changed (the daemon's own moves, watchdog's events),
+read again at the next question. A file that is no database is replaced; where none can be
+written (another user's state folder) the index lives in memory for the process.
+
+Similar tickets are found by prefix filtering: a ticket sharing at least ``threshold`` of
+``A ∪ B`` with ``A`` shares at least ``m = ceil(threshold * |A|)`` words of ``A``, so it holds
+one of any ``|A| - m + 1`` of them. Those are taken rarest first, so a question reads the few
+tickets that hold a rare word, whatever the number of tickets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import tickets
+from daemon.errors import InvalidTicket
+from daemon.historyfile import transaction
+
+SCHEMA = 2
+_SCHEMA = """
+CREATE TABLE tickets(
+    path TEXT PRIMARY KEY,       -- folder/name, under the backlog's root
+    folder TEXT NOT NULL,
+    stat TEXT NOT NULL,          -- dev:ino:mode:mtime_ns:size, as lstat said when it was read
+    mtime REAL NOT NULL,
+    id TEXT,                     -- NULL: no ticket (invalid says why)
+    invalid TEXT,
+    title TEXT, priority TEXT, ordinal REAL, dependencies TEXT,
+    words TEXT NOT NULL,         -- its distinct words, space-separated
+    nwords INTEGER NOT NULL
+);
+CREATE INDEX tickets_folder ON tickets(folder, path);
+CREATE TABLE words(path TEXT, word TEXT, PRIMARY KEY(path, word)) WITHOUT ROWID;
+CREATE INDEX words_word ON words(word);
+CREATE TABLE vocab(word TEXT PRIMARY KEY, df INTEGER NOT NULL) WITHOUT ROWID;
+"""
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Brief:
+    """What the index knows of a ticket: enough to order and plan it (``Backlog.plan``)."""
+
+    path: Path
+    id: str
+    title: str
+    priority: str | None
+    ordinal: float | None
+    dependencies: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Similar:
+    path: Path
+    folder: str
+    id: str
+    mtime: float  # of the file, as last read
+
+
+def _stat_key(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_mode}:{st.st_mtime_ns}:{st.st_size}"
+
+
+class Index:
+    """The index of the tickets in ``folders`` under ``root`` (see the module's doc).
+    ``read`` parses a ticket (``Backlog.read``'s contract: ``InvalidTicket`` or
+    ``FileNotFoundError``); ``names`` lists the names of a folder's ticket files."""
+
+    def __init__(
+        self,
+        root: Path,
+        folders: Sequence[str],
+        read: Callable[[Path], tickets.Ticket],
+        names: Callable[[str], list[str]],
+        path: Path | None = None,
+    ) -> None:
+        self.root, self.folders = root, tuple(folders)
+        self._read, self._names = read, names
+        self._lock = threading.Lock()
+        self._dirty: set[Path] = set()
+        self._fresh: set[str] = set()  # folders listed since the index was opened
+        self._db = _connect(path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- keeping it current ------------------------------------------------------------
+
+    def touch(self, *paths: Path) -> None:
+        """These files changed (or came or went): read them again before the next answer.
+        Cheap and safe from any thread (watchdog's calls it)."""
+        with self._lock:
+            self._dirty.update(paths)
+
+    def refresh(self, folders: Iterable[str] | None = None) -> int:
+        """List ``folders`` (all indexed ones by default) and read the files that changed.
+        Returns how many files were read or dropped."""
+        count = 0
+        for folder in self.folders if folders is None else folders:
+            with self._lock:  # what is touched from here on is read again later
+                self._dirty = {p for p in self._dirty if p.parent.name != folder}
+                self._fresh.add(folder)
+            listed = {}
+            for name in self._names(folder):
+                with contextlib.suppress(OSError):
+                    listed[f"{folder}/{name}"] = os.lstat(self.root / folder / name)
+            with self._lock:
+                known = dict(
+                    self._db.execute("SELECT path, stat FROM tickets WHERE folder = ?", (folder,))
+                )
+            changed = [rel for rel, st in listed.items() if known.get(rel) != _stat_key(st)]
+            changed += [rel for rel in known if rel not in listed]
+            self._update(changed)
+            count += len(changed)
+        return count
+
+    def _current(self, folders: Iterable[str]) -> None:
+        """Folders never listed by this process are listed; touched files are read."""
+        with self._lock:
+            stale = [f for f in folders if f not in self._fresh]
+        if stale:
+            self.refresh(stale)
+        self.flush()
+
+    def flush(self) -> None:
+        """Read the touched files now (the daemon does, once a loop's claims are made, so
+        that the next claim finds little to read)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        mine = [self._rel(p) for p in dirty if p.parent == self.root / p.parent.name]
+        self._update(rel for rel in mine if rel.split("/", 1)[0] in self.folders)
+
+    def _update(self, rels: Iterable[str]) -> None:
+        """Read each file again (its row, words and counts), or drop it when it has gone;
+        a few hundred at a time, so that memory stays flat however many there are."""
+        rels = list(rels)
+        for i in range(0, len(rels), 200):
+            self._update_some(rels[i : i + 200])
+
+    def _update_some(self, rels: Sequence[str]) -> None:
+        rows: list[tuple[str, os.stat_result | None, tickets.Ticket | str | None]] = []
+        for rel in rels:
+            path = self.root / rel
+            with self._lock:
+                known = self._db.execute("SELECT stat FROM tickets WHERE path = ?", (rel,))
+                before = known.fetchone()
+            try:
+                st = os.lstat(path)
+            except OSError:
+                if before is not None:
+                    rows.append((rel, None, None))
+                continue
+            if before is not None and before[0] == _stat_key(st):
+                continue  # as read before (the event of a move the daemon made itself)
+            try:
+                rows.append((rel, st, self._read(path)))
+            except FileNotFoundError:
+                rows.append((rel, None, None))
+            except InvalidTicket as e:
+                rows.append((rel, st, e.message))
+        if not rows:
+            return
+        with self._lock, transaction(self._db) as db:
+            for rel, stat, ticket in rows:
+                self._drop(db, rel)
+                if stat is not None and ticket is not None:
+                    self._put(db, rel, stat, ticket)
+
+    def _drop(self, db: sqlite3.Connection, rel: str) -> None:
+        words = [w for (w,) in db.execute("SELECT word FROM words WHERE path = ?", (rel,))]
+        db.executemany("UPDATE vocab SET df = df - 1 WHERE word = ?", ((w,) for w in words))
+        db.executemany("DELETE FROM vocab WHERE word = ? AND df <= 0", ((w,) for w in words))
+        db.execute("DELETE FROM words WHERE path = ?", (rel,))
+        db.execute("DELETE FROM tickets WHERE path = ?", (rel,))
+
+    def _put(
+        self, db: sqlite3.Connection, rel: str, st: os.stat_result, ticket: tickets.Ticket | str
+    ) -> None:
+        folder = rel.split("/", 1)[0]
+        if isinstance(ticket, str):
+            db.execute(
+                "INSERT INTO tickets(path, folder, stat, mtime, invalid, words, nwords)"
+                " VALUES (?, ?, ?, ?, ?, '', 0)",
+                (rel, folder, _stat_key(st), st.st_mtime, ticket),
+            )
+            return
+        words = ticket.words
+        db.execute(
+            "INSERT INTO tickets VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+            (
+                rel, folder, _stat_key(st), st.st_mtime, ticket.id, ticket.title,
+                ticket.priority, ticket.ordinal, json.dumps(ticket.dependencies),
+                " ".join(words), len(words),
+            ),
+        )  # fmt: skip
+        db.executemany("INSERT INTO words VALUES (?, ?)", ((rel, w) for w in words))
+        db.executemany(
+            "INSERT INTO vocab VALUES (?, 1) ON CONFLICT(word) DO UPDATE SET df = df + 1",
+            ((w,) for w in words),
+        )
+
+    def _rel(self, path: Path) -> str:
+        return f"{path.parent.name}/{path.name}"
+
+    # -- questions ---------------------------------------------------------------------------
+
+    def briefs(self, folder: str) -> tuple[list[Brief], dict[Path, str]]:
+        """The tickets of ``folder`` by file name, and the files there that are no ticket
+        (why, by path)."""
+        self._current([folder])
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, id, invalid, title, priority, ordinal, dependencies FROM tickets"
+                " WHERE folder = ? ORDER BY path",
+                (folder,),
+            ).fetchall()
+        found, invalid = [], {}
+        for rel, task_id, why, title, priority, ordinal, deps in rows:
+            path = self.root / rel
+            if task_id is None:
+                invalid[path] = why
+            else:
+                found.append(
+                    Brief(path, task_id, title, priority, ordinal, tuple(json.loads(deps)))
+                )
+        return found, invalid
+
+    def ids(self, folder: str) -> list[str]:
+        """The ids of the tickets in ``folder``."""
+        self._current([folder])
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM tickets WHERE folder = ? AND id IS NOT NULL ORDER BY path",
+                (folder,),
+            ).fetchall()
+        return [task_id for (task_id,) in rows]
+
+    def similar(self, words: frozenset[str], threshold: float) -> list[Similar]:
+        """The tickets sharing at least ``threshold`` of their distinct words with ``words``
+        (Jaccard), in indexed folder order and then by name."""
+        self._current(self.folders)
+        if not words:
+            return []
+        need = max(1, math.ceil(threshold * len(words) - _EPS))
+        spare = len(words) - need  # words of ``words`` a match may lack
+        with self._lock:
+            self._db.execute("DELETE FROM temp.asked")
+            self._db.executemany("INSERT INTO temp.asked VALUES (?)", ((w,) for w in words))
+            df = dict(
+                self._db.execute(
+                    "SELECT a.word, v.df FROM temp.asked a CROSS JOIN vocab v ON v.word = a.word"
+                )
+            )
+            # The rarest words, twice as many as one match must hold; a match lacks at most
+            # ``spare`` of them: it holds the rest, and only tickets that do are read.
+            probe = sorted(words, key=lambda w: (df.get(w, 0), w))[: 2 * (spare + 1)]
+            self._db.execute("DELETE FROM temp.probe")
+            self._db.executemany("INSERT INTO temp.probe VALUES (?)", ((w,) for w in probe))
+            low, high = threshold * len(words) - _EPS, len(words) / threshold + _EPS
+            candidates = self._db.execute(
+                "SELECT t.path, t.folder, t.id, t.mtime, t.nwords, t.words FROM tickets t JOIN"
+                " (SELECT w.path FROM temp.probe p CROSS JOIN words w ON w.word = p.word"
+                "  GROUP BY w.path HAVING count(*) >= ?) m ON m.path = t.path"
+                " WHERE t.nwords BETWEEN ? AND ?",  # CROSS JOIN: the probe's words first
+                (len(probe) - spare, low, high),
+            ).fetchall()
+        found = []
+        for rel, folder, task_id, mtime, size, theirs in candidates:
+            shared = len(words.intersection(theirs.split()))
+            if shared >= need and shared / (len(words) + size - shared) >= threshold - _EPS:
+                found.append(Similar(self.root / rel, folder, task_id, mtime))
+        order = {f: i for i, f in enumerate(self.folders)}
+        return sorted(found, key=lambda s: (order[s.folder], s.path.name))
+
+
+def _connect(path: Path | None) -> sqlite3.Connection:
+    """The index at ``path``, a fresh one in place of a file that is no index, or one in
+    memory where none can be written."""
+    if path is not None:
+        for attempt in range(2):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                return _open(str(path))
+            except (sqlite3.Error, OSError):
+                if attempt or not path.exists():
+                    break  # no state folder to write in: ``ticketd doctor`` says so
+                for suffix in ("", "-wal", "-shm", "-journal"):  # a cache: start it afresh
+                    with contextlib.suppress(OSError):  # none, or a folder: memory then
+                        os.unlink(f"{path}{suffix}")
+    return _open(":memory:")
+
+
+def _open(name: str) -> sqlite3.Connection:
+    db = sqlite3.connect(name, check_same_thread=False, isolation_level=None, timeout=10)
+    try:
+        with contextlib.suppress(sqlite3.OperationalError):  # another process is switching it
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("BEGIN IMMEDIATE")  # also proves it can be written
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
+            tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+            for (table,) in tables:
+                db.execute(f'DROP TABLE "{table}"')
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA}")
+        db.execute("COMMIT")
+        for table in ("asked", "probe"):  # the words of one question (``Index.similar``)
+            db.execute(f"CREATE TEMP TABLE {table} (word TEXT PRIMARY KEY) WITHOUT ROWID")
+    except BaseException:
+        db.close()
+        raise
+    return db
