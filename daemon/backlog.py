@@ -314,7 +314,7 @@ class Backlog:
         in the index, so the cost does not grow with the number of tickets."""
         rank = {"todo": 0, "in-progress": 1, "done": 2}
         found = []
-        for similar in self.index.similar(ticket.words, threshold):
+        for similar in self.index.similar(ticket.words, threshold, ticket.path):
             if similar.path == ticket.path:
                 continue
             try:

@@ -24,9 +24,11 @@ import math
 import os
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from daemon import tickets
 from daemon.errors import InvalidTicket
@@ -75,6 +77,24 @@ class Similar:
 
 def _stat_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_mode}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _row(
+    rel: str, st: os.stat_result, read: Callable[[Path], tickets.Ticket], path: Path
+) -> tuple[Any, ...]:
+    """The ``tickets`` row of the file at ``path`` (``rel`` in the index), as ``read`` reads
+    it: a ticket, or why it is none. Raises ``FileNotFoundError`` when it has gone."""
+    head = (rel, rel.split("/", 1)[0], _stat_key(st), st.st_mtime)
+    try:
+        ticket = read(path)
+    except InvalidTicket as e:
+        return (*head, None, e.message, None, None, None, None, "", 0)
+    deps = json.dumps(ticket.dependencies)
+    words = ticket.words
+    return (
+        *head, ticket.id, None, ticket.title, ticket.priority, ticket.ordinal, deps,
+        " ".join(words), len(words),
+    )  # fmt: skip
 
 
 class Index:
@@ -131,19 +151,20 @@ class Index:
             count += len(changed)
         return count
 
-    def _current(self, folders: Iterable[str]) -> None:
-        """Folders never listed by this process are listed; touched files are read."""
+    def _current(self, folders: Iterable[str], but: Path | None = None) -> None:
+        """Folders never listed by this process are listed; touched files are read (all
+        but ``but``)."""
         with self._lock:
             stale = [f for f in folders if f not in self._fresh]
         if stale:
             self.refresh(stale)
-        self.flush()
+        self.flush(but)
 
-    def flush(self) -> None:
-        """Read the touched files now (the daemon does, once a loop's claims are made, so
-        that the next claim finds little to read)."""
+    def flush(self, but: Path | None = None) -> None:
+        """Read the touched files now, all but ``but`` (the daemon does, once a loop's
+        claims are made, so that the next claim finds little to read)."""
         with self._lock:
-            dirty, self._dirty = self._dirty, set()
+            dirty, self._dirty = self._dirty - {but}, self._dirty & {but}
         mine = [self._rel(p) for p in dirty if p.parent == self.root / p.parent.name]
         self._update(rel for rel in mine if rel.split("/", 1)[0] in self.folders)
 
@@ -155,66 +176,51 @@ class Index:
             self._update_some(rels[i : i + 200])
 
     def _update_some(self, rels: Sequence[str]) -> None:
-        rows: list[tuple[str, os.stat_result | None, tickets.Ticket | str | None]] = []
+        """Read these files again and write what changed in one transaction: their rows,
+        their words, and each word's count of tickets (once per word, not per ticket)."""
+        with self._lock:
+            before = {
+                rel: self._db.execute(
+                    "SELECT stat, words FROM tickets WHERE path = ?", (rel,)
+                ).fetchone()
+                for rel in rels
+            }
+        gone, rows = [], []
         for rel in rels:
             path = self.root / rel
-            with self._lock:
-                known = self._db.execute("SELECT stat FROM tickets WHERE path = ?", (rel,))
-                before = known.fetchone()
             try:
-                st = os.lstat(path)
-            except OSError:
-                if before is not None:
-                    rows.append((rel, None, None))
-                continue
-            if before is not None and before[0] == _stat_key(st):
+                row: tuple[Any, ...] | None = _row(rel, os.lstat(path), self._read, path)
+            except OSError:  # gone (FileNotFoundError included)
+                row = None
+            old = before[rel]
+            if row is not None and old is not None and old[0] == row[2]:
                 continue  # as read before (the event of a move the daemon made itself)
-            try:
-                rows.append((rel, st, self._read(path)))
-            except FileNotFoundError:
-                rows.append((rel, None, None))
-            except InvalidTicket as e:
-                rows.append((rel, st, e.message))
-        if not rows:
-            return
+            if old is not None:
+                gone.append(rel)
+            if row is not None:
+                rows.append(row)
+        counts: Counter[str] = Counter()
+        for rel in gone:
+            counts.subtract(before[rel][1].split())
+        for row in rows:
+            counts.update(row[-2].split())
         with self._lock, transaction(self._db) as db:
-            for rel, stat, ticket in rows:
-                self._drop(db, rel)
-                if stat is not None and ticket is not None:
-                    self._put(db, rel, stat, ticket)
-
-    def _drop(self, db: sqlite3.Connection, rel: str) -> None:
-        words = [w for (w,) in db.execute("SELECT word FROM words WHERE path = ?", (rel,))]
-        db.executemany("UPDATE vocab SET df = df - 1 WHERE word = ?", ((w,) for w in words))
-        db.executemany("DELETE FROM vocab WHERE word = ? AND df <= 0", ((w,) for w in words))
-        db.execute("DELETE FROM words WHERE path = ?", (rel,))
-        db.execute("DELETE FROM tickets WHERE path = ?", (rel,))
-
-    def _put(
-        self, db: sqlite3.Connection, rel: str, st: os.stat_result, ticket: tickets.Ticket | str
-    ) -> None:
-        folder = rel.split("/", 1)[0]
-        if isinstance(ticket, str):
-            db.execute(
-                "INSERT INTO tickets(path, folder, stat, mtime, invalid, words, nwords)"
-                " VALUES (?, ?, ?, ?, ?, '', 0)",
-                (rel, folder, _stat_key(st), st.st_mtime, ticket),
+            db.executemany("DELETE FROM words WHERE path = ?", ((rel,) for rel in gone))
+            db.executemany("DELETE FROM tickets WHERE path = ?", ((rel,) for rel in gone))
+            db.executemany("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO words VALUES (?, ?)",
+                ((row[0], word) for row in rows for word in row[-2].split()),
             )
-            return
-        words = ticket.words
-        db.execute(
-            "INSERT INTO tickets VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
-            (
-                rel, folder, _stat_key(st), st.st_mtime, ticket.id, ticket.title,
-                ticket.priority, ticket.ordinal, json.dumps(ticket.dependencies),
-                " ".join(words), len(words),
-            ),
-        )  # fmt: skip
-        db.executemany("INSERT INTO words VALUES (?, ?)", ((rel, w) for w in words))
-        db.executemany(
-            "INSERT INTO vocab VALUES (?, 1) ON CONFLICT(word) DO UPDATE SET df = df + 1",
-            ((w,) for w in words),
-        )
+            db.executemany(
+                "INSERT INTO vocab VALUES (?, ?) ON CONFLICT(word) DO UPDATE"
+                " SET df = df + excluded.df",
+                ((word, n) for word, n in counts.items() if n),
+            )
+            db.executemany(
+                "DELETE FROM vocab WHERE word = ? AND df <= 0",
+                ((word,) for word, n in counts.items() if n < 0),
+            )
 
     def _rel(self, path: Path) -> str:
         return f"{path.parent.name}/{path.name}"
@@ -252,10 +258,14 @@ class Index:
             ).fetchall()
         return [task_id for (task_id,) in rows]
 
-    def similar(self, words: frozenset[str], threshold: float) -> list[Similar]:
+    def similar(
+        self, words: frozenset[str], threshold: float, asking: Path | None = None
+    ) -> list[Similar]:
         """The tickets sharing at least ``threshold`` of their distinct words with ``words``
-        (Jaccard), in indexed folder order and then by name."""
-        self._current(self.folders)
+        (Jaccard), in indexed folder order and then by name. ``asking``: the file of the
+        ticket that asks, left to be read later (its row answers nothing here: a claim
+        does not wait for it)."""
+        self._current(self.folders, but=asking)
         if not words:
             return []
         need = max(1, math.ceil(threshold * len(words) - _EPS))
