@@ -128,14 +128,16 @@ class _Unusable(Exception):
 @contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One write transaction on ``db`` (a connection in autocommit mode), rolled back when
-    the block raises."""
+    the block or the commit fails."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # a COMMIT that failed (a full disk) leaves it open
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def open_history(path: Path) -> tuple[sqlite3.Connection, Path | None]:

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from daemon import tickets
 from daemon.errors import InvalidTicket
@@ -53,6 +53,7 @@ CREATE INDEX words_word ON words(word);
 CREATE TABLE vocab(word TEXT PRIMARY KEY, df INTEGER NOT NULL) WITHOUT ROWID;
 """
 _EPS = 1e-9
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,58 @@ class Index:
         self._lock = threading.Lock()
         self._dirty: set[Path] = set()
         self._fresh: set[str] = set()  # folders listed since the index was opened
+        self.path = path
         self._db = _connect(path)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    # -- what the index answers: on an index in memory if its file fails -------------------
+
+    def refresh(self, folders: Iterable[str] | None = None) -> int:
+        """List ``folders`` (all indexed ones by default) and read the files that changed.
+        Returns how many files were read or dropped."""
+        return self._safely(lambda: self._refresh(folders))
+
+    def flush(self, but: Path | None = None) -> None:
+        """Read the touched files now, all but ``but`` (the daemon does, once a loop's
+        claims are made, so that the next claim finds little to read)."""
+        self._safely(lambda: self._flush(but))
+
+    def briefs(self, folder: str) -> tuple[list[Brief], dict[Path, str]]:
+        """The tickets of ``folder`` by file name, and the files there that are no ticket
+        (why, by path)."""
+        return self._safely(lambda: self._briefs(folder))
+
+    def ids(self, folder: str) -> list[str]:
+        """The ids of the tickets in ``folder``."""
+        return self._safely(lambda: self._ids(folder))
+
+    def similar(
+        self, words: frozenset[str], threshold: float, asking: Path | None = None
+    ) -> list[Similar]:
+        """The tickets sharing at least ``threshold`` of their distinct words with ``words``
+        (Jaccard), in indexed folder order and then by name. ``asking``: the file of the
+        ticket that asks, left to be read later (its row answers nothing here: a claim
+        does not wait for it)."""
+        return self._safely(lambda: self._similar(words, threshold, asking))
+
+    def _safely(self, work: Callable[[], T]) -> T:
+        """``work``; when the file fails it (a full disk, an I/O error), ``work`` again on
+        an index in memory, built afresh: the index is a cache, never a reason to stop."""
+        try:
+            return work()
+        except sqlite3.Error as e:
+            from loguru import logger  # only here: ``ticketd status`` loads no logging
+
+            logger.warning("ticket index {}: {}; kept in memory until a restart", self.path, e)
+            with self._lock:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = _open(":memory:")
+                self._fresh.clear()
+            return work()
 
     # -- keeping it current ------------------------------------------------------------
 
@@ -129,9 +177,7 @@ class Index:
         with self._lock:
             self._dirty.update(paths)
 
-    def refresh(self, folders: Iterable[str] | None = None) -> int:
-        """List ``folders`` (all indexed ones by default) and read the files that changed.
-        Returns how many files were read or dropped."""
+    def _refresh(self, folders: Iterable[str] | None = None) -> int:
         count = 0
         for folder in self.folders if folders is None else folders:
             with self._lock:  # what is touched from here on is read again later
@@ -157,12 +203,10 @@ class Index:
         with self._lock:
             stale = [f for f in folders if f not in self._fresh]
         if stale:
-            self.refresh(stale)
-        self.flush(but)
+            self._refresh(stale)
+        self._flush(but)
 
-    def flush(self, but: Path | None = None) -> None:
-        """Read the touched files now, all but ``but`` (the daemon does, once a loop's
-        claims are made, so that the next claim finds little to read)."""
+    def _flush(self, but: Path | None = None) -> None:
         with self._lock:
             dirty, self._dirty = self._dirty - {but}, self._dirty & {but}
         mine = [self._rel(p) for p in dirty if p.parent == self.root / p.parent.name]
@@ -227,9 +271,7 @@ class Index:
 
     # -- questions ---------------------------------------------------------------------------
 
-    def briefs(self, folder: str) -> tuple[list[Brief], dict[Path, str]]:
-        """The tickets of ``folder`` by file name, and the files there that are no ticket
-        (why, by path)."""
+    def _briefs(self, folder: str) -> tuple[list[Brief], dict[Path, str]]:
         self._current([folder])
         with self._lock:
             rows = self._db.execute(
@@ -248,8 +290,7 @@ class Index:
                 )
         return found, invalid
 
-    def ids(self, folder: str) -> list[str]:
-        """The ids of the tickets in ``folder``."""
+    def _ids(self, folder: str) -> list[str]:
         self._current([folder])
         with self._lock:
             rows = self._db.execute(
@@ -258,13 +299,9 @@ class Index:
             ).fetchall()
         return [task_id for (task_id,) in rows]
 
-    def similar(
+    def _similar(
         self, words: frozenset[str], threshold: float, asking: Path | None = None
     ) -> list[Similar]:
-        """The tickets sharing at least ``threshold`` of their distinct words with ``words``
-        (Jaccard), in indexed folder order and then by name. ``asking``: the file of the
-        ticket that asks, left to be read later (its row answers nothing here: a claim
-        does not wait for it)."""
         self._current(self.folders, but=asking)
         if not words:
             return []

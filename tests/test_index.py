@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import Daemon, Project, ticketd, wait_until
+from conftest import Daemon, Project, fill, small_disk, ticketd, wait_until
 
 from daemon.backlog import FOLDERS, Backlog
 
@@ -175,3 +175,23 @@ def test_status_shows_the_first_rows_and_says_how_many_more(project: Project) ->
     assert "task-25 " in full.stdout and "more (--all" not in full.stdout
     report = json.loads(ticketd("status", "--json", "--config", str(project.config_path)).stdout)
     assert len(report["waiting"]) == 25
+
+
+def test_a_full_disk_under_the_index_leaves_the_answers_right(tmp_path: Path) -> None:
+    """The index is a cache: when its file cannot be written (a full disk), questions are
+    answered from one in memory, never an error in the daemon's loop."""
+    state = tmp_path / "state"
+    state.mkdir()
+    with small_disk(state):
+        b = backlog(tmp_path)
+        text = "rotate the signing keys every ninety days and log each rotation".split()
+        write(tmp_path / "done", 1, text, status="Done")
+        assert b.done_ids() == ["task-1"]
+        filler = fill(state)
+        for n in range(2, 60):  # enough rows that the index must grow its file
+            write(tmp_path / "done", n, [f"other{n}", *VOCABULARY[n % 50 : n % 50 + 8]])
+        b.index.refresh()
+        ticket = b.read(write(tmp_path / "todo", 100, text))
+        assert b.duplicate_of(ticket, 0.8, 30, time.time()).id == "task-1"  # type: ignore[union-attr]
+        assert len(b.done_ids()) == 59
+        filler.unlink()
