@@ -8,12 +8,14 @@ inode, mode, size, mtime) and is read again when that changes. ``refresh`` lists
 folders and reads only the files that changed (at start and at every reconcile: watchdog can
 drop events); ``touch`` marks one path changed (the daemon's own moves, watchdog's events),
 read again at the next question. A file that is no database is replaced; where none can be
-written (another user's state folder) the index lives in memory for the process.
+written (another user's state folder), or the file fails (a full disk), the index lives in
+memory for the process.
 
 Similar tickets are found by prefix filtering: a ticket sharing at least ``threshold`` of
-``A ∪ B`` with ``A`` shares at least ``m = ceil(threshold * |A|)`` words of ``A``, so it holds
-one of any ``|A| - m + 1`` of them. Those are taken rarest first, so a question reads the few
-tickets that hold a rare word, whatever the number of tickets.
+``A ∪ B`` with ``A`` shares at least ``m = ceil(threshold * |A|)`` words of ``A``: it lacks
+at most ``s = |A| - m`` of them, so it holds at least ``k - s`` of any ``k`` of them. The
+``2(s + 1)`` rarest are asked for, and only the tickets holding ``s + 2`` of those are read:
+the few that share rare words, whatever the number of tickets.
 """
 
 from __future__ import annotations
@@ -118,10 +120,9 @@ class Index:
         self._fresh: set[str] = set()  # folders listed since the index was opened
         self.path = path
         self._db = _connect(path)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        # Called with (files read, files to read) after each batch of long work (the first
+        # start on a large backlog): the daemon says so and keeps systemd waiting.
+        self.on_progress: Callable[[int, int], None] = lambda done, total: None
 
     # -- what the index answers: on an index in memory if its file fails -------------------
 
@@ -218,6 +219,8 @@ class Index:
         rels = list(rels)
         for i in range(0, len(rels), 200):
             self._update_some(rels[i : i + 200])
+            if len(rels) > 200:
+                self.on_progress(min(i + 200, len(rels)), len(rels))
 
     def _update_some(self, rels: Sequence[str]) -> None:
         """Read these files again and write what changed in one transaction: their rows,

@@ -53,6 +53,7 @@ Clock = Callable[[], datetime]
 CLOCK_STEP_S = 60  # a wall clock that moved this much more or less than the monotonic one
 DISK_FULL_WAIT_S = 30
 ALERTS_STOP_S = 10  # at stop, how long queued notifications may take to go out
+INDEX_PATIENCE_S = 60  # how much longer systemd waits after each batch the index reads
 
 
 def utcnow() -> datetime:
@@ -83,6 +84,7 @@ class Supervisor:
         self.reload_requested = False
         self.active: dict[str, Active] = {}
         self.next_reconcile = 0.0
+        self._index_said = 0.0  # when the log last said how far the index's reading was
         self.claims_paused_until = 0.0
         self.waiting = ""  # why nothing is claimed now (Ollama away, a hold)
         self._problems: dict[Path, str] = {}  # said already (see _tell_problems)
@@ -156,6 +158,7 @@ class Supervisor:
                 self.store.recovered_from,
             )
         self.backlog.ensure()
+        self.backlog.index.on_progress = self._indexing
         started = self.monotonic()
         if read := self.backlog.index.refresh():
             logger.info(
@@ -196,6 +199,16 @@ class Supervisor:
         finally:
             self._shutdown()
         return 1 if self.once and (self.runner.outcomes.failed or self.waiting) else 0
+
+    def _indexing(self, done: int, total: int) -> None:
+        """Long index work (the first start on a large backlog): progress in the log every
+        few seconds, and systemd told to keep waiting (start timeout, watchdog)."""
+        self.notifier.extend_timeout(INDEX_PATIENCE_S)
+        self.notifier.watchdog()
+        now = self.monotonic()
+        if now - self._index_said >= 5:
+            self._index_said = now
+            logger.info("ticket index: {} of {} ticket file(s) read", done, total)
 
     def _shutdown(self) -> None:
         if self._server is not None:

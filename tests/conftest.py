@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -315,3 +316,30 @@ def captured_log(level: str, fmt: str) -> Iterator[list[str]]:
         yield found
     finally:
         logger.remove(sink)
+
+
+@contextlib.contextmanager
+def notified_daemon(
+    project: Project, folder: Path, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
+    """A real ``ticketd run`` whose sd_notify messages arrive on the socket yielded with it
+    (as systemd's would), its output in ``folder/daemon.out``; killed if still running."""
+    address = str(folder / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(30)
+    with (folder / "daemon.out").open("wb") as out:
+        proc = subprocess.Popen(
+            [PY, "-m", "daemon", "run", "--config", str(project.config_path)],
+            env={**os.environ, "NOTIFY_SOCKET": address, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        yield proc, sock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()

@@ -7,12 +7,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sqlite3
 import time
 from pathlib import Path
 
 import yaml
-from conftest import Daemon, Project, fill, small_disk, ticketd, wait_until
+from conftest import (
+    Daemon,
+    Project,
+    fill,
+    notified_daemon,
+    small_disk,
+    ticketd,
+    wait_until,
+)
 
 from daemon.backlog import FOLDERS, Backlog
 
@@ -195,3 +204,23 @@ def test_a_full_disk_under_the_index_leaves_the_answers_right(tmp_path: Path) ->
         assert b.duplicate_of(ticket, 0.8, 30, time.time()).id == "task-1"  # type: ignore[union-attr]
         assert len(b.done_ids()) == 59
         filler.unlink()
+
+
+def test_a_long_first_index_keeps_systemd_waiting_and_says_so(
+    project: Project, tmp_path: Path
+) -> None:
+    """The first start on a large backlog reads every ticket into the index before it is
+    ready: systemd is asked to wait longer after each batch, so a big backlog is not
+    killed for a slow start, and the log says what took the time."""
+    for n in range(1, 601):
+        project.ticket(f"task-{n} - Old-{n}.md", folder="done", status="Done")
+    with notified_daemon(project, tmp_path) as (proc, sock):
+        before_ready: list[str] = []
+        while not any("READY=1" in m for m in before_ready):
+            before_ready.append(sock.recv(4096).decode())
+        extended = [m for m in before_ready if "EXTEND_TIMEOUT_USEC=" in m]
+        assert len(extended) >= 2, before_ready  # one per batch of 200 read
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    out = tmp_path / "daemon.out"
+    assert "ticket index: read 600 ticket file(s)" in out.read_text()

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, Project, ticketd
+from conftest import Project, notified_daemon, ticketd
 
 
 def test_sd_notify_ready_watchdog_stopping(project: Project, tmp_path: Path) -> None:
-    address = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(address)
-    sock.settimeout(10)
-    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}
-    with (tmp_path / "daemon.out").open("wb") as out:
-        proc = subprocess.Popen(
-            [PY, "-m", "daemon", "run", "--config", str(project.config_path)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     messages: list[str] = []
-    try:
+    with notified_daemon(project, tmp_path, WATCHDOG_USEC="400000") as (proc, sock):
+        sock.settimeout(10)
 
         def received(text: str) -> bool:
             while not any(text in m for m in messages):
@@ -46,11 +33,6 @@ def test_sd_notify_ready_watchdog_stopping(project: Project, tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         assert received("STOPPING=1")
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        sock.close()
     assert any("STATUS=" in m for m in messages)
 
 
