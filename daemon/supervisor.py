@@ -419,33 +419,28 @@ class Supervisor:
 
     def intake(self) -> tuple[float | None, int]:
         """Claim what is ready in todo/, up to the free workers. Returns (seconds until an
-        unsettled file should be looked at again or None, how many were ready).
-
-        The queue is planned from the ticket index (``Backlog.briefs``); only the tickets
-        about to be claimed, and files that are no ticket, are looked at on disk (whole
-        yet? read in full), so a claim costs about the same with ten tickets waiting or
-        ten thousand."""
-        if len(self.active) >= self.cfg.concurrency.max_tickets:
-            self.queue_depth = self.backlog.count("todo")
-            return None, self.queue_depth  # no worker is free: nothing to claim until one is
-        self._tell_problems()
-        briefs, invalid = self.backlog.briefs()
-        self.queue_depth = len(briefs) + len(invalid)
+        unsettled file should be looked at again or None, how many were ready)."""
         wait: float | None = None
-        for path in invalid:  # once whole, a file that is no ticket goes to failed/
-            delay = self._settling(path)
-            if delay:
-                wait = delay if wait is None else min(wait, delay)
-                continue
+        candidates = []
+        todo = self.backlog.files("todo")
+        self.queue_depth = len(todo)
+        if len(self.active) >= self.cfg.concurrency.max_tickets:
+            return None, len(todo)  # no worker is free: nothing to read or claim until one is
+        self._tell_problems()
+        for path in todo:
             try:
-                self.backlog.read(path)  # whole, and a ticket after all: the index will say
+                delay = settle_delay(path, time.time(), self.cfg.intake.settle_s)
+                if delay > 0:
+                    wait = delay if wait is None else min(wait, delay)
+                    continue
+                candidates.append(self.backlog.read(path))
             except FileNotFoundError:
                 continue
             except InvalidTicket as e:
                 self._reject(path, e)
-        history = self.store.history([self.backlog.key(t.path) for t in briefs])
+        history = self.store.history([self.backlog.key(t.path) for t in candidates])
         retried = {name for name, unsuccessful in history.items() if unsuccessful}
-        ready, _ = self.backlog.plan(briefs, retried)
+        ready, _ = self.backlog.plan(candidates, retried)
         free = self.cfg.concurrency.max_tickets - len(self.active)
         if self.signals:
             return wait, 0
@@ -464,22 +459,9 @@ class Supervisor:
             return wait if wait is not None else 5.0, len(ready)
         free -= self._start_revisions(free)
         busy = {run.branch for run in self.active.values()}
-        for brief in ready:
+        for ticket in ready:
             if free <= 0:
                 break
-            delay = self._settling(brief.path)
-            if delay:
-                wait = delay if wait is None else min(wait, delay)
-                continue
-            try:
-                ticket = self.backlog.read(brief.path)
-            except FileNotFoundError:
-                continue
-            except InvalidTicket as e:
-                self._reject(brief.path, e)
-                continue
-            if ticket.dependencies != brief.dependencies:
-                continue  # changed since the index read it: its event brings it back
             branch = self.runner.branch(ticket)
             if branch in busy:  # one branch per ticket file: wait for the other to finish
                 continue
@@ -501,13 +483,6 @@ class Supervisor:
             elif route is not None:
                 route.close()
         return wait, len(ready)
-
-    def _settling(self, path: Path) -> float:
-        """Seconds to wait before ``path`` is whole (0: it is, or it has gone)."""
-        try:
-            return settle_delay(path, time.time(), self.cfg.intake.settle_s)
-        except FileNotFoundError:
-            return 0.0
 
     def _revision_route(self, name: str) -> Route | Literal[False] | None:
         """The route of a revision's ticket, read in review/ before it is claimed (None:
