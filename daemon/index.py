@@ -149,7 +149,7 @@ class Index:
         self, words: frozenset[str], threshold: float, asking: Path | None = None
     ) -> list[Similar]:
         """The tickets sharing at least ``threshold`` of their distinct words with ``words``
-        (Jaccard), in indexed folder order and then by name. ``asking``: the file of the
+        (Jaccard), in no order (the layout ranks them by state). ``asking``: the file of the
         ticket that asks, left to be read later (its row answers nothing here: a claim
         does not wait for it)."""
         return self._safely(lambda: self._similar(words, threshold, asking))
@@ -336,8 +336,7 @@ class Index:
             shared = len(words.intersection(theirs.split()))
             if shared >= need and shared / (len(words) + size - shared) >= threshold - _EPS:
                 found.append(Similar(self.root / rel, folder, task_id, mtime))
-        order = {f: i for i, f in enumerate(self.folders)}
-        return sorted(found, key=lambda s: (order[s.folder], s.path.name))
+        return found
 
 
 def _connect(path: Path | None) -> sqlite3.Connection:

@@ -105,10 +105,6 @@ def _alive(info: dict[str, Any]) -> bool | None:
     pid = info.get("pid")
     if not isinstance(pid, int) or not 0 < pid < 2**31:
         return None
-    try:
-        os.kill(pid, 0)  # no signal: only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's
-    return True
+    import psutil  # only here: a status with nothing running does without it
+
+    return bool(psutil.pid_exists(pid))
