@@ -45,8 +45,11 @@ def git(cwd: Path, *args: str) -> None:
 
 def daemon_env() -> dict[str, str]:
     """The environment for ``python -m daemon`` run with ``cwd=TREE``: this environment less
-    PYTHONPATH, so the daemon/ imported is TREE's."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    PYTHONPATH, so the daemon/ imported is TREE's, and less PYTHONDONTWRITEBYTECODE, so it
+    starts from cached bytecode as an installed ticketd does."""
+    return {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
+    }
 
 
 def sentence(rng: random.Random, words: int) -> str:

@@ -12,8 +12,10 @@ and everything else at their defaults). Before the sizes, the history
 snapshot, labels, seven stages started and ended, its calls, ``finish_run`` done), spread over
 the last 90 days. Then, for each size of ``--sizes``, in order:
 
-1. done/ is made to hold exactly that many Backlog.md task files ``task-1`` .. ``task-<size>``
-   (front matter id, title, status Done, labels, created_date; a description and acceptance
+1. done/ (or todo/, with ``--folder todo``: tickets that all wait for ``task-0``, which never
+   comes, so the daemon lists and plans them at every intake and claims none) is made to
+   hold exactly that many Backlog.md task files ``task-1`` .. ``task-<size>``
+   (front matter id, title, status Done or To Do, labels, created_date; a description and acceptance
    criteria inside Backlog.md's section markers, drawn from a vocabulary of thousands of
    words), the tickets the bench ran at the size before taken out. Each has an mtime in the
    last 20 days, inside the duplicate window: the daemon's duplicate check (a Jaccard
@@ -53,8 +55,8 @@ figure's ratio to the first size's in brackets. "ticketd / bare" is drop-to-done
 git + the agent process (the daemon runs that agent too), then over bare git alone, and the
 same for CPU. Asserts nothing.
 
-    python bench/scale.py [--sizes 0,100,1000,10000] [--runs 10000] [--rounds 30]
-                          [--idle 2] [--deadline 60] [--keep]
+    python bench/scale.py [--sizes 0,100,1000,10000] [--folder done|todo] [--runs 10000]
+                          [--rounds 30] [--idle 2] [--deadline 60] [--keep]
 """
 
 from __future__ import annotations
@@ -104,6 +106,14 @@ def done_task(n: int) -> tuple[str, str]:
     return backlog_task(n, "Done", rng, created.strftime("%Y-%m-%d %H:%M"))
 
 
+def waiting_task(n: int) -> tuple[str, str]:
+    """Seeded ticket ``task-<n>`` as it waits in todo/ for ``task-0``, which never comes."""
+    rng = random.Random(n)
+    created = datetime(2025, 1, 1) + timedelta(minutes=37 * n)
+    name, text = backlog_task(n, "To Do", rng, created.strftime("%Y-%m-%d %H:%M"))
+    return name, text.replace("dependencies: []", "dependencies:\n  - task-0", 1)
+
+
 def title_of(name: str) -> str:
     return name.removesuffix(".md").split(" - ", 1)[1].replace("-", " ")
 
@@ -138,18 +148,18 @@ def seed_history(db: Path, runs: int, snapshot: dict[str, object]) -> None:
         store.close()
 
 
-def fill_done(done: Path, size: int, tasks: list[tuple[str, str]]) -> None:
-    """done/ holds exactly the seeded task-1 .. task-<size>, each with an mtime in the last
-    20 days (inside the duplicate window)."""
+def fill(folder: Path, size: int, tasks: list[tuple[str, str]]) -> None:
+    """``folder`` holds exactly the seeded task-1 .. task-<size>, each with an mtime in the
+    last 20 days (inside the duplicate window)."""
     wanted = {name: text for name, text in tasks[:size]}
-    for name in os.listdir(done):
+    for name in os.listdir(folder):
         if name not in wanted:
-            (done / name).unlink()
-    present = set(os.listdir(done))
+            (folder / name).unlink()
+    present = set(os.listdir(folder))
     rng = random.Random(size)
     now = time.time()
     for name, text in wanted.items():
-        path = done / name
+        path = folder / name
         if name not in present:
             path.write_text(text)
         when = now - rng.uniform(0, 20 * DAY)
@@ -422,11 +432,11 @@ def cells(values: list[float], unit: str = "") -> list[str]:
     return out
 
 
-def print_table(done: list[int], results: list[Size]) -> None:
+def print_table(folder: str, counts: list[int], results: list[Size]) -> None:
     def line(label: str, row: list[str]) -> None:
         print(f"  {label:<38}" + "".join(f"{c:>19}" for c in row))
 
-    line("tickets in done/", [f"{d:,}" for d in done])
+    line(f"tickets in {folder}/", [f"{d:,}" for d in counts])
     for label, key, how, scale in ROWS:
         line(label, cells([r.stat(key, how) * scale for r in results]))
     for label, (key, how), under in RATIOS:
@@ -439,43 +449,51 @@ def bench(root: Path, args: argparse.Namespace) -> None:
     config = make_project(root, max_tickets=1)
     cfg = configuration.load(config)
     began = time.monotonic()
-    tasks = [done_task(n) for n in range(1, max(sizes, default=0) + 1)]
+    seeded_task = done_task if args.folder == "done" else waiting_task
+    tasks = [seeded_task(n) for n in range(1, max(sizes, default=0) + 1)]
     seed_history(root / "state" / "history.sqlite3", args.runs, cfg.snapshot())
     seeded = time.monotonic() - began
     ids = iter(range(BENCH_IDS, BENCH_IDS * 2))
 
-    results, done_counts = [], []
+    results, counts = [], []
+    folder = root / "backlog" / args.folder
     for size in sizes:
         t = time.monotonic()
-        fill_done(root / "backlog" / "done", size, tasks)
+        fill(folder, size, tasks)
         filled = time.monotonic() - t
-        done_counts.append(len(tickets_in(root / "backlog" / "done")))
+        counts.append(len(tickets_in(folder)))
         result = Size(root, config, args)
         ops = claim_ops(root, folder_statuses(cfg), args.rounds)
         result.figures["raw claim"], result.figures["daemon claim"] = ops["raw"], ops["daemon"]
         report = result.run(size, lambda: next(ids))
         results.append(result)
-        print(f"size {size}: done/ filled in {filled:.1f}s; daemon output in daemon-{size}.out",
+        print(f"size {size}: {args.folder}/ filled in {filled:.1f}s; daemon output in"
+              f" daemon-{size}.out",
               flush=True)  # fmt: skip
         print(report, flush=True)
 
     store = Store(root / "state" / "history.sqlite3")
     runs_now = len(store.runs_started("0"))
     store.close()
-    print(f"method: sizes {args.sizes} tickets in done/ (Backlog.md task files, mtimes in the"
-          f" duplicate window), {args.runs:,} runs seeded in the history in {seeded:.1f}s"
+    waits = ", each waiting for task-0, which never comes" if args.folder == "todo" else ""
+    print(f"method: sizes {args.sizes} tickets in {args.folder}/ (Backlog.md task files, mtimes"
+          f" in the duplicate window{waits}), {args.runs:,} runs seeded in the history in"
+          f" {seeded:.1f}s"
           f" ({runs_now:,} at the end); per size one daemon (max_tickets 1, no-op agent,"
           f" defaults), a cold round then {args.rounds} rounds of A (a ticket dropped into"
           f" todo/ until done/) B (bare git + the agent process); git {git_version()},"
           f" {os.cpu_count()} cpus, python {sys.version.split()[0]}, daemon from"
           f" {TREE}")  # fmt: skip
     print("figures p50 unless said; in brackets: ratio to the first size")
-    print_table(done_counts, results)
+    print_table(args.folder, counts, results)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="0,100,1000,10000", help="tickets in done/, in order")
+    ap.add_argument("--sizes", default="0,100,1000,10000", help="seeded tickets, in order")
+    ap.add_argument("--folder", choices=("done", "todo"), default="done",
+                    help="where the seeded tickets sit: done/, or todo/ waiting for a"
+                    " ticket that never comes")  # fmt: skip
     ap.add_argument("--runs", type=int, default=10_000, help="runs seeded in the history")
     ap.add_argument("--rounds", type=int, default=30, help="A B rounds per size")
     ap.add_argument("--idle", type=float, default=2.0, help="seconds idle before the idle RSS")

@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from daemon import tickets
 from daemon.errors import InvalidTicket
 from daemon.files import atomic_write, free_name, is_temp, remove_stale_temp, rename_noreplace
-from daemon.index import Index
+from daemon.index import Brief, Index
 
 FOLDERS = ("todo", "in-progress", "review", "done", "failed")
 RECORDS = {"failed": ".error.json", "review": ".review.json"}  # a folder's side record
@@ -100,15 +100,23 @@ class Backlog:
 
     layout = "folders"
     indexed: tuple[str, ...] = FOLDERS  # the folders the ticket index covers
+    # What the cache keeps of a parsed ticket: its Brief (what intake plans with; a claim
+    # parses the file again), so that memory does not grow with whole tickets in todo/.
+    keeps_whole = False
 
     def __init__(self, root: Path, statuses: Mapping[str, str], index: Path | None = None) -> None:
         """``index``: the file of the ticket index (``daemon/index.py``; None: in memory)."""
         self.root = root
         self.statuses = dict(statuses)  # folder name -> status text
         self.leases = root / ".leases"
-        # path -> (what lstat said of it, the ticket or why it is none); shared by the main
-        # loop and the workers, so every use of it holds the lock.
-        self._cache: dict[Path, tuple[tuple[int, ...], tickets.Ticket | str]] = {}
+        # path -> (what lstat said of it, what is kept of the ticket (``keeps_whole``) or why it
+        # is none); shared by the main loop and the workers, so every use of it holds the lock.
+        self._cache: dict[Path, tuple[tuple[int, ...], tickets.Ticket | Brief | str]] = {}
+        # Files read whole (``read(whole=True)``) whose cached parse is current as far as
+        # events tell: ``forget`` (an event, the daemon's own write) takes a file out, and so
+        # does ``doubt`` (each reconcile) when ``lstat`` says it changed unseen.
+        self._trusted: set[Path] = set()
+        self._todo: dict[str, Path] = {}  # the last listing of todo/, by name
         self._cache_lock = threading.Lock()
         self.index = Index(
             root, self.indexed, lambda path: self.read(path, keep=False), self._names, index
@@ -196,7 +204,12 @@ class Backlog:
 
     def _listing(self, folder: str) -> list[Path]:
         """The ticket files of ``root/folder`` (a path under the backlog), by name."""
-        return [self.root / folder / name for name in sorted(self._names(folder))]
+        base = self.root / folder
+        if folder != "todo":
+            return [base / name for name in sorted(self._names(folder))]
+        known = self._todo  # the same Path each time (its hash is kept) for intake's passes
+        self._todo = {name: known.get(name) or base / name for name in self._names(folder)}
+        return [self._todo[name] for name in sorted(self._todo)]
 
     def _names(self, folder: str) -> list[str]:
         """The names of the ticket files of ``root/folder``, in no order."""
@@ -206,15 +219,70 @@ class Backlog:
             return []
         return [n for n in names if is_ticket_name(n) and not is_temp(n)]
 
-    def read(self, path: Path, *, keep: bool = True) -> tickets.Ticket:
+    def read(self, path: Path, *, keep: bool = True, whole: bool = False) -> tickets.Ticket:
         """Parse a ticket, cached on what ``lstat`` says of the file (a link is never followed).
         With ``keep`` false (the index's reads of every folder) a cached parse is used but a
-        new one is not kept: memory holds the tickets intake reads, not all of ``done/``.
+        new one is not kept: memory holds the tickets intake reads (their Briefs, unless
+        ``keeps_whole``), not all of ``done/``.
+        ``whole``: the caller knows the file is whole (intake's settle probe), so ``unchanged``
+        may answer with this parse until an event says the file changed.
 
         Raises ``InvalidTicket`` with the reason for anything that is not a readable ticket: a
         link, a directory, a FIFO or another non-regular file, a file that cannot be read, bad
         content. Raises ``FileNotFoundError`` when the file has moved away. Nothing else.
         """
+        key, cached = self._lookup(path)
+        if isinstance(cached, str):
+            raise InvalidTicket(cached)
+        if isinstance(cached, tickets.Ticket):
+            ticket = cached
+        else:
+            try:
+                ticket = tickets.parse_file(path)
+            except InvalidTicket as e:
+                if keep:
+                    with self._cache_lock:
+                        self._cache[path] = (key, e.message)
+                        self._trusted.discard(path)
+                raise
+            if keep and cached is None:  # new content (a Brief kept says the same)
+                kept = ticket if self.keeps_whole else Brief.of(ticket)
+                with self._cache_lock:
+                    self._cache[path] = (key, kept)
+                    self._trusted.discard(path)
+        if whole and keep:
+            with self._cache_lock:
+                self._trusted.add(path)
+        return ticket
+
+    def unchanged(self, path: Path, *, trust: bool = True) -> Plannable | None:
+        """What was kept of the ticket read whole from ``path`` before (its Brief, or the
+        ticket), when the file is as it was then; else None. Intake asks this of every file in
+        todo/ at every pass: a file read whole is neither probed nor parsed again, nor even
+        ``lstat``-ed while no event says it changed (``trust`` false: ``lstat`` it anyway)."""
+        with self._cache_lock:
+            cached = self._cache.get(path) if path in self._trusted else None
+        if cached is None or isinstance(cached[1], str):
+            return None
+        if not trust:
+            try:
+                if self._lookup(path)[1] is not cached[1]:
+                    return None
+            except (FileNotFoundError, InvalidTicket):
+                return None
+        return cached[1]
+
+    def doubt(self) -> None:
+        """``lstat`` every file ``unchanged`` trusts: one that changed without an event (watchdog
+        can drop them) is probed and read again at the next pass."""
+        with self._cache_lock:
+            trusted = list(self._trusted)
+        changed = [path for path in trusted if self.unchanged(path, trust=False) is None]
+        with self._cache_lock:
+            self._trusted.difference_update(changed)
+
+    def _lookup(self, path: Path) -> tuple[tuple[int, ...], tickets.Ticket | Brief | str | None]:
+        """What ``lstat`` says of ``path``, and what was read of it when it said the same."""
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -224,21 +292,7 @@ class Backlog:
         key = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_size)
         with self._cache_lock:
             cached = self._cache.get(path)
-        if cached is None or cached[0] != key:
-            try:
-                ticket = tickets.parse_file(path)
-            except InvalidTicket as e:
-                if keep:
-                    with self._cache_lock:
-                        self._cache[path] = (key, e.message)
-                raise
-            if keep:
-                with self._cache_lock:
-                    self._cache[path] = (key, ticket)
-            return ticket
-        if isinstance(cached[1], str):
-            raise InvalidTicket(cached[1])
-        return cached[1]
+        return key, cached[1] if cached is not None and cached[0] == key else None
 
     def forget(self, *paths: Path) -> None:
         """These files changed, came or went (the daemon's own moves and writes, watchdog's
@@ -246,6 +300,7 @@ class Backlog:
         with self._cache_lock:
             for path in paths:
                 self._cache.pop(path, None)
+                self._trusted.discard(path)
         self.index.touch(*paths)
 
     def trim_cache(self) -> None:
@@ -256,6 +311,7 @@ class Backlog:
         with self._cache_lock:
             for path in gone:
                 self._cache.pop(path, None)
+                self._trusted.discard(path)
 
     def done_ids(self) -> list[str]:
         return self.index.ids("done")
@@ -265,34 +321,45 @@ class Backlog:
         twice), and the files there that are no ticket (why, by path)."""
         return self.index.briefs("todo")
 
+    def runnable(self, candidates: Sequence[T]) -> list[T]:
+        """The todo tickets whose dependencies are done, in no order (``order`` orders them)."""
+        missing = self._missing(candidates)
+        return [t for t, m in zip(candidates, missing, strict=True) if not m]
+
     def plan(
         self, candidates: Sequence[T], behind: Set[str] = frozenset()
     ) -> tuple[list[T], list[Waiting[T]]]:
-        """Split todo tickets into ready ones (by priority, then fresh before those named in
-        ``behind`` (retries), then id) and waiting ones."""
-        ready = [t for t in candidates if not t.dependencies]
+        """Split todo tickets into ready ones (``order``'s order) and waiting ones, with why."""
+        missing = self._missing(candidates)
+        ready = [t for t, m in zip(candidates, missing, strict=True) if not m]
         waiting: list[Waiting[T]] = []
-        if len(ready) < len(candidates):  # only then read the other folders
-            done = {self.canonical(i) for i in self.done_ids()}
+        if len(ready) < len(candidates):  # only then read where the others are
             elsewhere = {self.canonical(t.id): "todo" for t in candidates} | self.whereabouts()
-            for t in candidates:
-                missing = [d for d in t.dependencies if self.canonical(d) not in done]
-                if t.dependencies and not missing:
-                    ready.append(t)
-                elif missing:
-                    why = [
-                        f"{d} ({elsewhere.get(self.canonical(d), 'not found')})" for d in missing
-                    ]
+            for t, m in zip(candidates, missing, strict=True):
+                if m:
+                    why = [f"{d} ({elsewhere.get(self.canonical(d), 'not found')})" for d in m]
                     waiting.append(Waiting(t, "waits for " + ", ".join(why)))
-        ready.sort(
+        return self.order(ready, behind), waiting
+
+    def _missing(self, candidates: Sequence[Plannable]) -> list[list[str]]:
+        """Each candidate's dependencies that are not done."""
+        if not any(t.dependencies for t in candidates):  # only then read done/
+            return [[] for _ in candidates]
+        done = {self.canonical(i) for i in self.done_ids()}
+        return [[d for d in t.dependencies if self.canonical(d) not in done] for t in candidates]
+
+    def order(self, ready: list[T], behind: Set[str] = frozenset()) -> list[T]:
+        """Tickets in the order they run: by priority, then fresh before those named in
+        ``behind`` (retries), then their ordinal, then id."""
+        return sorted(
+            ready,
             key=lambda t: (
                 PRIORITY_RANK.get(t.priority, 1),
                 self.key(t.path) in behind,
                 math.inf if t.ordinal is None else t.ordinal,
                 tickets.id_key(t.id),
-            )
+            ),
         )
-        return ready, waiting
 
     def canonical(self, task_id: str) -> str:
         """An id as dependencies are matched against it."""

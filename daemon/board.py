@@ -173,6 +173,7 @@ def _handle(name: str) -> str:
 class Board(Backlog):
     layout = "backlog.md"
     indexed = ("tasks", "completed")
+    keeps_whole = True  # every listing asks each task's status, assignees and labels
 
     def __init__(
         self,

@@ -69,6 +69,13 @@ class Brief:
     ordinal: float | None
     dependencies: tuple[str, ...]
 
+    @classmethod
+    def of(cls, ticket: tickets.Ticket) -> Brief:
+        return cls(
+            ticket.path, ticket.id, ticket.title, ticket.priority, ticket.ordinal,
+            ticket.dependencies,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Similar:
@@ -184,10 +191,10 @@ class Index:
             with self._lock:  # what is touched from here on is read again later
                 self._dirty = {p for p in self._dirty if p.parent.name != folder}
                 self._fresh.add(folder)
-            listed = {}
+            listed, base = {}, os.path.join(self.root, folder)
             for name in self._names(folder):
                 with contextlib.suppress(OSError):
-                    listed[f"{folder}/{name}"] = os.lstat(self.root / folder / name)
+                    listed[f"{folder}/{name}"] = os.lstat(os.path.join(base, name))
             with self._lock:
                 known = dict(
                     self._db.execute("SELECT path, stat FROM tickets WHERE folder = ?", (folder,))

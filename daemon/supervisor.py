@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import threading
@@ -31,7 +32,7 @@ from loguru import logger
 from daemon import config as configuration
 from daemon import gates, logs, procs, pulls, tickets, wiring
 from daemon.alerts import Alerts
-from daemon.backlog import FOLDERS
+from daemon.backlog import FOLDERS, Plannable
 from daemon.board import open_backlog
 from daemon.errors import ConfigError, InvalidTicket
 from daemon.llm.pool import Pool, Route
@@ -80,6 +81,11 @@ class Supervisor:
         self.backlog = open_backlog(cfg)
         self.store = Store(cfg.state_dir / "history.sqlite3")
         self.wake = threading.Event()
+        # Set with every wake that may change what intake would do (``_nudge``); intake runs
+        # only then, at a reconcile, or when an unsettled file is due another look.
+        self.changed = True
+        self._look_again = math.inf  # monotonic: when an unsettled file in todo/ is due
+        self._ready = 0  # how many were ready at intake's last pass
         self.signals = 0
         self.reload_requested = False
         self.active: dict[str, Active] = {}
@@ -96,7 +102,7 @@ class Supervisor:
             store=self.store,
             metrics=self.metrics,
             clock=clock,
-            wake=self.wake.set,
+            wake=self._nudge,
             revise=self._queue_revision,
             alert=lambda event, text: self.alerts.tell(event, text),
         )
@@ -157,20 +163,9 @@ class Supervisor:
                 "the history could not be read; it was moved aside to {} and a new one started",
                 self.store.recovered_from,
             )
-        self.backlog.ensure()
-        self.backlog.index.on_progress = self._indexing
-        started = self.monotonic()
-        if read := self.backlog.index.refresh():
-            logger.info(
-                "ticket index: read {} ticket file(s) in {:.1f}s", read, self.monotonic() - started
-            )
         try:
-            self.parts.start(self._scheduler, self.hooks, once=self.once)
-            self.parts.recover(self.hooks, startup=True)
-            self.next_reconcile = self.monotonic() + self.cfg.intake.reconcile_interval_s
-            self._watcher = Watcher(
-                self.backlog.folder("todo"), self._on_event, self.backlog.forget
-            )
+            self.prepare()
+            self._watcher = Watcher(self.backlog.folder("todo"), self._on_event, self._on_change)
             self._watcher.start()
             if self._scheduler.get_jobs():
                 self._scheduler.start()
@@ -197,8 +192,22 @@ class Supervisor:
                 self.wake.clear()
             self.notifier.stopping(status=f"stopping; {len(self.active)} ticket(s) running")
         finally:
-            self._shutdown()
+            self.shutdown()
         return 1 if self.once and (self.runner.outcomes.failed or self.waiting) else 0
+
+    def prepare(self) -> None:
+        """What the loop starts from: the folders made, the ticket index current, the parts
+        started, the tickets a stopped daemon left recovered. ``shutdown`` ends it."""
+        self.backlog.ensure()
+        self.backlog.index.on_progress = self._indexing
+        started = self.monotonic()
+        if read := self.backlog.index.refresh():
+            logger.info(
+                "ticket index: read {} ticket file(s) in {:.1f}s", read, self.monotonic() - started
+            )
+        self.parts.start(self._scheduler, self.hooks, once=self.once)
+        self.parts.recover(self.hooks, startup=True)
+        self.next_reconcile = self.monotonic() + self.cfg.intake.reconcile_interval_s
 
     def _indexing(self, done: int, total: int) -> None:
         """Long index work (the first start on a large backlog): progress in the log every
@@ -210,7 +219,9 @@ class Supervisor:
             self._index_said = now
             logger.info("ticket index: {} of {} ticket file(s) read", done, total)
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
+        """Stop the server, the scheduled jobs and the watcher; let running tickets finish
+        (``_drain``); stop the parts; close the history."""
         if self._server is not None:
             self._server.stop()
         if self._scheduler.running:
@@ -248,7 +259,7 @@ class Supervisor:
             backlog=self.backlog,
             clock=self.clock,
             ollama=lambda: self.parts.describe_ollama(),
-            wake=self.wake.set,
+            wake=self._nudge,
             redact=lambda text: self.parts.redact(text),
             redact_data=self._redact,
         )
@@ -330,6 +341,16 @@ class Supervisor:
         self.wake.set()
 
     def _on_event(self, kind: str, name: str) -> None:
+        self._nudge()
+
+    def _on_change(self, path: Path) -> None:
+        """A ticket file changed, came or went in any folder (a dependency done, say)."""
+        self.backlog.forget(path)
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """Something changed that intake should look at: wake the loop for it. Any thread."""
+        self.changed = True
         self.wake.set()
 
     def _drain(self) -> None:
@@ -365,6 +386,7 @@ class Supervisor:
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
+            self.changed = True
         self._reap()
         self._watch_runs()
         self._check_clock(now)
@@ -373,11 +395,17 @@ class Supervisor:
             self.parts.recover(self.hooks)
             self.parts.recheck()
             self.backlog.index.refresh()  # watchdog can drop events: list every folder
+            self.backlog.doubt()
+            self.changed = True
         if now < self.claims_paused_until:
             return self.claims_paused_until - now
-        wait, ready = self.intake()
-        self.backlog.index.flush()  # what the runs moved: read now, not at the next claim
-        ready += len(self.revisions)
+        if self.changed or now >= self._look_again:
+            self.changed = False  # what comes from here on is looked at in the next pass
+            wait, self._ready = self.intake()
+            self._look_again = math.inf if wait is None else now + wait
+            self.backlog.index.flush()  # what the runs moved: read now, not at the next claim
+        wait = None if self._look_again == math.inf else max(0.01, self._look_again - now)
+        ready = self._ready + len(self.revisions)
         if self.once and not self.active and (not ready or self.waiting) and wait is None:
             return None
         return min(
@@ -420,28 +448,15 @@ class Supervisor:
     def intake(self) -> tuple[float | None, int]:
         """Claim what is ready in todo/, up to the free workers. Returns (seconds until an
         unsettled file should be looked at again or None, how many were ready)."""
-        wait: float | None = None
-        candidates = []
-        todo = self.backlog.files("todo")
-        self.queue_depth = len(todo)
         if len(self.active) >= self.cfg.concurrency.max_tickets:
-            return None, len(todo)  # no worker is free: nothing to read or claim until one is
-        self._tell_problems()
-        for path in todo:
-            try:
-                delay = settle_delay(path, time.time(), self.cfg.intake.settle_s)
-                if delay > 0:
-                    wait = delay if wait is None else min(wait, delay)
-                    continue
-                candidates.append(self.backlog.read(path))
-            except FileNotFoundError:
-                continue
-            except InvalidTicket as e:
-                self._reject(path, e)
-        history = self.store.history([self.backlog.key(t.path) for t in candidates])
-        retried = {name for name, unsuccessful in history.items() if unsuccessful}
-        ready, _ = self.backlog.plan(candidates, retried)
+            self.queue_depth = self.backlog.count("todo")
+            return None, self.queue_depth  # no worker is free: nothing to read or claim
         free = self.cfg.concurrency.max_tickets - len(self.active)
+        candidates, wait = self._candidates(whole=free)
+        runnable = self.backlog.runnable(candidates)
+        history = self.store.history([self.backlog.key(t.path) for t in runnable])
+        retried = {name for name, unsuccessful in history.items() if unsuccessful}
+        ready = self.backlog.order(runnable, retried)
         if self.signals:
             return wait, 0
         held = self._held(bool(ready) or bool(self.revisions))
@@ -450,6 +465,7 @@ class Supervisor:
             logger.warning("{}{}", held, f"; waiting: {names}" if names else "")
         self.waiting = held
         if held:
+            self.changed = True  # look again at every wake while anything holds the queue
             return wait, len(ready)
         short = self._short_of_resources() if ready and free > 0 else ""
         if short and short != self.resources_short:
@@ -459,9 +475,12 @@ class Supervisor:
             return wait if wait is not None else 5.0, len(ready)
         free -= self._start_revisions(free)
         busy = {run.branch for run in self.active.values()}
-        for ticket in ready:
+        for planned in ready:
             if free <= 0:
                 break
+            ticket = self._whole(planned)
+            if ticket is None:
+                continue
             branch = self.runner.branch(ticket)
             if branch in busy:  # one branch per ticket file: wait for the other to finish
                 continue
@@ -483,6 +502,51 @@ class Supervisor:
             elif route is not None:
                 route.close()
         return wait, len(ready)
+
+    def _candidates(self, whole: int) -> tuple[list[Plannable], float | None]:
+        """The tickets in todo/ that are whole, as read (what the cache keeps of those read
+        before and unchanged since, and of all read now but the first ``whole``); and seconds
+        until an unsettled file is due a look, or None."""
+        wait: float | None = None
+        candidates: list[Plannable] = []
+        todo = self.backlog.files("todo")
+        self.queue_depth = len(todo)
+        self._tell_problems()
+        for path in todo:
+            try:
+                ticket = self.backlog.unchanged(path)
+                if ticket is None:
+                    delay = settle_delay(path, time.time(), self.cfg.intake.settle_s)
+                    if delay > 0:
+                        wait = delay if wait is None else min(wait, delay)
+                        continue
+                    ticket = self.backlog.read(path, whole=True)
+                    if whole <= 0:  # what the cache keeps of it: memory stays flat
+                        ticket = self.backlog.unchanged(path) or ticket
+                    whole -= 1
+                candidates.append(ticket)
+            except FileNotFoundError:
+                continue
+            except InvalidTicket as e:
+                self._reject(path, e)
+        return candidates, wait
+
+    def _whole(self, planned: Plannable) -> tickets.Ticket | None:
+        """The ticket intake planned with, parsed whole, when its file is as it was read
+        then; else None (a file changed without an event is read whole at the next pass)."""
+        if self.backlog.unchanged(planned.path, trust=False) is None:
+            self.backlog.forget(planned.path)
+            self._nudge()
+            return None
+        if isinstance(planned, tickets.Ticket):
+            return planned
+        try:
+            return self.backlog.read(planned.path)
+        except FileNotFoundError:
+            return None
+        except InvalidTicket as e:
+            self._reject(planned.path, e)
+            return None
 
     def _revision_route(self, name: str) -> Route | Literal[False] | None:
         """The route of a revision's ticket, read in review/ before it is claimed (None:
@@ -575,6 +639,7 @@ class Supervisor:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
             raise error
         self.claims_paused_until = self.monotonic() + DISK_FULL_WAIT_S
+        self.changed = True  # the pause over, intake runs again
         logger.error(
             "cannot claim: {}; the ticket stays in todo/, trying again in {}s",
             error.strerror,
@@ -630,7 +695,7 @@ class Supervisor:
         run.ctx.clock = self.clock
         self.active[run.lease.name] = run
         run.future = self._pool.submit(self.runner.work, run)
-        run.future.add_done_callback(lambda _: self.wake.set())
+        run.future.add_done_callback(lambda _: self._nudge())  # a worker is free
 
     def _reap(self) -> None:
         for name, run in list(self.active.items()):

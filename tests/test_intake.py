@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Project, ticketd
+from conftest import Project, ticketd, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -493,9 +493,12 @@ def test_the_parse_cache_survives_threads(tmp_path: Path) -> None:
             else:
                 write(path, n)
             with contextlib.suppress(FileNotFoundError):
-                backlog.read(path)
+                backlog.read(path, whole=n % 2 == 0)
+            backlog.unchanged(paths[n * 5 % len(paths)])
             if n % 3 == 0:
                 backlog.forget(path)
+            if n % 50 == 0:
+                backlog.doubt()
 
     def trim() -> None:  # the main loop's side
         for n in range(3000):
@@ -504,6 +507,85 @@ def test_the_parse_cache_survives_threads(tmp_path: Path) -> None:
                 backlog.read(paths[n * 7 % len(paths)])
 
     assert run_threads(churn, trim, trim) == []
+
+
+def test_a_ticket_read_whole_is_read_again_after_an_event_or_a_reconcile(tmp_path: Path) -> None:
+    backlog = Backlog(tmp_path / "backlog", STATUSES)
+    backlog.ensure()
+    path = backlog.folder("todo") / "task-1 - T.md"
+    path.write_text("---\nid: task-1\ntitle: First\ndependencies: [task-9]\n---\nDo.\n")
+    backlog.read(path)
+    assert backlog.unchanged(path) is None  # read, but not known to be whole: probed first
+    assert backlog.read(path, whole=True).title == "First"
+    kept = backlog.unchanged(path)
+    assert kept is not None and (kept.title, kept.dependencies) == ("First", ("task-9",))
+
+    path.write_text("---\nid: task-1\ntitle: Second\n---\nDo.\n")  # and no event came
+    assert backlog.unchanged(path, trust=False) is None  # what a claim asks
+    backlog.doubt()  # what each reconcile does
+    assert backlog.unchanged(path) is None
+    assert backlog.read(path, whole=True).title == "Second"
+
+    path.write_text("---\nid: task-1\ntitle: Third\n---\nDo.\n")
+    backlog.forget(path)  # an event
+    assert backlog.unchanged(path) is None
+    assert backlog.read(path).title == "Third"
+
+
+def passes(sup: Any, until: Callable[[], bool], what: str) -> None:
+    """Run the loop's passes, as its wakes would, until ``until()``."""
+    wait_until(lambda: sup.run_once() is not None and until(), what=what)
+
+
+def test_a_ticket_edited_unseen_runs_as_it_is_now(project: Project) -> None:
+    """watchdog can drop events: a ticket edited then runs with its new text, not a stale
+    parse, and one edited to be ready is claimed by the next reconcile at the latest."""
+    from daemon import config as configuration
+    from daemon.supervisor import Supervisor
+
+    project.ticket("task-1 - First.md", dependencies=["task-9"])
+    project.ticket("task-2 - Second.md")
+    sup = Supervisor(configuration.load(project.config_path), log_to_stderr=False)
+    try:
+        sup.prepare()
+        # the loop's first pass reads both; no watcher runs here, as when events are lost
+        passes(sup, lambda: not sup.active and "done" in project.where(), what="task-2 done")
+        project.ticket("task-1 - First.md", title="Renamed")  # no longer waits for task-9
+        sup.run_once()  # woken for something else: the dependency's edit is not seen yet
+        assert project.where()["todo"] == ["task-1 - First.md"]
+        sup.run_once(now=sup.next_reconcile)  # the reconcile sees it
+        passes(sup, lambda: len(project.where().get("done", [])) == 2, what="task-1 done")
+        assert "ticketd/task-1-renamed" in project.remote_branches()
+    finally:
+        sup.shutdown()
+
+
+def test_a_waiting_ticket_rewritten_unseen_is_not_claimed_half_written(project: Project) -> None:
+    from daemon import config as configuration
+    from daemon.supervisor import Supervisor
+
+    project.write_config(concurrency={"max_tickets": 1})
+    path = project.ticket("task-1 - First.md", priority="low")
+    project.ticket("task-2 - Second.md", priority="high")
+    sup = Supervisor(configuration.load(project.config_path), log_to_stderr=False)
+    try:
+        sup.prepare()
+        sup.run_once()  # task-2 runs; task-1 is read whole and waits for the worker
+        assert project.where()["todo"] == ["task-1 - First.md"]
+        with path.open("w") as f:  # rewritten in place, unseen (no watcher runs here)
+            f.write("---\nid: task-1\ntitle: Rewritten\n")
+            f.flush()
+            passes(sup, lambda: not sup.active and "done" in project.where(), what="task-2")
+            for _ in range(3):  # the worker is free: the next passes look at task-1 again
+                sup.run_once()
+            assert project.where()["todo"] == ["task-1 - First.md"], "claimed half-written"
+            f.write("status: To Do\n---\n\nWritten in two parts.\n")
+        passes(sup, lambda: len(project.where().get("done", [])) == 2, what="task-1 done")
+        done = (project.folder("done") / "task-1 - First.md").read_text()
+        assert "Written in two parts." in done
+        assert "ticketd/task-1-rewritten" in project.remote_branches()
+    finally:
+        sup.shutdown()
 
 
 def test_status_while_the_queue_drains(tmp_path: Path) -> None:
