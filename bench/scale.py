@@ -26,7 +26,7 @@ the last 90 days. Then, for each size of ``--sizes``, in order:
    checkout's daemon/), and timed until it logs "watching". After ``--idle`` seconds with
    nothing to do its RSS and the CPU it used meanwhile are read (psutil).
 3. One warm-up round, reported on its own as "cold" (the first claim after a start reads
-   every ticket in done/), then ``--rounds`` rounds of A then B:
+   every ticket in done/), then ``--rounds`` rounds of A, B and C:
    A  a new ticket (its own words) is written outside the backlog and renamed into todo/
       (t0 just before the rename). A watchdog Observer in the bench, recursive on backlog/
       like the daemon's own (see bench/pickup_latency.py), timestamps the todo/ event (raw
@@ -38,17 +38,17 @@ the last 90 days. Then, for each size of ``--sizes``, in order:
    B  the bare git commands of one ticket's path, each via subprocess (bench/overhead.py's
       ``bare_git``: worktree add, write a file, add, commit, push, worktree remove), and the
       no-op agent process on its own; CPU is this process's RUSAGE_CHILDREN delta over both.
+   C  the claim's own file operations, once, in this process on the same filesystem, outside
+      the daemon's backlog (so that they meet the disk as A did, round by round): "raw" (open
+      and flock a lease file, check its inode, rename the ticket todo/ -> in-progress/ and
+      fsync the folder, write the lease's JSON, rewrite the ticket's status atomically:
+      read, temp file, fsync, rename, fsync the folder) and daemon/backlog.py's
+      ``Backlog.claim`` itself (the same, with its parsing and front-matter editing).
    The daemon's CPU per ticket is its user + system time, its reaped children's included
    (psutil ``cpu_times``), from one drop to the next: one A, and the B during which it idles.
    Its RSS is sampled after every A; peak RSS is its VmHWM (/proc/<pid>/status) after the
    rounds, start-up and the cold claim included.
-4. The claim's own file operations, timed ``--rounds`` times in this process on the same
-   filesystem, outside the daemon's backlog: "raw" (open and flock a lease file, check its
-   inode, rename the ticket todo/ -> in-progress/ and fsync the folder, write the lease's
-   JSON, rewrite the ticket's status atomically: read, temp file, fsync, rename, fsync the
-   folder) and daemon/backlog.py's ``Backlog.claim`` itself (the same, with its parsing and
-   front-matter editing).
-5. SIGTERM; its exit status and any output line not INFO/SUCCESS/DEBUG are printed.
+4. SIGTERM; its exit status and any output line not INFO/SUCCESS/DEBUG are printed.
 
 Prints one table, a column per size: p50 unless said, milliseconds unless said, and each
 figure's ratio to the first size's in brackets. "ticketd / bare" is drop-to-done over bare
@@ -209,19 +209,23 @@ def daemon_claim(backlog: Backlog, name: str, text: str) -> float:
     return took
 
 
-def claim_ops(root: Path, statuses: dict[str, str], rounds: int) -> dict[str, list[float]]:
-    """The claim's own file operations, raw and through ``Backlog.claim``, ``rounds`` each."""
-    raw, ours = root / "claim-raw", Backlog(root / "claim-daemon", statuses)
-    for folder in ("todo", "in-progress", ".leases"):
-        (raw / folder).mkdir(parents=True, exist_ok=True)
-    ours.ensure()
-    times: dict[str, list[float]] = {"raw": [], "daemon": []}
-    for i in range(rounds):
+class ClaimOps:
+    """The claim's own file operations, raw and through ``Backlog.claim``, in this process on
+    the daemon's filesystem, outside its backlog."""
+
+    def __init__(self, root: Path, statuses: dict[str, str]) -> None:
+        self.raw, self.ours = root / "claim-raw", Backlog(root / "claim-daemon", statuses)
+        for folder in ("todo", "in-progress", ".leases"):
+            (self.raw / folder).mkdir(parents=True, exist_ok=True)
+        self.ours.ensure()
+
+    def once(self, i: int) -> dict[str, float]:
         rng = random.Random(BENCH_IDS * 2 + i)
         name, text = backlog_task(BENCH_IDS - 1 - i, "To Do", rng, "2026-01-01 09:00")
-        times["raw"].append(raw_claim(raw, name, text))
-        times["daemon"].append(daemon_claim(ours, name, text))
-    return times
+        return {
+            "raw claim": raw_claim(self.raw, name, text),
+            "daemon claim": daemon_claim(self.ours, name, text),
+        }
 
 
 def cpu_s(proc: psutil.Process) -> float:
@@ -255,8 +259,8 @@ def wait_until(test: Callable[[], bool], deadline_s: float, step: float = 0.002)
 class Size:
     """One size's daemon, its rounds and what they measured."""
 
-    def __init__(self, root: Path, config: Path, args: argparse.Namespace) -> None:
-        self.root, self.config, self.args = root, config, args
+    def __init__(self, root: Path, config: Path, args: argparse.Namespace, ops: ClaimOps) -> None:
+        self.root, self.config, self.args, self.ops = root, config, args, ops
         self.backlog = root / "backlog"
         self.staging = root / "staging"
         self.staging.mkdir(exist_ok=True)
@@ -353,10 +357,11 @@ class Size:
                 self.add("rss", proc.memory_info().rss / 2**20)
                 b = self.ticket_b(n)
                 cpu = cpu_s(proc) - cpu0
+                c = self.ops.once(n)
                 if a is None:
                     continue
                 prefix = "cold " if i == 0 else ""
-                for key, value in (*a.items(), *b.items(), ("cpu", cpu)):
+                for key, value in (*a.items(), *b.items(), *c.items(), ("cpu", cpu)):
                     self.add(prefix + key, value)
             self.add("peak rss", vm_hwm_mb(daemon.pid))
         finally:
@@ -462,9 +467,7 @@ def bench(root: Path, args: argparse.Namespace) -> None:
         fill(folder, size, tasks)
         filled = time.monotonic() - t
         counts.append(len(tickets_in(folder)))
-        result = Size(root, config, args)
-        ops = claim_ops(root, folder_statuses(cfg), args.rounds)
-        result.figures["raw claim"], result.figures["daemon claim"] = ops["raw"], ops["daemon"]
+        result = Size(root, config, args, ClaimOps(root, folder_statuses(cfg)))
         report = result.run(size, lambda: next(ids))
         results.append(result)
         print(f"size {size}: {args.folder}/ filled in {filled:.1f}s; daemon output in"

@@ -580,7 +580,7 @@ class Supervisor:
             if name in self.revisions or name in self.active:
                 return False
             self.revisions[name] = (pull, revision)
-        self.wake.set()
+        self._nudge()
         return True
 
     def _start_revisions(self, free: int) -> int:

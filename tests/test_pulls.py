@@ -301,10 +301,11 @@ def test_a_forged_handled_marker_from_someone_else_does_not_silence_a_request(
 def test_a_webhook_delivery_makes_the_daemon_look_at_once(
     project: Project, fake_github: FakeGitHub
 ) -> None:
-    """With an hour between polls, only the signed delivery can start the revision."""
+    """With an hour between polls (and reconciles), only the signed delivery can start the
+    revision."""
     number = opened(project, fake_github)
     before = head(project)
-    listen = {"server": {"enabled": True, "port": 0}}
+    listen = {"server": {"enabled": True, "port": 0}, "intake": {"reconcile_interval_s": 3600}}
     configure(project, fake_github, sections=listen, poll_interval_s=3600, debounce_s=0)
     fake_github.set_permission("alice", "write")
     os.environ["TICKETD_WEBHOOK_SECRET"] = "hook-secret"
