@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -271,6 +271,33 @@ class Backlog:
             except (FileNotFoundError, InvalidTicket):
                 return None
         return cached[1]
+
+    def settled(self, path: Path) -> Plannable:
+        """What is kept of the ticket at ``path``, now known to be whole (intake's settle
+        probe said so): parsed again only if the file changed since it was last read.
+        Raises as ``read`` does."""
+        cached = self._lookup(path)[1]
+        if cached is None or isinstance(cached, str):
+            ticket = self.read(path, whole=True)
+            return self.unchanged(path) or ticket
+        with self._cache_lock:
+            self._trusted.add(path)
+        return cached
+
+    def seed(self) -> None:
+        """Keep what the ticket index knows of each file in todo/, so that the first pass
+        after a start parses only the files that changed while the daemon was away."""
+        if self.keeps_whole:
+            return
+        listed = {path.name: path for path in self._listing("todo")}  # one Path a file
+        kept = [
+            (key, replace(brief, path=listed[brief.path.name]))
+            for key, brief in self.index.kept("todo")
+            if brief.path.name in listed
+        ]
+        with self._cache_lock:
+            for key, brief in kept:
+                self._cache.setdefault(brief.path, (key, brief))
 
     def doubt(self) -> None:
         """``lstat`` every file ``unchanged`` trusts: one that changed without an event (watchdog

@@ -55,6 +55,7 @@ CREATE INDEX words_word ON words(word);
 CREATE TABLE vocab(word TEXT PRIMARY KEY, df INTEGER NOT NULL) WITHOUT ROWID;
 """
 _EPS = 1e-9
+BATCH = 200  # files read, or rows fetched, at a time
 T = TypeVar("T")
 
 
@@ -148,6 +149,11 @@ class Index:
         (why, by path)."""
         return self._safely(lambda: self._briefs(folder))
 
+    def kept(self, folder: str) -> list[tuple[tuple[int, ...], Brief]]:
+        """The tickets of ``folder``, each with what ``lstat`` said of its file when it was
+        read (device, inode, mode, mtime in ns, size): what a restart need not parse again."""
+        return self._safely(lambda: self._kept(folder))
+
     def ids(self, folder: str) -> list[str]:
         """The ids of the tickets in ``folder``."""
         return self._safely(lambda: self._ids(folder))
@@ -224,10 +230,10 @@ class Index:
         """Read each file again (its row, words and counts), or drop it when it has gone;
         a few hundred at a time, so that memory stays flat however many there are."""
         rels = list(rels)
-        for i in range(0, len(rels), 200):
-            self._update_some(rels[i : i + 200])
-            if len(rels) > 200:
-                self.on_progress(min(i + 200, len(rels)), len(rels))
+        for i in range(0, len(rels), BATCH):
+            self._update_some(rels[i : i + BATCH])
+            if len(rels) > BATCH:
+                self.on_progress(min(i + BATCH, len(rels)), len(rels))
 
     def _update_some(self, rels: Sequence[str]) -> None:
         """Read these files again and write what changed in one transaction: their rows,
@@ -282,23 +288,39 @@ class Index:
     # -- questions ---------------------------------------------------------------------------
 
     def _briefs(self, folder: str) -> tuple[list[Brief], dict[Path, str]]:
+        found, invalid = [], {}
+        for _, path, brief in self._rows(folder):
+            if isinstance(brief, str):
+                invalid[path] = brief
+            else:
+                found.append(brief)
+        return found, invalid
+
+    def _kept(self, folder: str) -> list[tuple[tuple[int, ...], Brief]]:
+        return [
+            (tuple(map(int, stat.split(":"))), brief)
+            for stat, _, brief in self._rows(folder)
+            if isinstance(brief, Brief)
+        ]
+
+    def _rows(self, folder: str) -> list[tuple[str, Path, Brief | str]]:
+        """(stat key, path, Brief or why it is no ticket) of each file of ``folder``."""
         self._current([folder])
+        found: list[tuple[str, Path, Brief | str]] = []
         with self._lock:
             rows = self._db.execute(
-                "SELECT path, id, invalid, title, priority, ordinal, dependencies FROM tickets"
-                " WHERE folder = ? ORDER BY path",
+                "SELECT path, stat, id, invalid, title, priority, ordinal, dependencies"
+                " FROM tickets WHERE folder = ? ORDER BY path",
                 (folder,),
-            ).fetchall()
-        found, invalid = [], {}
-        for rel, task_id, why, title, priority, ordinal, deps in rows:
-            path = self.root / rel
-            if task_id is None:
-                invalid[path] = why
-            else:
-                found.append(
-                    Brief(path, task_id, title, priority, ordinal, tuple(json.loads(deps)))
-                )
-        return found, invalid
+            )
+            while batch := rows.fetchmany(BATCH):  # not all at once: 10,000 rows are 4 MB
+                for rel, stat, task_id, why, title, priority, ordinal, deps in batch:
+                    path = self.root / rel
+                    brief = why if task_id is None else Brief(
+                        path, task_id, title, priority, ordinal, tuple(json.loads(deps))
+                    )  # fmt: skip
+                    found.append((stat, path, brief))
+        return found
 
     def _ids(self, folder: str) -> list[str]:
         self._current([folder])

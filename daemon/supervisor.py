@@ -205,6 +205,7 @@ class Supervisor:
             logger.info(
                 "ticket index: read {} ticket file(s) in {:.1f}s", read, self.monotonic() - started
             )
+        self.backlog.seed()
         self.parts.start(self._scheduler, self.hooks, once=self.once)
         self.parts.recover(self.hooks, startup=True)
         self.next_reconcile = self.monotonic() + self.cfg.intake.reconcile_interval_s
@@ -504,9 +505,9 @@ class Supervisor:
         return wait, len(ready)
 
     def _candidates(self, whole: int) -> tuple[list[Plannable], float | None]:
-        """The tickets in todo/ that are whole, as read (what the cache keeps of those read
-        before and unchanged since, and of all read now but the first ``whole``); and seconds
-        until an unsettled file is due a look, or None."""
+        """The tickets in todo/ that are whole: what the cache keeps of each (a Brief), but
+        the first ``whole`` of those read now whole, ready to run; and seconds until an
+        unsettled file is due a look, or None."""
         wait: float | None = None
         candidates: list[Plannable] = []
         todo = self.backlog.files("todo")
@@ -520,9 +521,10 @@ class Supervisor:
                     if delay > 0:
                         wait = delay if wait is None else min(wait, delay)
                         continue
-                    ticket = self.backlog.read(path, whole=True)
-                    if whole <= 0:  # what the cache keeps of it: memory stays flat
-                        ticket = self.backlog.unchanged(path) or ticket
+                    if whole > 0:
+                        ticket = self.backlog.read(path, whole=True)
+                    else:  # what the cache keeps of it: memory stays flat
+                        ticket = self.backlog.settled(path)
                     whole -= 1
                 candidates.append(ticket)
             except FileNotFoundError:

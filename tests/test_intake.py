@@ -588,6 +588,30 @@ def test_a_waiting_ticket_rewritten_unseen_is_not_claimed_half_written(project: 
         sup.shutdown()
 
 
+def test_after_a_restart_waiting_tickets_are_as_they_are_now(project: Project) -> None:
+    """What the index kept of each waiting ticket serves the first pass after a start, and
+    a ticket edited while the daemon was away is read again."""
+    from daemon import config as configuration
+    from daemon.supervisor import Supervisor
+
+    project.ticket("task-1 - First.md", dependencies=["task-9"])
+    project.ticket("task-2 - Second.md", dependencies=["task-9"])
+    cfg = configuration.load(project.config_path)
+    for edit in (False, True):
+        if edit:  # while the daemon is away, task-2 no longer waits
+            project.ticket("task-2 - Second.md", title="Now")
+        sup = Supervisor(cfg, log_to_stderr=False)
+        try:
+            sup.prepare()
+            sup.run_once()
+            if edit:
+                passes(sup, lambda: "done" in project.where(), what="task-2 done")
+        finally:
+            sup.shutdown()
+    assert project.where() == {"todo": ["task-1 - First.md"], "done": ["task-2 - Second.md"]}
+    assert "ticketd/task-2-now" in project.remote_branches()
+
+
 def test_status_while_the_queue_drains(tmp_path: Path) -> None:
     backlog = Backlog(tmp_path / "backlog", STATUSES)
     backlog.ensure()
