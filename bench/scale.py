@@ -498,7 +498,7 @@ def main() -> None:
                     help="where the seeded tickets sit: done/, or todo/ waiting for a"
                     " ticket that never comes")  # fmt: skip
     ap.add_argument("--runs", type=int, default=10_000, help="runs seeded in the history")
-    ap.add_argument("--rounds", type=int, default=30, help="A B rounds per size")
+    ap.add_argument("--rounds", type=int, default=30, help="A, B, C rounds per size")
     ap.add_argument("--idle", type=float, default=2.0, help="seconds idle before the idle RSS")
     ap.add_argument("--deadline", type=float, default=60.0, help="seconds to wait per ticket")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")

@@ -29,7 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from daemon import tickets
 from daemon.errors import InvalidTicket
 from daemon.files import atomic_write, free_name, is_temp, remove_stale_temp, rename_noreplace
-from daemon.index import Brief, Index
+from daemon.index import Brief, Index, stat_key
 
 FOLDERS = ("todo", "in-progress", "review", "done", "failed")
 RECORDS = {"failed": ".error.json", "review": ".review.json"}  # a folder's side record
@@ -316,7 +316,7 @@ class Backlog:
             raise
         except OSError as e:
             raise InvalidTicket(tickets.os_reason(e)) from e
-        key = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_size)
+        key = stat_key(st)
         with self._cache_lock:
             cached = self._cache.get(path)
         return key, cached[1] if cached is not None and cached[0] == key else None

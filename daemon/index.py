@@ -86,8 +86,14 @@ class Similar:
     mtime: float  # of the file, as last read
 
 
-def _stat_key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_mode}:{st.st_mtime_ns}:{st.st_size}"
+def stat_key(st: os.stat_result) -> tuple[int, ...]:
+    """What ``lstat`` says of a file that changes when its content does: device, inode, mode,
+    mtime in ns, size (the index's rows and the backlog's parse cache are keyed by it)."""
+    return (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_size)
+
+
+def _stat_text(st: os.stat_result) -> str:
+    return ":".join(map(str, stat_key(st)))
 
 
 def _row(
@@ -95,7 +101,7 @@ def _row(
 ) -> tuple[Any, ...]:
     """The ``tickets`` row of the file at ``path`` (``rel`` in the index), as ``read`` reads
     it: a ticket, or why it is none. Raises ``FileNotFoundError`` when it has gone."""
-    head = (rel, rel.split("/", 1)[0], _stat_key(st), st.st_mtime)
+    head = (rel, rel.split("/", 1)[0], _stat_text(st), st.st_mtime)
     try:
         ticket = read(path)
     except InvalidTicket as e:
@@ -205,7 +211,7 @@ class Index:
                 known = dict(
                     self._db.execute("SELECT path, stat FROM tickets WHERE folder = ?", (folder,))
                 )
-            changed = [rel for rel, st in listed.items() if known.get(rel) != _stat_key(st)]
+            changed = [rel for rel, st in listed.items() if known.get(rel) != _stat_text(st)]
             changed += [rel for rel in known if rel not in listed]
             self._update(changed)
             count += len(changed)
